@@ -1,0 +1,40 @@
+# Two set-up commands on a fresh machine: `make serve` and `make test`. Each creates .venv and
+# installs what it needs. EXTRA=gpu selects faiss-gpu/onnxruntime-gpu instead of the cpu extra.
+PYTHON ?= python3
+VENV ?= .venv
+EXTRA ?= cpu
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: install install-dev serve test lint data
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first, pinned, so the project's torch range never pulls a multi-GB CUDA build here.
+$(VENV)/.installed-$(EXTRA): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[$(EXTRA)]"
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed-$(EXTRA)
+	$(BIN)/pip install -q -e ".[$(EXTRA),dev]"
+	touch $@
+
+install: $(VENV)/.installed-$(EXTRA)
+install-dev: $(VENV)/.installed-dev
+
+serve: install
+	$(BIN)/satml-serve
+
+test: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: install-dev
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# Materialise CIFAR-10 from ../shared/data/cifar10 into data/ (official python layout).
+data:
+	$(BIN)/python ../shared/data/cifar10/materialize.py data
