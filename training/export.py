@@ -1,0 +1,258 @@
+"""Write an artifact exactly as DESIGN section 3 says, and the `bank` / `export` / `evaluate` CLI.
+
+encoder.safetensors + encoder.onnx (checked against torch with onnxruntime) + bank.safetensors +
+manifest.json (sha256 of every file) + card.md. `training.artifact` reads what this writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from training import knn
+from training.artifact import BANK, CARD, ENCODER_ONNX, ENCODER_WEIGHTS, FORMAT_VERSION, MANIFEST, sha256_file
+from training.data import load_dataset, train_val_split
+from training.evaluate import KnnModel, clean_accuracy, pgd_accuracy
+from training.models import Encoder
+from training.train import TrainConfig, encoder_from_checkpoint, load_checkpoint, resolve_device
+
+log = logging.getLogger(__name__)
+
+ONNX_ATOL = 1e-4  # max |onnxruntime - torch| allowed on L2-normalised embeddings (float32)
+
+
+def code_version() -> str:
+    """Git commit of the code that produced an artifact ('unknown' outside a checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def export_onnx(encoder: Encoder, path: Path, size: int, atol: float = ONNX_ATOL) -> float:
+    """Export with a dynamic batch axis (opset 17) and return the measured max abs diff vs torch."""
+    import onnxruntime as ort
+
+    encoder = encoder.cpu().eval()
+    x = torch.rand(2, 3, size, size)
+    torch.onnx.export(encoder, (x,), str(path), input_names=["images"], output_names=["embeddings"],
+                      dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}}, opset_version=17,
+                      dynamo=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    probe = torch.rand(5, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = encoder(probe).numpy()
+    diff = float(np.abs(session.run(None, {"images": probe.numpy()})[0] - ref).max())
+    if diff > atol:
+        raise RuntimeError(f"ONNX export differs from torch by {diff:.2e} > {atol:.0e}")
+    return diff
+
+
+def write_card(manifest: dict[str, Any]) -> str:
+    """Markdown model card from the manifest: data, method, measured metrics, provenance."""
+    t, m, enc = manifest["training"], manifest.get("metrics", {}), manifest["encoder"]
+    lines = [
+        f"# Model card: {manifest['name']}", "", manifest.get("description", ""), "",
+        "## Model",
+        f"- Encoder: {enc['arch']} width {enc['width']} (CIFAR stem), {enc['embed_dim']}-d L2-normalised embedding; "
+        "inputs RGB in [0, 1], normalisation inside the model.",
+        f"- Classifier: k-NN, k = {manifest['knn']['k']}, {manifest['knn']['metric']} distance, "
+        f"unweighted majority vote over a bank of {manifest['bank_size']} training embeddings.",
+        f"- Dataset: {manifest['dataset']} ({len(manifest['classes'])} classes: {', '.join(manifest['classes'])}).",
+        "", "## Training",
+        f"- Method: `{t['method']}`; epochs {t['epochs']}; seed {t['seed']}; code {t['code_version']}.",
+        f"- Wall time: {t.get('train_seconds', 0) / 60:.1f} min on {t.get('device', 'unknown')}.",
+        f"- Hyper-parameters: `{json.dumps(t['hyperparameters'])}`",
+        "", "## Measured accuracy", "",
+        "| evaluation | images | accuracy |", "|---|---|---|",
+    ]
+    if "clean_acc" in m:
+        lines.append(f"| clean k-NN | {m.get('clean_n', '?')} test | {100 * m['clean_acc']:.2f} % |")
+    for r in m.get("robust", []):
+        lines.append(f"| {r['attack']} {r['norm']} eps {r['eps'] * 255:.0f}/255, {r['steps']} steps | {r['n']} test | "
+                     f"{100 * r['acc']:.2f} % |")
+    lines += ["", "Robust accuracy is the hard k-NN vote on adversarial images crafted on the differentiable "
+              "soft-kNN surrogate (PGD with random start). It is an upper bound on true robustness: see the "
+              "evaluation suite in `benchmarks/` for stronger adaptive attacks.", ""]
+    return "\n".join(lines)
+
+
+def export_artifact(
+    out_dir: str | Path,
+    encoder: Encoder,
+    bank: Tensor,
+    bank_labels: Tensor,
+    *,
+    name: str,
+    classes: list[str],
+    dataset: str,
+    training: dict[str, Any],
+    metrics: dict[str, Any] | None = None,
+    description: str = "",
+    input_size: int = 32,
+    k: int = 75,
+    metric: str = "l2",
+    bank_dtype: torch.dtype = torch.float16,
+    onnx: bool = True,
+) -> Path:
+    """Write the artifact folder; returns it. Existing files of the same names are replaced."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    encoder = encoder.cpu().eval()
+    cfg = encoder.cfg
+    save_file({k_: v.contiguous() for k_, v in encoder.state_dict().items()}, out / ENCODER_WEIGHTS)
+    save_file({"embeddings": bank.to(bank_dtype).contiguous().cpu(), "labels": bank_labels.long().contiguous().cpu()},
+              out / BANK)
+    files = [ENCODER_WEIGHTS, BANK]
+    onnx_diff = None
+    if onnx:
+        onnx_diff = export_onnx(encoder, out / ENCODER_ONNX, input_size)
+        files.append(ENCODER_ONNX)
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "description": description,
+        "dataset": dataset,
+        "classes": list(classes),
+        "input": {"size": input_size, "channels": 3, "mean": list(cfg.mean), "std": list(cfg.std),
+                  "value_range": [0.0, 1.0], "resize": "bilinear to size x size, RGB"},
+        "encoder": {**cfg.to_dict(), "normalize": True, "onnx_max_abs_diff": onnx_diff},
+        "knn": {"k": k, "metric": metric, "vote": "majority"},
+        "bank_size": int(bank.shape[0]),
+        "training": training,
+        "metrics": metrics or {},
+    }
+    (out / CARD).write_text(write_card(manifest))
+    files.append(CARD)
+    manifest["files"] = {f: sha256_file(out / f) for f in files}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+
+
+def _checkpoint_parts(path: str, device: torch.device) -> tuple[Encoder, dict[str, Any], TrainConfig]:
+    ckpt = load_checkpoint(path)
+    return encoder_from_checkpoint(ckpt).to(device).eval(), ckpt, TrainConfig.from_dict(ckpt["config"])
+
+
+def _bank_split(data: str, val_size: int):
+    full = load_dataset(data, "train")
+    return train_val_split(full, val_size)[0] if val_size else full
+
+
+def cmd_bank(args: argparse.Namespace) -> dict[str, Any]:
+    device = resolve_device(args.device)
+    encoder, _, _ = _checkpoint_parts(args.checkpoint, device)
+    ds = _bank_split(args.data, args.val_size)
+    emb = knn.embed(encoder, ds.images, device=device, progress=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    save_file({"embeddings": emb.half() if args.fp16 else emb, "labels": torch.as_tensor(ds.labels).long()},
+              args.out)
+    return {"bank": args.out, "size": len(ds), "dim": emb.shape[1]}
+
+
+def evaluate_model(model: KnnModel, data: str, n_clean: int | None, n_robust: int, eps: float, steps: int,
+                   progress: bool = True) -> dict[str, Any]:
+    """The manifest's metrics: clean k-NN accuracy on the test set and PGD accuracy on its first n_robust."""
+    test = load_dataset(data, "test")
+    clean = test.subset(slice(0, n_clean)) if n_clean else test
+    t0 = time.time()
+    metrics: dict[str, Any] = {"clean_acc": clean_accuracy(model, clean.images, clean.labels, progress=progress),
+                               "clean_n": len(clean)}
+    rob = test.subset(slice(0, n_robust))
+    if n_robust:
+        acc = pgd_accuracy(model, rob.images, rob.labels, eps=eps, alpha=max(eps / 4, 2.5 * eps / steps), steps=steps,
+                           progress=progress)
+        metrics["robust"] = [{"attack": "pgd_soft_knn", "norm": "linf", "eps": eps, "steps": steps, "acc": acc,
+                              "n": len(rob), "temperature": 0.1, "random_start": True}]
+    metrics["eval_seconds"] = time.time() - t0
+    return metrics
+
+
+def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    device = resolve_device(args.device)
+    encoder, ckpt, cfg = _checkpoint_parts(args.checkpoint, device)
+    ds = _bank_split(args.data, args.val_size)
+    emb = knn.embed(encoder, ds.images, device=device, progress=True)
+    labels = torch.as_tensor(ds.labels).long()
+    dtype = torch.float16 if args.fp16 else torch.float32
+    # evaluate with the bank exactly as it is shipped (after the fp16 round trip)
+    model = KnnModel(encoder, emb.to(dtype).float().to(device), labels.to(device), len(ds.classes), args.k)
+    metrics = evaluate_model(model, args.data, args.n_clean, args.n_robust, args.eps, args.steps)
+    hp = {k: v for k, v in ckpt["config"].items() if k not in ("data", "run_dir", "progress", "extra")}
+    training = {"method": cfg.method, "hyperparameters": hp, "epochs": cfg.epochs, "seed": cfg.seed,
+                "code_version": code_version(), "train_seconds": ckpt.get("elapsed_s", 0.0),
+                "steps": ckpt["step"], "device": args.trained_on}
+    out = export_artifact(args.out, encoder, emb, labels, name=args.name, classes=list(ds.classes),
+                          dataset=args.dataset, training=training, metrics=metrics, description=args.description,
+                          input_size=int(ds.images.shape[1]), k=args.k, bank_dtype=dtype)
+    return {"artifact": str(out), "metrics": metrics}
+
+
+def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from training.artifact import load_artifact
+
+    art = load_artifact(args.artifact, resolve_device(args.device))
+    model = KnnModel(art.encoder, art.bank, art.bank_labels, art.num_classes, art.k, art.metric)
+    return evaluate_model(model, args.data, args.n_clean, args.n_robust, args.eps, args.steps)
+
+
+def add_cli(sub: Any) -> None:
+    """Register `bank`, `export` and `evaluate` on the `satml` parser."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data", default="data", help="dataset path (see `satml train --help`)")
+        p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+    p = sub.add_parser("bank", help="embed the training split into a k-NN bank (safetensors)", formatter_class=fmt)
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt of a training run")
+    p.add_argument("--out", required=True, help="output .safetensors path")
+    p.add_argument("--val-size", type=int, default=5000, help="last N training images left out of the bank")
+    p.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True, help="store embeddings as fp16")
+    common(p)
+    p.set_defaults(func=cmd_bank)
+
+    def metrics_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--n-clean", type=int, default=None, help="test images for clean accuracy (default: all)")
+        p.add_argument("--n-robust", type=int, default=1000, help="first N test images for PGD accuracy (0: skip)")
+        p.add_argument("--eps", type=float, default=8 / 255, help="L-inf radius in [0, 1] pixel units")
+        p.add_argument("--steps", type=int, default=10, help="PGD steps")
+
+    p = sub.add_parser("export", help="write an artifact folder (weights, ONNX, bank, manifest, card)",
+                       formatter_class=fmt)
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt of a training run")
+    p.add_argument("--out", required=True, help="artifact folder, e.g. artifacts/default")
+    p.add_argument("--name", required=True, help="model name served by the API")
+    p.add_argument("--description", default="", help="one-line description for /models and the card")
+    p.add_argument("--dataset", default="cifar10", help="dataset name recorded in the manifest")
+    p.add_argument("--val-size", type=int, default=5000, help="last N training images left out of the bank")
+    p.add_argument("--k", type=int, default=75, help="k of the k-NN vote")
+    p.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True, help="store the bank as fp16")
+    p.add_argument("--trained-on", default="unknown", help="hardware the run trained on, for the card")
+    metrics_args(p)
+    common(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("evaluate", help="clean and PGD accuracy of an artifact", formatter_class=fmt)
+    p.add_argument("--artifact", required=True, help="artifact folder")
+    metrics_args(p)
+    common(p)
+    p.set_defaults(func=cmd_evaluate)
+
+
+

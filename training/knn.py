@@ -1,0 +1,191 @@
+"""k-nearest-neighbour classification over an embedding bank: torch and faiss, one vote.
+
+The paper (Chen et al. 2020) classifies by an unweighted majority vote of the k = 75 nearest
+training embeddings under Euclidean distance. Both backends find neighbours, then share `vote`.
+`soft_knn_logits` is the differentiable surrogate that adaptive attacks need, because hard votes
+have zero gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Metric = Literal["l2", "cosine"]
+
+
+def vote(neighbor_labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """Unweighted majority vote.
+
+    neighbor_labels: [B, k] int64. Returns (pred [B], counts [B, C]). Ties go to the class of the
+    nearest neighbour among the tied classes (deterministic, and what a 1-NN would say).
+    """
+    b, k = neighbor_labels.shape
+    counts = torch.zeros(b, num_classes, dtype=torch.long, device=neighbor_labels.device)
+    counts.scatter_add_(1, neighbor_labels, torch.ones_like(neighbor_labels))
+    tied = counts == counts.amax(dim=1, keepdim=True)  # B x C
+    # rank of each neighbour among the tied classes: first (nearest) tied neighbour wins
+    is_tied = tied.gather(1, neighbor_labels)  # B x k
+    first = torch.where(is_tied, torch.arange(k, device=neighbor_labels.device), k).argmin(dim=1)
+    pred = neighbor_labels.gather(1, first[:, None]).squeeze(1)
+    return pred, counts
+
+
+def _distances(query: Tensor, bank: Tensor, metric: Metric) -> Tensor:
+    """[B, N]: squared Euclidean distance, or 1 - cosine similarity."""
+    if metric == "cosine":
+        return 1 - F.normalize(query, dim=1) @ F.normalize(bank, dim=1).t()
+    return (query.pow(2).sum(1, keepdim=True) - 2 * query @ bank.t() + bank.pow(2).sum(1)[None]).clamp_min(0)
+
+
+def knn_search(query: Tensor, bank: Tensor, k: int, metric: Metric = "l2", chunk: int = 1024) -> Tensor:
+    """Indices [B, k] of the k nearest bank rows, nearest first (exact, chunked over the queries)."""
+    if not 1 <= k <= bank.shape[0]:
+        raise ValueError(f"k must be in [1, {bank.shape[0]}] (bank size), got {k}")
+    bank = bank.to(query.dtype)
+    out = [_distances(q, bank, metric).topk(k, dim=1, largest=False).indices for q in query.split(chunk)]
+    return torch.cat(out)
+
+
+def knn_predict(
+    query: Tensor, bank: Tensor, bank_labels: Tensor, num_classes: int, k: int = 75, metric: Metric = "l2"
+) -> tuple[Tensor, Tensor]:
+    """Hard k-NN classification. query [B, D], bank [N, D], bank_labels [N] -> (pred [B], counts [B, C])."""
+    idx = knn_search(query, bank, k, metric)
+    return vote(bank_labels.to(idx.device)[idx], num_classes)
+
+
+def soft_knn_logits(
+    query: Tensor,
+    bank: Tensor,
+    bank_labels: Tensor,
+    num_classes: int,
+    temperature: float = 0.1,
+    k: int | None = None,
+    metric: Metric = "l2",
+) -> Tensor:
+    """Differentiable k-NN surrogate: log of softmax(-d / T)-weighted class votes, [B, C].
+
+    With k, only the k nearest bank rows vote (as the hard classifier); without, the whole bank.
+    Small T approaches the hard 1-NN; larger T smooths toward class prototypes.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    d = _distances(query, bank.to(query.dtype), metric)  # B x N
+    labels = bank_labels.to(query.device)
+    if k is not None:
+        d, idx = d.topk(k, dim=1, largest=False)  # B x k
+        labels = labels[idx]
+    else:
+        labels = labels.expand(d.shape[0], -1)
+    w = torch.softmax(-d / temperature, dim=1)  # B x (k|N)
+    probs = torch.zeros(d.shape[0], num_classes, dtype=w.dtype, device=w.device).scatter_add(1, labels, w)
+    return torch.log(probs.clamp_min(1e-12))
+
+
+class SoftKnnClassifier(nn.Module):
+    """Encoder + bank as a differentiable classifier (logits), the surrogate for adaptive attacks."""
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        bank: Tensor,
+        bank_labels: Tensor,
+        num_classes: int,
+        temperature: float = 0.1,
+        k: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.register_buffer("bank", bank.float())
+        self.register_buffer("bank_labels", bank_labels.long())
+        self.num_classes, self.temperature, self.k = num_classes, temperature, k
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.encoder(x)
+        return soft_knn_logits(z, self.bank, self.bank_labels, self.num_classes, self.temperature, self.k)
+
+
+def other_class_guides(z: Tensor, labels: Tensor, bank: Tensor, bank_labels: Tensor, m: int) -> Tensor:
+    """For the paper's guided attack: the m nearest bank embeddings of a class other than each label.
+
+    z [B, D], labels [B], bank [N, D], bank_labels [N] -> [B, m, D].
+    """
+    d = _distances(z, bank.to(z.dtype), "l2")  # B x N
+    d = d.masked_fill(labels[:, None] == bank_labels[None].to(labels.device), float("inf"))
+    idx = d.topk(m, dim=1, largest=False).indices  # B x m
+    return bank.to(z.dtype)[idx]
+
+
+@torch.no_grad()
+def embed(
+    encoder: Callable[[Tensor], Tensor],
+    images: np.ndarray | Tensor,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> Tensor:
+    """Embeddings [N, D] (float32, on CPU) of images: uint8 [N, H, W, 3] or float [N, 3, H, W] in [0, 1]."""
+    from tqdm.auto import tqdm
+
+    was_training = getattr(encoder, "training", False)
+    if isinstance(encoder, nn.Module):
+        encoder.eval()
+    out = []
+    try:
+        for i in tqdm(range(0, len(images), batch_size), desc="embed", disable=not progress, leave=False):
+            out.append(encoder(to_float_images(images[i : i + batch_size], device)).float().cpu())
+    finally:
+        if isinstance(encoder, nn.Module):
+            encoder.train(was_training)
+    return torch.cat(out)
+
+
+def to_float_images(images: np.ndarray | Tensor, device: torch.device | str = "cpu") -> Tensor:
+    """uint8 NHWC (numpy or tensor) -> float NCHW in [0, 1]; float NCHW passes through."""
+    t = torch.as_tensor(images)
+    if t.dtype == torch.uint8:
+        return t.to(device).permute(0, 3, 1, 2).float().div_(255)
+    return t.to(device).float()
+
+
+class FaissKnn:
+    """Exact k-NN with faiss (flat index; GPU when requested and available), same vote as torch."""
+
+    def __init__(self, bank: Tensor | np.ndarray, bank_labels: Tensor | np.ndarray, num_classes: int,
+                 k: int = 75, metric: Metric = "l2", use_gpu: bool = False) -> None:
+        import faiss  # optional dependency: training works without it
+
+        vecs = np.ascontiguousarray(torch.as_tensor(bank).float().numpy())
+        if metric == "cosine":
+            vecs = vecs / np.linalg.norm(vecs, axis=1, keepdims=True).clip(1e-12)
+        if not 1 <= k <= len(vecs):
+            raise ValueError(f"k must be in [1, {len(vecs)}] (bank size), got {k}")
+        index = faiss.IndexFlatIP(vecs.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(vecs.shape[1])
+        self.on_gpu = False
+        if use_gpu:
+            if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+                raise RuntimeError("faiss GPU index requested but this faiss build has no usable GPU")
+            self._res = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(self._res, 0, index)
+            self.on_gpu = True
+        index.add(vecs)
+        self.index, self.metric, self.k, self.num_classes = index, metric, k, num_classes
+        self.labels = torch.as_tensor(bank_labels).long()
+
+    def search(self, query: Tensor | np.ndarray) -> Tensor:
+        """Neighbour indices [B, k], nearest first."""
+        q = np.ascontiguousarray(torch.as_tensor(query).detach().float().cpu().numpy())
+        if self.metric == "cosine":
+            q = q / np.linalg.norm(q, axis=1, keepdims=True).clip(1e-12)
+        _, idx = self.index.search(q, self.k)
+        return torch.from_numpy(idx).long()
+
+    def predict(self, query: Tensor | np.ndarray) -> tuple[Tensor, Tensor]:
+        """(pred [B], counts [B, C]) exactly as `knn_predict`."""
+        return vote(self.labels[self.search(query)], self.num_classes)

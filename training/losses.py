@@ -1,0 +1,45 @@
+"""Contrastive and supervised losses as typed pure functions."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def info_nce(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:
+    """NT-Xent (SimCLR, Chen et al. 2020) over 2B views.
+
+    z1, z2: [B, D] L2-normalised projections of two views of the same B images. Each of the 2B
+    views has one positive (its twin) and 2B - 2 negatives. Returns the mean loss (scalar).
+    """
+    if z1.shape != z2.shape or z1.dim() != 2:
+        raise ValueError(f"expected two [B, D] tensors of equal shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    b = z1.shape[0]
+    z = torch.cat([z1, z2], dim=0)  # 2B x D
+    sim = z @ z.t() / temperature  # 2B x 2B
+    sim = sim.masked_fill(torch.eye(2 * b, dtype=torch.bool, device=z.device), float("-inf"))
+    target = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)
+    return F.cross_entropy(sim, target)
+
+
+def mutual_information_loss(z_clean: Tensor, z_adv: Tensor, temperature: float = 0.5) -> Tensor:
+    """SAT objective (Chen et al., ICASSP 2020): InfoNCE lower bound on I(z(x); z(x')).
+
+    Each adversarial embedding must pick its own clean embedding among the B clean ones of the batch
+    (in-batch negatives), and vice versa. z_clean, z_adv: [B, D] L2-normalised. Scalar mean loss.
+    """
+    if z_clean.shape != z_adv.shape or z_clean.dim() != 2:
+        raise ValueError(f"expected two [B, D] tensors, got {tuple(z_clean.shape)} and {tuple(z_adv.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logits = z_adv @ z_clean.t() / temperature  # B x B, diagonal = positives
+    target = torch.arange(z_clean.shape[0], device=z_clean.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Supervised baseline loss; logits [B, C], labels [B] int64."""
+    return F.cross_entropy(logits, labels)

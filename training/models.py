@@ -1,0 +1,156 @@
+"""Encoders: CIFAR-style ResNets that take images in [0, 1] and return L2-normalised embeddings.
+
+Normalisation (mean/std) lives inside the model so every caller - training, attacks, ONNX export and
+the API - feeds raw [0, 1] pixels and eps is always in pixel units.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+# blocks per stage; resnet10 is the narrow CPU-friendly member of the same family
+ARCHS: dict[str, tuple[int, ...]] = {
+    "resnet10": (1, 1, 1, 1),
+    "resnet18": (2, 2, 2, 2),
+    "resnet34": (3, 4, 6, 3),
+}
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Everything needed to rebuild an encoder from an artifact manifest."""
+
+    arch: str = "resnet18"
+    width: int = 64  # channels of the first stage; 64 is the standard ResNet-18
+    proj_dim: int = 128  # projection-head output (only used by the contrastive losses)
+    mean: tuple[float, float, float] = CIFAR_MEAN
+    std: tuple[float, float, float] = CIFAR_STD
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; expected one of {sorted(ARCHS)}")
+        if self.width < 1 or self.proj_dim < 1:
+            raise ValueError(f"width and proj_dim must be positive, got {self.width}, {self.proj_dim}")
+
+    @property
+    def embed_dim(self) -> int:
+        return 8 * self.width
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "embed_dim": self.embed_dim}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EncoderConfig:
+        keys = {"arch", "width", "proj_dim", "mean", "std"}
+        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in keys}
+        return cls(**kw)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNetBackbone(nn.Module):
+    """CIFAR ResNet (3x3 stem, no max-pool); returns pooled features [B, 8*width]."""
+
+    def __init__(self, blocks: tuple[int, ...], width: int) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        layers, c_in = [], width
+        for i, n in enumerate(blocks):
+            c_out = width * 2**i
+            for j in range(n):
+                layers.append(BasicBlock(c_in, c_out, stride=2 if (i > 0 and j == 0) else 1))
+                c_in = c_out
+        self.layers = nn.Sequential(*layers)
+        self.out_dim = c_in
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.layers(self.stem(x))  # B x C x H' x W'
+        return torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)  # B x C
+
+
+class Encoder(nn.Module):
+    """Images in [0, 1] [B, 3, H, W] -> L2-normalised embedding [B, embed_dim].
+
+    The embedding is the normalised backbone feature (what k-NN uses); the projection head is a
+    separate module because contrastive losses want it and k-NN is better without it.
+    """
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1))
+        self.backbone = ResNetBackbone(ARCHS[cfg.arch], cfg.width)
+
+    def features(self, x: Tensor) -> Tensor:
+        """Unnormalised backbone features [B, embed_dim]."""
+        return self.backbone((x - self.mean) / self.std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(self.features(x), dim=1)
+
+
+class ProjectionHead(nn.Module):
+    """SimCLR MLP head: features -> L2-normalised projection for InfoNCE."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int | None = None) -> None:
+        super().__init__()
+        hidden = hidden or in_dim
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, out_dim)
+        )
+
+    def forward(self, h: Tensor) -> Tensor:
+        return F.normalize(self.net(h), dim=1)
+
+
+class ContrastiveModel(nn.Module):
+    """Encoder + projection head, the unit trained by `ssl` and `sat`."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.encoder = Encoder(cfg)
+        self.head = ProjectionHead(cfg.embed_dim, cfg.proj_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Images in [0, 1] -> projections [B, proj_dim]."""
+        return self.head(self.encoder.features(x))
+
+
+class SupervisedModel(nn.Module):
+    """Encoder + linear classifier, trained with cross-entropy (`supervised`, `pgd_at`)."""
+
+    def __init__(self, cfg: EncoderConfig, num_classes: int) -> None:
+        super().__init__()
+        self.encoder = Encoder(cfg)
+        self.head = nn.Linear(cfg.embed_dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Images in [0, 1] -> logits [B, num_classes]."""
+        return self.head(self.encoder.features(x))
+
+
+def build_encoder(cfg: EncoderConfig) -> Encoder:
+    return Encoder(cfg)

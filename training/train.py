@@ -1,0 +1,341 @@
+"""Training loops for the four methods: `ssl`, `sat`, `supervised`, `pgd_at`.
+
+ssl        SimCLR-style contrastive pre-training (NT-Xent over two augmented views).
+sat        Self-supervised Adversarial Training (Chen et al., ICASSP 2020, arXiv 1911.06470): craft
+           x' with PGD (the paper's k-NN-guided attack toward other-class samples, or a label-free
+           embedding attack), optionally keep only the successful ones, and maximise the InfoNCE bound
+           on I(z(x); z(x')); an optional clean NT-Xent term (weight `clean_weight`) keeps accuracy.
+supervised cross-entropy baseline with crop + flip.
+pgd_at     supervised PGD adversarial training (Madry et al. 2018), the robust supervised baseline.
+
+Runs are resumable: `run_dir/checkpoint.pt` is written every `checkpoint_minutes` and at the end
+(with optimizer, step and RNG state), and `train()` picks it up when called again with the same
+run_dir. `max_minutes` stops cleanly at a step boundary so long CPU runs can be done in slices.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from training import attacks, augment, knn, losses
+from training.data import ImageDataset, load_dataset, train_val_split
+from training.models import ContrastiveModel, Encoder, EncoderConfig, SupervisedModel
+
+log = logging.getLogger(__name__)
+
+Method = Literal["ssl", "sat", "supervised", "pgd_at"]
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Defaults are the CPU-friendly recipe; units in comments."""
+
+    method: Method = "ssl"
+    data: str = "data"  # dataset path (CIFAR-10 python layout / tar.gz, STL-10 binary, image folder)
+    run_dir: str = "runs/ssl"
+    arch: str = "resnet18"
+    width: int = 64
+    proj_dim: int = 128
+    epochs: int = 100
+    batch_size: int = 256
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = 0.06  # per 256 images (scaled linearly with batch size); paper SAT: adam 1e-4
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    temperature: float = 0.5  # NT-Xent / MI temperature
+    val_size: int = 5000  # last training images held out for model selection (DESIGN section 6)
+    limit: int | None = None  # use only the first `limit` training images (tests, quick runs)
+    init: str | None = None  # checkpoint to start from (e.g. an ssl run's checkpoint.pt for sat)
+    # adversarial settings (sat, pgd_at); eps in [0, 1] pixel units
+    eps: float = 8 / 255
+    alpha: float = 2 / 255
+    attack_steps: int = 5
+    attack: Literal["guided", "embedding"] = "guided"
+    guides: int = 32  # other-class in-batch samples that guide each image's attack
+    keep: Literal["all", "successful"] = "all"  # the paper keeps only attacks that flip the k-NN vote
+    clean_weight: float = 1.0  # weight of the clean NT-Xent term in sat
+    adv_weight: float = 1.0  # weight of the clean/adversarial MI term in sat
+    knn_k: int = 75
+    eval_every: int = 5  # epochs between k-NN validation checks (0: only at the end)
+    eval_size: int = 2000  # validation images checked during training (all at the end)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False
+    workers_threads: int | None = None  # torch CPU threads (None: torch default)
+    checkpoint_minutes: float = 3.0
+    max_minutes: float | None = None  # stop (resumably) after this much wall time in this call
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in ("ssl", "sat", "supervised", "pgd_at"):
+            raise ValueError(f"method must be ssl|sat|supervised|pgd_at, got {self.method!r}")
+        if not 0 <= self.alpha <= max(self.eps, 1e-12) <= 1 and self.method in ("sat", "pgd_at"):
+            raise ValueError(f"need 0 <= alpha <= eps <= 1, got alpha={self.alpha}, eps={self.eps}")
+        if self.epochs < 1 or self.batch_size < 2:
+            raise ValueError(f"epochs >= 1 and batch_size >= 2 required, got {self.epochs}, {self.batch_size}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def encoder_config(self) -> EncoderConfig:
+        return EncoderConfig(arch=self.arch, width=self.width, proj_dim=self.proj_dim)
+
+
+def lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    """Linear warm-up then cosine decay to zero; a pure function of the step."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but torch.cuda.is_available() is False")
+    return torch.device(name)
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    if cfg.method in ("ssl", "sat"):
+        return ContrastiveModel(cfg.encoder_config())
+    return SupervisedModel(cfg.encoder_config(), num_classes)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Checkpoints hold only tensors and plain types, so they load with weights_only=True."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Atomic write: a crash mid-save never leaves a truncated checkpoint behind."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def encoder_from_checkpoint(ckpt: dict[str, Any]) -> Encoder:
+    """Rebuild the encoder of any method's checkpoint (drops projection/linear heads)."""
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    enc = Encoder(cfg.encoder_config())
+    prefix = "encoder."
+    enc.load_state_dict({k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)})
+    return enc
+
+
+class Step:
+    """One optimisation step of a method: batch of float images [B, 3, H, W] + labels -> (loss, stats)."""
+
+    def __init__(self, cfg: TrainConfig, model: nn.Module, g: torch.Generator) -> None:
+        self.cfg, self.model, self.g = cfg, model, g
+        self.aug = augment.AugmentConfig()
+
+    def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+        return getattr(self, self.cfg.method)(x, y)
+
+    def ssl(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+        v1, v2 = augment.two_views(x, self.aug, self.g)
+        p = self.model(torch.cat([v1, v2]))  # 2B x P
+        p1, p2 = p.chunk(2)
+        return losses.info_nce(p1.float(), p2.float(), self.cfg.temperature), {}
+
+    def _sat_adversary(self, v: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Adversarial views of v and a mask of the ones that count (all, or the successful ones)."""
+        cfg, enc = self.cfg, self.model.encoder
+        with attacks.eval_mode(self.model), torch.no_grad():
+            z = enc(v).float()  # B x D
+        if cfg.attack == "guided":
+            m = min(cfg.guides, int((y[None] != y[:, None]).sum(1).min().item()))
+            guides = knn.other_class_guides(z, y, z, y, max(m, 1))  # B x m x D
+            objective = attacks.guided_objective(enc, guides)
+        else:
+            objective = attacks.embedding_objective(enc, v)
+        v_adv = attacks.pgd(objective, v, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.attack_steps, model=self.model,
+                            generator=self.g)
+        keep = torch.ones(len(v), dtype=torch.bool, device=v.device)
+        if cfg.keep == "successful":
+            with attacks.eval_mode(self.model), torch.no_grad():
+                pred, _ = knn.knn_predict(enc(v_adv).float(), z, y, int(y.max()) + 1, k=min(cfg.knn_k, len(y)))
+            keep = pred != y
+        return v_adv, keep
+
+    def sat(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+        cfg = self.cfg
+        v1, v2 = augment.two_views(x, self.aug, self.g)
+        v_adv, keep = self._sat_adversary(v1, y)
+        p = self.model(torch.cat([v1, v2, v_adv])).float()  # 3B x P
+        p1, p2, pa = p.chunk(3)
+        loss = cfg.clean_weight * losses.info_nce(p1, p2, cfg.temperature)
+        if keep.sum() >= 2:
+            loss = loss + cfg.adv_weight * losses.mutual_information_loss(p1[keep], pa[keep], cfg.temperature)
+        return loss, {"kept": keep.float().mean().item()}
+
+    def supervised(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+        return losses.cross_entropy(self.model(augment.crop_flip(x, g=self.g)).float(), y), {}
+
+    def pgd_at(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+        cfg = self.cfg
+        x = augment.crop_flip(x, g=self.g)
+        objective = attacks.cross_entropy_objective(self.model, y)
+        x_adv = attacks.pgd(objective, x, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.attack_steps, model=self.model,
+                            generator=self.g)
+        logits = self.model(x_adv).float()
+        return losses.cross_entropy(logits, y), {"adv_acc": (logits.argmax(1) == y).float().mean().item()}
+
+
+@torch.no_grad()
+def knn_accuracy(encoder: nn.Module, bank_data: ImageDataset, query: ImageDataset, k: int,
+                 device: torch.device, progress: bool = False) -> float:
+    """Clean k-NN accuracy of `query` against a bank embedded from `bank_data`."""
+    bank = knn.embed(encoder, bank_data.images, device=device, progress=progress).to(device)
+    z = knn.embed(encoder, query.images, device=device, progress=progress).to(device)
+    labels = torch.as_tensor(bank_data.labels, device=device)
+    pred, _ = knn.knn_predict(z, bank, labels, len(bank_data.classes), k=min(k, len(bank)))
+    return (pred.cpu().numpy() == query.labels).mean().item()
+
+
+def _log_json(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) training; returns final metrics and the checkpoint path."""
+    t_call = time.time()
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    if cfg.workers_threads:
+        torch.set_num_threads(cfg.workers_threads)
+    torch.manual_seed(cfg.seed)
+
+    full = load_dataset(cfg.data, "train")
+    if cfg.limit:
+        full = full.subset(slice(0, cfg.limit))
+    train_set, val_set = train_val_split(full, cfg.val_size) if cfg.val_size else (full, None)
+    num_classes = len(full.classes)
+    # whole training set resident on the device as uint8 NCHW: converted per batch
+    images = torch.from_numpy(train_set.images).permute(0, 3, 1, 2).contiguous().to(device)
+    labels = torch.from_numpy(train_set.labels).long().to(device)
+    n = len(labels)
+    steps_per_epoch = n // cfg.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"batch_size {cfg.batch_size} exceeds the {n} training images")
+    total_steps = steps_per_epoch * cfg.epochs
+
+    model = build_model(cfg, num_classes).to(device)
+    if cfg.init:
+        init = load_checkpoint(cfg.init)
+        missing, _ = model.load_state_dict(init["model"], strict=False)
+        if any(k.startswith("encoder.") for k in missing):
+            raise ValueError(f"--init {cfg.init}: encoder weights missing or incompatible: {missing[:5]}")
+        log.info("initialised from %s (%s)", cfg.init, init["config"].get("method"))
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    base_lr = cfg.lr * cfg.batch_size / 256
+    if cfg.optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=base_lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=0.9, weight_decay=cfg.weight_decay,
+                              nesterov=True)
+    g = torch.Generator(device=device)
+    g.manual_seed(cfg.seed)
+    step, elapsed = 0, 0.0
+    ckpt_path = run_dir / CHECKPOINT
+    if ckpt_path.exists():
+        state = load_checkpoint(ckpt_path, device)
+        if state["config"]["method"] != cfg.method:
+            raise ValueError(f"{ckpt_path} is a {state['config']['method']} run, not {cfg.method}")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, elapsed = state["step"], state.get("elapsed_s", 0.0)
+        g.set_state(state["generator"].cpu())
+        log.info("resumed %s at step %d/%d", ckpt_path, step, total_steps)
+    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+
+    def checkpoint() -> None:
+        save_checkpoint(ckpt_path, {
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "config": asdict(cfg),
+            "generator": g.get_state(), "elapsed_s": elapsed + time.time() - t_start,
+            "num_classes": num_classes, "classes": list(full.classes),
+        })
+
+    step_fn = Step(cfg, model, g)
+    fwd = torch.compile(model) if cfg.compile else model
+    step_fn.model = fwd if cfg.method in ("supervised", "pgd_at") else model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+    metrics_path = run_dir / METRICS
+    t_start = last_ckpt = time.time()
+    stopped_early = False
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, desc=cfg.method, disable=not cfg.progress, dynamic_ncols=True)
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).to(device)
+        t_epoch, seen, batches, loss_sum, stats_sum = time.time(), 0, 0, 0.0, {}
+        for i in range(step % steps_per_epoch, steps_per_epoch):
+            idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            x = images[idx].float().div_(255)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total_steps, int(cfg.warmup_epochs * steps_per_epoch), base_lr)
+            with autocast:
+                loss, stats = step_fn(x, labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            seen += len(idx)
+            batches += 1
+            loss_sum += loss.item()
+            for k, v in stats.items():
+                stats_sum[k] = stats_sum.get(k, 0.0) + v
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", ep=epoch)
+            if time.time() - last_ckpt > cfg.checkpoint_minutes * 60:
+                checkpoint()
+                last_ckpt = time.time()
+            if cfg.max_minutes is not None and time.time() - t_call > cfg.max_minutes * 60:
+                stopped_early = True
+                break
+        record: dict[str, Any] = {
+            "epoch": epoch, "step": step, "loss": loss_sum / max(1, batches),
+            "lr": opt.param_groups[0]["lr"], "img_per_s": seen / max(1e-9, time.time() - t_epoch),
+            **{k: v / max(1, batches) for k, v in stats_sum.items()},
+        }
+        done_epoch = step % steps_per_epoch == 0
+        if done_epoch and val_set is not None and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0:
+            sub = val_set.subset(slice(0, cfg.eval_size))
+            record["val_knn_acc"] = knn_accuracy(model.encoder, train_set, sub, cfg.knn_k, device)
+            model.train()
+        _log_json(metrics_path, record)
+        log.info("epoch %s", record)
+        if stopped_early:
+            break
+    bar.close()
+    checkpoint()
+    result: dict[str, Any] = {"checkpoint": str(ckpt_path), "step": step, "total_steps": total_steps,
+                              "finished": step >= total_steps, "train_seconds": elapsed + time.time() - t_start}
+    if step >= total_steps and val_set is not None:
+        result["val_knn_acc"] = knn_accuracy(model.encoder, train_set, val_set, cfg.knn_k, device, cfg.progress)
+        _log_json(metrics_path, {"final": True, **result})
+    return result
