@@ -65,3 +65,45 @@ def pgd_accuracy(model: KnnModel, images: np.ndarray, labels: np.ndarray, *, eps
                             model=model.encoder, generator=g)
         correct += int((model.predict(x_adv) == y).sum())
     return correct / len(labels)
+
+
+AttackMethod = str  # one of ATTACK_METHODS
+
+
+def craft(model: KnnModel, x: Tensor, y: Tensor, *, method: AttackMethod = "pgd", eps: float = 8 / 255,
+          steps: int = 10, target: Tensor | None = None, temperature: float = 0.1, guides: int = 32,
+          generator: torch.Generator | None = None) -> Tensor:
+    """Adversarial images against a k-NN model by named method; shared by evaluation and the API.
+
+    fgsm     one signed step on the soft-kNN surrogate's cross-entropy
+    pgd      PGD (random start, step 2.5 * eps / steps) on the surrogate's cross-entropy
+    knn_pgd  the paper's k-NN-guided embedding attack: pull toward the nearest other-class bank samples
+    adaptive PGD on the surrogate's CW margin (scale-free, no softmax saturation), the strongest here
+    x [B, 3, H, W] in [0, 1]; y [B] the labels to move away from; target [B] makes it targeted.
+    """
+    if method not in ATTACK_METHODS:
+        raise ValueError(f"unknown attack method {method!r}; expected one of {sorted(ATTACK_METHODS)}")
+    surrogate = model.surrogate(temperature)
+    alpha = max(eps / 4, 2.5 * eps / steps)
+    if method == "knn_pgd":
+        with torch.no_grad(), attacks.eval_mode(model.encoder):
+            z = model.encoder(x)
+        if target is not None:  # guide toward the target class only
+            keep = model.bank_labels[None] == target[:, None]
+            d = torch.cdist(z, model.bank.to(z.dtype)).masked_fill(~keep, float("inf"))
+            g = model.bank[d.topk(guides, dim=1, largest=False).indices]
+        else:
+            g = knn.other_class_guides(z, y, model.bank, model.bank_labels, guides)
+        objective = attacks.guided_objective(model.encoder, g.to(z.dtype))
+    elif target is not None:
+        objective = attacks.targeted_objective(surrogate, target)
+    elif method == "adaptive":
+        objective = attacks.margin_objective(surrogate, y)
+    else:
+        objective = attacks.cross_entropy_objective(surrogate, y)
+    if method == "fgsm":
+        return attacks.fgsm(objective, x, eps=eps, model=model.encoder)
+    return attacks.pgd(objective, x, eps=eps, alpha=alpha, steps=steps, model=model.encoder, generator=generator)
+
+
+ATTACK_METHODS = ("fgsm", "pgd", "knn_pgd", "adaptive")
