@@ -91,21 +91,21 @@ function setBusy(busy, button, label) {
 // ---- models, health, samples ----------------------------------------------------------------
 
 function modelKind(model) {
-  const method = model.method || (model.training && model.training.method) || "";
+  const method = model.training_method || (model.training && model.training.method) || "";
   if (method) return method;
   return /supervised/i.test(model.name) ? "supervised" : "";
 }
 
 function modelLabel(model) {
   const kind = modelKind(model);
-  return kind ? `${model.name} (${kind})` : model.name;
+  return kind && kind !== model.name ? `${model.name} (${kind})` : model.name;
 }
 
 async function loadModels() {
   const body = await api("/models");
   const list = Array.isArray(body) ? body : body.models || [];
   state.models = list;
-  const defaultName = (!Array.isArray(body) && body.default) || (list.find((m) => m.default) || list[0] || {}).name;
+  const defaultName = (!Array.isArray(body) && body.default_model) || (list.find((m) => m.default) || list[0] || {}).name;
 
   for (const select of [$("#classify-model"), $("#attack-model")]) {
     select.replaceChildren(...list.map((m) => el("option", { value: m.name, text: modelLabel(m), selected: m.name === defaultName })));
@@ -154,7 +154,9 @@ async function loadHealth() {
       const bits = [m.device, m.runtime, m.index || m.index_backend].filter(Boolean).join(", ");
       parts.push(bits ? `${m.name}: ${bits}` : m.name);
     }
-    $("#server-status").textContent = `Server ready${body.device ? ` on ${body.device}` : ""}.`;
+    const skipped = Object.keys(body.skipped || {});
+    $("#server-status").textContent = `Server ready: ${entries.length} model(s) loaded`
+      + (skipped.length ? `; refused at start-up: ${skipped.join(", ")}.` : ".");
     $("#server-status").className = "server-status ok";
     $("#footer-info").textContent = parts.length ? `Models: ${parts.join(" · ")}` : "";
   } catch (err) {
@@ -211,6 +213,7 @@ async function pickSample(sample, button) {
     const blob = await response.blob();
     const file = new File([blob], sample.file, { type: blob.type || "image/png" });
     for (const b of document.querySelectorAll(".sample")) b.setAttribute("aria-pressed", String(b === button));
+    $("#file-input").value = "";
     setImages([{ file, url: URL.createObjectURL(file), name: sample.file, trueLabel: sample.label }]);
   } catch (err) {
     showError(err);
@@ -287,8 +290,9 @@ function renderAttack(body, cleanUrl) {
     if (c.attack) cols.push(attackColumn(c.model, c.attack, cleanUrl, `attacked in turn (${body.method})`));
     if (c.transfer) transfers.push(c);
   }
+  const target = body.target ? `, targeted at ${body.target.label}` : ", untargeted";
   const out = [
-    el("p", { class: "meta", text: `${body.method} against ${body.model} · ${ms(body.latency_ms)}` }),
+    el("p", { class: "meta", text: `${body.method} against ${body.model}${target} · ${ms(body.latency_ms)}` }),
     el("div", { class: "attack-grid" }, ...cols),
   ];
   if (transfers.length) {
