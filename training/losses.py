@@ -15,7 +15,7 @@ def info_nce(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:
     """
     if z1.shape != z2.shape or z1.dim() != 2:
         raise ValueError(f"expected two [B, D] tensors of equal shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
-    if temperature <= 0:
+    if not temperature > 0:  # also rejects NaN, which would make the loss NaN silently
         raise ValueError(f"temperature must be > 0, got {temperature}")
     b = z1.shape[0]
     z = torch.cat([z1, z2], dim=0)  # 2B x D
@@ -33,7 +33,7 @@ def mutual_information_loss(z_clean: Tensor, z_adv: Tensor, temperature: float =
     """
     if z_clean.shape != z_adv.shape or z_clean.dim() != 2:
         raise ValueError(f"expected two [B, D] tensors, got {tuple(z_clean.shape)} and {tuple(z_adv.shape)}")
-    if temperature <= 0:
+    if not temperature > 0:  # also rejects NaN, which would make the loss NaN silently
         raise ValueError(f"temperature must be > 0, got {temperature}")
     logits = z_adv @ z_clean.t() / temperature  # B x B, diagonal = positives
     target = torch.arange(z_clean.shape[0], device=z_clean.device)
