@@ -38,6 +38,9 @@ class EncoderConfig:
             raise ValueError(f"unknown arch {self.arch!r}; expected one of {sorted(ARCHS)}")
         if self.width < 1 or self.proj_dim < 1:
             raise ValueError(f"width and proj_dim must be positive, got {self.width}, {self.proj_dim}")
+        # the model divides by std: a zero would make every embedding inf/NaN without an error
+        if len(self.mean) != 3 or len(self.std) != 3 or not all(s > 0 for s in self.std):
+            raise ValueError(f"mean and std need 3 values (RGB) and std > 0, got mean={self.mean}, std={self.std}")
 
     @property
     def embed_dim(self) -> int:

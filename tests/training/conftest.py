@@ -1,0 +1,57 @@
+"""Shared fixtures for the training tests: a tiny CIFAR-10 in the official layout, tiny encoders.
+
+The pickles are written by the same Python-2-style writer as `test_data.py` (imported, not copied),
+so the training tests read exactly what the loader tests prove the official format to be.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.training.test_data import CLASSES, _py2_pickle, _to_rows
+from training.models import Encoder, EncoderConfig
+
+TINY_PER_BATCH = 16  # 5 x 16 = 80 training images, 16 test images
+TINY_ENCODER = {"arch": "resnet10", "width": 4, "proj_dim": 16}  # embedding dim 32, ~20k parameters
+
+
+def synthetic_images(n: int, labels: np.ndarray, seed: int) -> np.ndarray:
+    """uint8 [n, 32, 32, 3]: a class-dependent colour plus noise, so k-NN has something to find."""
+    rng = np.random.default_rng(seed)
+    palette = np.random.default_rng(1234).integers(30, 226, (len(CLASSES), 3))
+    base = palette[labels][:, None, None, :]
+    return np.clip(base + rng.integers(-30, 31, (n, 32, 32, 3)), 0, 255).astype(np.uint8)
+
+
+def write_tiny_cifar(root: Path, per_batch: int = TINY_PER_BATCH) -> Path:
+    """Write root/cifar-10-batches-py/ (5 training batches + test_batch) and return root."""
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    _py2_pickle({b"num_cases_per_batch": per_batch, b"label_names": [c.encode() for c in CLASSES],
+                 b"num_vis": 3072}, d / "batches.meta")
+    for k, name in enumerate([*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]):
+        labels = np.arange(k * per_batch, (k + 1) * per_batch) % len(CLASSES)
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": labels.tolist(),
+            b"data": _to_rows(synthetic_images(per_batch, labels, seed=k)),
+            b"filenames": [f"{name}_{i}.png".encode() for i in range(per_batch)],
+        }
+        _py2_pickle(batch, d / name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_cifar(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A read-only tiny CIFAR-10 folder shared by the whole session (never write into it)."""
+    return write_tiny_cifar(tmp_path_factory.mktemp("tiny_cifar"))
+
+
+@pytest.fixture
+def tiny_encoder() -> Encoder:
+    torch.manual_seed(0)
+    return Encoder(EncoderConfig(**TINY_ENCODER)).eval()
