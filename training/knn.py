@@ -74,7 +74,7 @@ def soft_knn_logits(
     With k, only the k nearest bank rows vote (as the hard classifier); without, the whole bank.
     Small T approaches the hard 1-NN; larger T smooths toward class prototypes.
     """
-    if temperature <= 0:
+    if not temperature > 0:  # also rejects NaN, which would give NaN logits silently
         raise ValueError(f"temperature must be > 0, got {temperature}")
     d = _distances(query, bank.to(query.dtype), metric)  # B x N
     labels = bank_labels.to(query.device)

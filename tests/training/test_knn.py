@@ -1,0 +1,164 @@
+"""k-NN: torch search and vote equal a brute-force loop, faiss equals torch, soft-kNN is the smooth limit."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from training import knn
+from training.models import Encoder
+
+C = 5  # classes in the synthetic banks
+
+
+def _bank(n: int = 120, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(query [20, d], bank [n, d], labels [n]); continuous random values, so no distance ties."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(20, d, generator=g), torch.randn(n, d, generator=g), torch.randint(0, C, (n,), generator=g)
+
+
+def brute_neighbours(query: np.ndarray, bank: np.ndarray, k: int, metric: str) -> list[list[int]]:
+    out = []
+    for q in query:
+        if metric == "l2":
+            dist = [float(np.linalg.norm(q - b)) for b in bank]
+        else:
+            dist = [1 - float(q @ b / np.linalg.norm(q) / np.linalg.norm(b)) for b in bank]
+        out.append(sorted(range(len(bank)), key=lambda i: dist[i])[:k])
+    return out
+
+
+def brute_vote(neighbour_labels: list[int]) -> int:
+    """Majority; a tie goes to the tied class met first in nearest-first order (the documented rule)."""
+    counts = Counter(neighbour_labels)
+    best = max(counts.values())
+    return next(lab for lab in neighbour_labels if counts[lab] == best)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("k", [1, 4, 15])
+def test_search_and_predict_equal_brute_force(metric: str, k: int) -> None:
+    q, bank, labels = _bank(seed=k)
+    expected = brute_neighbours(q.double().numpy(), bank.double().numpy(), k, metric)
+    assert knn.knn_search(q, bank, k, metric).tolist() == expected
+    assert knn.knn_search(q, bank, k, metric, chunk=3).tolist() == expected  # chunking changes nothing
+    pred, counts = knn.knn_predict(q, bank, labels, C, k=k, metric=metric)
+    lab = labels.tolist()
+    assert pred.tolist() == [brute_vote([lab[i] for i in row]) for row in expected]
+    assert counts.tolist() == [[[lab[i] for i in row].count(c) for c in range(C)] for row in expected]
+    assert (counts.sum(1) == k).all()
+
+
+@pytest.mark.parametrize(
+    ("row", "pred"),
+    [
+        ([3, 1, 1], 1),  # plain majority beats the nearest neighbour
+        ([2, 1, 1, 2], 2),  # 2-2 tie: the nearest neighbour's class
+        ([1, 2, 2, 1], 1),
+        ([4, 0, 3, 0, 3], 0),  # 0 and 3 tied, 4 (nearest) is not tied: first tied neighbour is a 0
+        ([0, 1, 2, 3, 4], 0),  # all tied: 1-NN
+    ],
+)
+def test_vote_tie_break_is_the_nearest_tied_neighbour(row: list[int], pred: int) -> None:
+    p, counts = knn.vote(torch.tensor([row]), C)
+    assert p.item() == pred
+    assert counts[0].tolist() == [row.count(c) for c in range(C)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(0, C - 1), min_size=6, max_size=6), min_size=1, max_size=8))
+def test_vote_equals_reference_on_any_labels(rows: list[list[int]]) -> None:
+    pred, _ = knn.vote(torch.tensor(rows), C)
+    assert pred.tolist() == [brute_vote(r) for r in rows]
+
+
+def test_k_out_of_range_raises() -> None:
+    q, bank, _ = _bank(n=10)
+    for k in (0, 11):
+        with pytest.raises(ValueError, match="k must be"):
+            knn.knn_search(q, bank, k)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_faiss_equals_torch(metric: str) -> None:
+    pytest.importorskip("faiss")
+    q, bank, labels = _bank(n=300, d=16, seed=7)
+    index = knn.FaissKnn(bank, labels, C, k=9, metric=metric)
+    assert not index.on_gpu
+    assert index.search(q).tolist() == knn.knn_search(q, bank, 9, metric).tolist()
+    f_pred, f_counts = index.predict(q)
+    t_pred, t_counts = knn.knn_predict(q, bank, labels, C, k=9, metric=metric)
+    assert f_pred.tolist() == t_pred.tolist() and f_counts.tolist() == t_counts.tolist()
+    # numpy inputs (what the app may hold) give the same answer
+    assert index.predict(q.numpy())[0].tolist() == t_pred.tolist()
+    with pytest.raises(ValueError, match="k must be"):
+        knn.FaissKnn(bank[:5], labels[:5], C, k=6, metric=metric)
+
+
+def test_soft_knn_approaches_hard_1nn_at_small_temperature() -> None:
+    q, bank, labels = _bank(seed=3)
+    q, bank = q.double(), bank.double()
+    nn1 = labels[knn.knn_search(q, bank, 1)[:, 0]]
+    for k in (None, 10):
+        logits = knn.soft_knn_logits(q, bank, labels, C, temperature=1e-3, k=k)
+        assert logits.shape == (20, C)
+        assert logits.argmax(1).tolist() == nn1.tolist()
+        # nearly all the probability mass is on the 1-NN class
+        assert logits.exp().gather(1, nn1[:, None]).min() > 0.99
+        torch.testing.assert_close(logits.exp().sum(1), torch.ones(20, dtype=torch.float64))
+
+
+def test_soft_knn_at_large_temperature_tends_to_class_frequencies() -> None:
+    q, bank, labels = _bank(seed=4)
+    logits = knn.soft_knn_logits(q.double(), bank.double(), labels, C, temperature=1e6)
+    freq = torch.bincount(labels, minlength=C).double() / len(labels)
+    torch.testing.assert_close(logits.exp(), freq.expand(20, -1), atol=1e-4, rtol=0)
+
+
+def test_soft_knn_is_differentiable() -> None:
+    q, bank, labels = _bank(seed=5)
+    for k in (None, 10):
+        qq = q.clone().requires_grad_(True)
+        logits = knn.soft_knn_logits(qq, bank, labels, C, temperature=0.5, k=k)
+        (g,) = torch.autograd.grad(logits[:, 0].sum(), qq)
+        assert torch.isfinite(g).all() and g.abs().sum() > 0
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="temperature"):
+            knn.soft_knn_logits(q, bank, labels, C, temperature=bad)
+
+
+def test_soft_knn_classifier_wraps_encoder_and_bank(tiny_encoder: Encoder) -> None:
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    bank = knn.embed(tiny_encoder, torch.rand(12, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
+    labels = torch.arange(12) % 3
+    clf = knn.SoftKnnClassifier(tiny_encoder, bank, labels, 3, temperature=0.2)
+    with torch.no_grad():
+        torch.testing.assert_close(clf(x), knn.soft_knn_logits(tiny_encoder(x), bank, labels, 3, 0.2))
+
+
+def test_other_class_guides_are_the_nearest_other_class_rows() -> None:
+    q, bank, labels = _bank(seed=6)
+    y = torch.arange(20) % C
+    guides = knn.other_class_guides(q, y, bank, labels, m=4)
+    assert guides.shape == (20, 4, bank.shape[1])
+    for i in range(20):
+        others = [j for j in range(len(bank)) if labels[j] != y[i]]
+        near = sorted(others, key=lambda j: float((q[i] - bank[j]).norm()))[:4]
+        torch.testing.assert_close(guides[i], bank[near])
+
+
+def test_embed_takes_uint8_nhwc_or_float_nchw_and_restores_mode(tiny_encoder: Encoder) -> None:
+    u8 = np.random.default_rng(0).integers(0, 256, (7, 16, 16, 3), dtype=np.uint8)
+    as_float = torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 255
+    torch.testing.assert_close(knn.to_float_images(u8), as_float)
+    tiny_encoder.train()
+    a = knn.embed(tiny_encoder, u8, batch_size=3)
+    assert tiny_encoder.training  # caller's mode restored
+    b = knn.embed(tiny_encoder, as_float, batch_size=100)
+    assert a.shape == (7, tiny_encoder.cfg.embed_dim) and a.dtype == torch.float32
+    torch.testing.assert_close(a, b)  # eval mode inside: batching does not change the result
