@@ -62,7 +62,12 @@ def verify_artifact(path: str | Path) -> dict[str, Any]:
     for key in ("name", "classes", "input", "encoder", "knn", "files"):
         if key not in manifest:
             raise ArtifactError(f"{path / MANIFEST}: missing key {key!r}")
-    files: dict[str, str] = manifest["files"]
+    files = manifest["files"]
+    # a list or null digests would otherwise escape as AttributeError/TypeError, not as a refusal
+    if not isinstance(files, dict) or not all(isinstance(d, str) for d in files.values()):
+        raise ArtifactError(f"{path / MANIFEST}: files must map each file name to its sha256 hex digest")
+    if not isinstance(manifest["classes"], list) or not manifest["classes"]:
+        raise ArtifactError(f"{path / MANIFEST}: classes must be a non-empty list of names")
     for required in REQUIRED_FILES:
         if required not in files:
             raise ArtifactError(f"{path / MANIFEST}: files lacks {required}")

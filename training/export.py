@@ -29,6 +29,7 @@ from training.train import TrainConfig, encoder_from_checkpoint, load_checkpoint
 log = logging.getLogger(__name__)
 
 ONNX_ATOL = 1e-4  # max |onnxruntime - torch| allowed on L2-normalised embeddings (float32)
+TRAINING_KEYS = ("method", "hyperparameters", "epochs", "seed", "code_version")  # read by the card
 
 
 def code_version() -> str:
@@ -108,10 +109,19 @@ def export_artifact(
     onnx: bool = True,
 ) -> Path:
     """Write the artifact folder; returns it. Existing files of the same names are replaced."""
+    cfg = encoder.cfg
+    # refuse up front what `load_artifact` would refuse, so no half-written or unloadable folder is left
+    missing = [key for key in TRAINING_KEYS if key not in training]
+    if missing:
+        raise ValueError(f"training lacks {missing}; the manifest needs {list(TRAINING_KEYS)}")
+    if bank.dim() != 2 or bank.shape[1] != cfg.embed_dim or bank_labels.shape != (bank.shape[0],):
+        raise ValueError(f"bank {tuple(bank.shape)} and labels {tuple(bank_labels.shape)} must be [N, "
+                         f"{cfg.embed_dim}] and [N]")
+    if bank_labels.numel() and not 0 <= int(bank_labels.min()) <= int(bank_labels.max()) < len(classes):
+        raise ValueError(f"bank labels must be in [0, {len(classes)}) (one per class name)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     encoder = encoder.cpu().eval()
-    cfg = encoder.cfg
     save_file({k_: v.contiguous() for k_, v in encoder.state_dict().items()}, out / ENCODER_WEIGHTS)
     save_file({"embeddings": bank.to(bank_dtype).contiguous().cpu(), "labels": bank_labels.long().contiguous().cpu()},
               out / BANK)
@@ -228,7 +238,7 @@ def add_cli(sub: Any) -> None:
     p.set_defaults(func=cmd_bank)
 
     def metrics_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--n-clean", type=int, default=None, help="test images for clean accuracy (default: all)")
+        p.add_argument("--n-clean", type=int, default=None, help="test images for clean accuracy (None: all)")
         p.add_argument("--n-robust", type=int, default=1000, help="first N test images for PGD accuracy (0: skip)")
         p.add_argument("--eps", type=float, default=8 / 255, help="L-inf radius in [0, 1] pixel units")
         p.add_argument("--steps", type=int, default=10, help="PGD steps")
