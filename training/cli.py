@@ -45,21 +45,22 @@ TRAIN_HELP: dict[str, str] = {
     "seed": "random seed (data order, augmentation, attacks)",
     "device": "auto | cpu | cuda",
     "compile": "torch.compile the supervised models",
-    "workers_threads": "torch CPU threads (default: torch's choice)",
+    "workers_threads": "torch CPU threads (None: torch's choice)",
     "checkpoint_minutes": "minutes between checkpoints",
     "max_minutes": "stop cleanly (resumable) after this many minutes in this call",
     "progress": "show progress bars",
 }
 
 
-def _field_type(tp: Any) -> Any:
-    """The argparse type of a dataclass field annotation (Optional[X] -> X)."""
+def _field_type(tp: Any) -> tuple[Any, tuple[str, ...] | None]:
+    """The argparse type and choices of a dataclass field annotation (Optional[X] -> X, Literal -> choices)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         return _field_type(next(a for a in typing.get_args(tp) if a is not type(None)))
     if origin is typing.Literal:
-        return str
-    return tp
+        # choices, so a typo (--optimizer adamw, --keep succesful) is an error, not a silent fallback
+        return str, typing.get_args(tp)
+    return tp, None
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -68,12 +69,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         if f.name == "extra":
             continue
         default = f.default if f.default is not MISSING else None
-        tp = _field_type(hints[f.name])
+        tp, choices = _field_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
+        # the parser's ArgumentDefaultsHelpFormatter appends "(default: ...)" itself
         if tp is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=TRAIN_HELP[f.name])
         else:
-            p.add_argument(flag, type=tp, default=default, help=f"{TRAIN_HELP[f.name]} (default: {default})")
+            p.add_argument(flag, type=tp, choices=choices, default=default, help=TRAIN_HELP[f.name])
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
