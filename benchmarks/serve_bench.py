@@ -1,0 +1,493 @@
+"""Serving benchmark: does HTTP /classify approach the raw batched forward pass? (DESIGN section 5)
+
+Measured in one run on loopback, with `wrk` (C, event-driven, one thread) as the load generator so
+the client does not share the Python interpreter with the server:
+
+1. raw     in-process batched forward + k-NN of the model, through the app's own engine pieces
+           (`app.engine.TorchEmbed` + `app.engine.build_index`), per batch size
+2. ceiling a hello-world FastAPI endpoint that only reads the multipart upload, served by uvicorn
+           exactly as `satml-serve` serves the app, under the same load as (3)
+3. classify `POST /classify` on the real server (`satml-serve` subprocess) with 1 and with 8 images per
+           request at 1/8/32/64 concurrent connections: requests/s, images/s, p50/p99 latency
+4. attack  `POST /attack` PGD-10 at eps 8/255, sequential requests: latency p50/p99
+
+Targets (issue 4): /classify throughput >= 80 % of min(raw, ceiling), and p99 at 32 clients <= 2x the
+in-process time of one batch of 32. Results (with the machine description) go to
+benchmarks/results/serve_bench.{json,md}; --quick writes test-output/serve_bench_quick.* instead.
+
+    python benchmarks/serve_bench.py --artifacts artifacts          # the real models
+    python benchmarks/serve_bench.py --synthetic --quick            # random weights, same shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, File, UploadFile
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "app" / "static" / "samples"
+LUA = ROOT / "benchmarks" / "wrk" / "multipart.lua"
+BOUNDARY = "----satml-serve-bench-7d1f"
+TARGET_RATIO = 0.80  # /classify throughput / min(raw, ceiling)
+TARGET_P99_FACTOR = 2.0  # p99 at 32 clients / in-process time of one batch of 32
+
+log = logging.getLogger("serve_bench")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark run. Durations in seconds; concurrency = open wrk connections."""
+
+    artifacts: Path
+    model: str
+    out_prefix: Path
+    duration_s: float
+    warmup_s: float
+    raw_min_s: float  # measuring time per batch size in-process
+    concurrency: tuple[int, ...]
+    images_per_request: tuple[int, ...]
+    raw_batches: tuple[int, ...]
+    attack_n: int
+    quick: bool
+    synthetic: bool
+
+
+# --- machine and inputs --------------------------------------------------------------------------------
+
+
+def machine_description() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    with contextlib.suppress(OSError):
+        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        cpu = m.group(1).strip() if m else cpu
+    mem_gib = None
+    with contextlib.suppress(OSError, AttributeError, ValueError):
+        mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.splitlines()
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem_gib, "platform": platform.platform(),
+        "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(), "wrk": wrk[0] if wrk else "unknown",
+        "loadavg_at_start": list(os.getloadavg()),
+        "other_load": "a model-training job may share the CPU; see loadavg",
+    }
+
+
+def sample_images() -> list[bytes]:
+    """The demo page's CIFAR-10 sample PNGs (32x32, real test images)."""
+    index = json.loads((SAMPLES / "index.json").read_text())
+    return [(SAMPLES / s["file"]).read_bytes() for s in index["samples"]]
+
+
+def multipart_body(images: list[bytes], field: str = "files", extra: dict[str, str] | None = None) -> bytes:
+    """A multipart/form-data body (boundary BOUNDARY) with one part per image and optional form fields."""
+    parts = []
+    for name, value in (extra or {}).items():
+        parts.append(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    for i, data in enumerate(images):
+        head = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; filename="img{i}.png"\r\n'
+                "Content-Type: image/png\r\n\r\n")
+        parts.append(head.encode() + data + b"\r\n")
+    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
+
+
+def make_synthetic_artifacts(folder: Path, width: int, bank_size: int) -> Path:
+    """Random-weight artifacts `default` and `supervised` with the real shapes (for timing only)."""
+    import torch
+
+    from training.export import export_artifact
+    from training.models import Encoder, EncoderConfig
+
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    for i, (name, method) in enumerate([("default", "sat"), ("supervised", "supervised")]):
+        torch.manual_seed(i)
+        encoder = Encoder(EncoderConfig(arch="resnet10", width=width))
+        bank = torch.nn.functional.normalize(torch.randn(bank_size, encoder.cfg.embed_dim), dim=1)
+        labels = torch.arange(bank_size) % len(classes)
+        export_artifact(folder / name, encoder, bank, labels, name=name, classes=classes, dataset="synthetic",
+                        training={"method": method, "hyperparameters": {}, "epochs": 0, "seed": i,
+                                  "code_version": "benchmark"},
+                        description=f"random weights for serve_bench ({method} stand-in)", onnx=False)
+    return folder
+
+
+# --- (1) raw in-process throughput ------------------------------------------------------------------------
+
+
+def raw_throughput(folder: Path, batches: tuple[int, ...], min_s: float) -> dict[str, Any]:
+    """Images/s and ms per batch of the app's predict path (embed + k-NN + vote), per batch size."""
+    import torch
+
+    from app.config import Settings
+    from app.engine import TorchEmbed, build_index, resolve_device, resolve_index
+    from training.artifact import load_artifact
+
+    settings = Settings(artifacts_dir=folder.parent)
+    device = resolve_device(settings.device)
+    index_kind = resolve_index(settings.index, device)
+    art = load_artifact(folder, device)
+    embed, index = TorchEmbed(art.encoder, device), build_index(index_kind, art)
+    size = art.input_size
+    gen = torch.Generator().manual_seed(0)
+    out: dict[str, Any] = {"device": str(device), "runtime": "torch", "index": index_kind,
+                           "bank_size": int(art.bank.shape[0]), "k": art.k, "arch": art.manifest["encoder"]["arch"],
+                           "width": art.manifest["encoder"]["width"], "per_batch": {}}
+    for b in batches:
+        x = torch.rand(b, 3, size, size, generator=gen)
+        index(embed(x))  # warm-up
+        times: list[float] = []
+        start = time.perf_counter()
+        while time.perf_counter() - start < min_s or len(times) < 3:
+            t0 = time.perf_counter()
+            index(embed(x))
+            times.append(time.perf_counter() - t0)
+        ms = 1000 * statistics.median(times)
+        out["per_batch"][str(b)] = {"ms_per_batch": round(ms, 3), "images_per_s": round(1000 * b / ms, 1),
+                                    "min_ms_per_batch": round(1000 * min(times), 3), "repeats": len(times)}
+        log.info("raw batch %d: %.2f ms, %.0f images/s", b, ms, 1000 * b / ms)
+    return out
+
+
+# --- servers and load ------------------------------------------------------------------------------------
+
+
+def ceiling_app() -> FastAPI:
+    """The framework ceiling: FastAPI reading the same multipart upload, doing nothing with it."""
+    app = FastAPI()
+
+    @app.post("/classify")
+    async def upload(files: list[UploadFile] = File(...)) -> dict[str, int]:  # noqa: B008 - FastAPI idiom
+        total = 0
+        for f in files:
+            total += len(await f.read())
+        return {"files": len(files), "bytes": total}
+
+    return app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before {url} answered")
+        with contextlib.suppress(OSError, urllib.error.URLError), urllib.request.urlopen(url, timeout=2) as r:
+            if r.status == 200:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not ready after {timeout_s} s")
+
+
+@contextlib.contextmanager
+def server(cmd: list[str], env: dict[str, str], ready_url: str, log_path: Path) -> Iterator[None]:
+    """Run a server subprocess until the block ends; its output goes to log_path."""
+    with open(log_path, "wb") as logf:
+        proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            wait_ready(ready_url, 180, proc)
+            yield
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def run_wrk(url: str, body_file: Path, connections: int, duration_s: float) -> dict[str, Any]:
+    """One closed-loop wrk run; returns requests/s and latency percentiles (ms)."""
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration_s))}s", "--timeout", "30s",
+           "-s", str(LUA), url, "--", str(body_file), BOUNDARY]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + 60)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("SERVE_BENCH_JSON ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stdout[-500:]} {proc.stderr[-500:]}")
+    s = json.loads(line.removeprefix("SERVE_BENCH_JSON "))
+    seconds = s["duration_us"] / 1e6
+    errors = sum(s["errors"].values())
+    lat = s["latency_us"]
+    return {"requests": s["requests"], "rps": round(s["requests"] / seconds, 1), "errors": errors,
+            "error_detail": s["errors"], "p50_ms": lat["p50"] / 1000, "p90_ms": lat["p90"] / 1000,
+            "p99_ms": lat["p99"] / 1000, "mean_ms": round(lat["mean"] / 1000, 3), "max_ms": lat["max"] / 1000}
+
+
+def load_matrix(url: str, bodies: dict[int, Path], cfg: BenchConfig, label: str) -> dict[str, dict[str, Any]]:
+    """wrk over every (images per request, connections) pair, after one checked request and a warm-up run."""
+    for ipr, body in bodies.items():
+        status, payload, _ = post_multipart(url, body.read_bytes())
+        if status != 200:
+            raise RuntimeError(f"{label}: a {ipr}-image request to {url} answered {status}: {payload}")
+    run_wrk(url, bodies[cfg.images_per_request[0]], 8, cfg.warmup_s)
+    out: dict[str, dict[str, Any]] = {}
+    for ipr in cfg.images_per_request:
+        for c in cfg.concurrency:
+            r = run_wrk(url, bodies[ipr], c, cfg.duration_s)
+            r["images_per_s"] = round(r["rps"] * ipr, 1)
+            out[f"{ipr}x{c}"] = {"images_per_request": ipr, "connections": c, **r}
+            log.info("%s %d img/req x %d conns: %.0f req/s, %.0f img/s, p50 %.1f ms, p99 %.1f ms, errors %d",
+                     label, ipr, c, r["rps"], r["images_per_s"], r["p50_ms"], r["p99_ms"], r["errors"])
+            if r["errors"]:
+                log.warning("%s: %d of %d requests failed (%s); this point does not count", label, r["errors"],
+                            r["requests"], r["error_detail"])
+    return out
+
+
+# --- (4) attack latency ----------------------------------------------------------------------------------
+
+
+def post_multipart(url: str, body: bytes, timeout_s: float = 120) -> tuple[int, dict[str, Any], float]:
+    req = urllib.request.Request(url, data=body, method="POST",
+                                 headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
+    t0 = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            status, payload = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, payload = e.code, e.read()
+    return status, json.loads(payload or b"{}"), 1000 * (time.perf_counter() - t0)
+
+
+def attack_latency(base: str, image: bytes, model: str, n: int, compare: str = "") -> dict[str, Any]:
+    fields = {"model": model, "method": "pgd", "eps": str(8 / 255), "steps": "10"}
+    if compare:
+        fields["compare"] = compare
+    body = multipart_body([image], field="file", extra=fields)
+    post_multipart(f"{base}/attack", body)  # warm-up
+    client, server_ms, statuses = [], [], []
+    for _ in range(n):
+        status, payload, ms = post_multipart(f"{base}/attack", body)
+        statuses.append(status)
+        client.append(ms)
+        if status == 200:
+            server_ms.append(float(payload.get("latency_ms", 0)))
+        else:
+            log.warning("attack answered %d: %s", status, payload)
+    client.sort()
+
+    def pct(q: float) -> float:
+        return round(client[min(len(client) - 1, round(q * (len(client) - 1)))], 1)
+
+    return {"method": "pgd", "steps": 10, "eps": "8/255", "compare": compare or None, "n": n,
+            "ok": statuses.count(200), "p50_ms": pct(0.5), "p99_ms": pct(0.99),
+            "mean_ms": round(statistics.mean(client), 1),
+            "server_latency_ms_mean": round(statistics.mean(server_ms), 1) if server_ms else None}
+
+
+# --- report ------------------------------------------------------------------------------------------------
+
+
+def summarise(raw: dict[str, Any], ceiling: dict[str, Any], classify: dict[str, Any], max_batch: int) -> dict[str, Any]:
+    """Ratios of /classify to min(raw, ceiling), and the p99-at-32 check."""
+    per_batch = raw["per_batch"]
+    best_raw = max(v["images_per_s"] for v in per_batch.values())
+    rows = {}
+    for key, r in classify.items():
+        ipr, c = r["images_per_request"], r["connections"]
+        fill = min(ipr * c, max_batch)  # the largest batch this load can form
+        raw_same = per_batch.get(str(fill), {}).get("images_per_s")
+        ceil_img = ceiling[key]["rps"] * ipr
+        ref = min(best_raw, ceil_img)
+        rows[key] = {"images_per_request": ipr, "connections": c, "classify_images_per_s": r["images_per_s"],
+                     "raw_best_images_per_s": best_raw, "raw_same_batch_images_per_s": raw_same,
+                     "ceiling_images_per_s": round(ceil_img, 1),
+                     "reference": "raw" if best_raw <= ceil_img else "ceiling",
+                     "ratio": round(r["images_per_s"] / ref, 3),
+                     "ratio_same_batch": round(r["images_per_s"] / min(raw_same, ceil_img), 3) if raw_same else None,
+                     "valid": r["errors"] == 0 and ceiling[key]["errors"] == 0}
+    p99_check = None
+    if "1x32" in classify and "32" in per_batch:
+        budget = TARGET_P99_FACTOR * per_batch["32"]["ms_per_batch"]
+        p99 = classify["1x32"]["p99_ms"]
+        p99_check = {"p99_ms_1img_32conns": p99, "batch32_in_process_ms": per_batch["32"]["ms_per_batch"],
+                     "budget_ms": round(budget, 2), "ok": p99 <= budget and classify["1x32"]["errors"] == 0}
+    valid = [v for v in rows.values() if v["valid"]]
+    best = max(valid, key=lambda x: x["ratio"]) if valid else None
+    return {"ratios": rows, "best_ratio": best, "target_ratio": TARGET_RATIO,
+            "ratio_ok_at": [k for k, v in rows.items() if v["ratio"] >= TARGET_RATIO and v["valid"]],
+            "p99_check": p99_check}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m, raw, s = result["machine"], result["raw"], result["summary"]
+    lines = [
+        "# Serving benchmark (`benchmarks/serve_bench.py`)", "",
+        f"Run {result['started']} ({'quick' if result['config']['quick'] else 'full'}; "
+        f"{result['config']['duration_s']:.0f} s per load point), artifact `{result['artifact']}`"
+        ".",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['platform']}, torch {m['torch']} "
+        f"({m['torch_threads']} threads), CUDA {m['cuda']}, {m['wrk']}. Load average at start "
+        f"{', '.join(f'{x:.2f}' for x in m['loadavg_at_start'])}.",
+        f"Model: {raw['arch']} width {raw['width']}, bank {raw['bank_size']} x k={raw['k']}, index {raw['index']}, "
+        f"device {raw['device']}. Server: `satml-serve`, max batch {result['server']['max_batch']}, "
+        f"max wait {result['server']['max_wait_ms']} ms. Load: wrk, 1 thread, closed loop, loopback. "
+        f"Extra environment: {result['config']['env'] or 'none'}.", "",
+        "## (1) Raw in-process forward + k-NN", "", "| batch | ms / batch | images/s |", "|---:|---:|---:|",
+    ]
+    for b, v in raw["per_batch"].items():
+        lines.append(f"| {b} | {v['ms_per_batch']:.2f} | {v['images_per_s']:.0f} |")
+    lines += ["", "## (2) ceiling and (3) /classify under load", "",
+              "| images/req | conns | ceiling req/s | /classify req/s | /classify img/s | p50 ms | p99 ms | errors "
+              "| ratio vs min(raw, ceiling) | ratio vs raw at same batch |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for key, r in result["classify"].items():
+        c, q = result["ceiling"][key], s["ratios"][key]
+        same = f"{100 * q['ratio_same_batch']:.0f} %" if q["ratio_same_batch"] is not None else "-"
+        lines.append(f"| {r['images_per_request']} | {r['connections']} | {c['rps']:.0f} | {r['rps']:.0f} | "
+                     f"{r['images_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | "
+                     f"{100 * q['ratio']:.0f} % ({q['reference']}) | {same} |")
+    lines += ["", "## (4) /attack latency (sequential)", "",
+              "| attack | compare | n | p50 ms | p99 ms | server ms (mean) |", "|---|---|---:|---:|---:|---:|"]
+    for a in result["attack"]:
+        lines.append(f"| PGD-{a['steps']} eps {a['eps']} | {a['compare'] or '-'} | {a['n']} | {a['p50_ms']:.0f} | "
+                     f"{a['p99_ms']:.0f} | {a['server_latency_ms_mean']} |")
+    best, p99 = s["best_ratio"], s["p99_check"]
+    lines += ["", "## Verdict", ""]
+    if best:
+        lines.append(f"- Best /classify throughput: {100 * best['ratio']:.0f} % of min(raw, ceiling) at "
+                     f"{best['images_per_request']} image(s) x {best['connections']} connections "
+                     f"(target >= {100 * TARGET_RATIO:.0f} %; met at: {', '.join(s['ratio_ok_at']) or 'none'}).")
+    if p99:
+        lines.append(f"- p99 at 32 clients (1 image/request): {p99['p99_ms_1img_32conns']:.1f} ms vs budget "
+                     f"{p99['budget_ms']:.1f} ms (2 x {p99['batch32_in_process_ms']:.1f} ms in-process batch of 32): "
+                     f"{'met' if p99['ok'] else 'missed'}.")
+    return "\n".join(lines) + "\n"
+
+
+# --- main --------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.Namespace]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--artifacts", type=Path, default=ROOT / "artifacts", help="artifacts folder the server loads")
+    p.add_argument("--model", default="default", help="model to benchmark (folder name)")
+    p.add_argument("--quick", action="store_true", help="short smoke run (~1 min): 2 s per point, 1 and 32 conns")
+    p.add_argument("--synthetic", action="store_true",
+                   help="benchmark random-weight artifacts of the real shapes, built in a temporary folder")
+    p.add_argument("--synthetic-width", type=int, default=16, help="resnet10 width of the synthetic encoder")
+    p.add_argument("--synthetic-bank", type=int, default=45_000, help="bank size of the synthetic artifact")
+    p.add_argument("--duration", type=float, help="seconds per load point (default 10, quick 2)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment for the raw measurement and both servers, e.g. OMP_WAIT_POLICY=passive "
+                        "(repeatable; set before torch is imported)")
+    p.add_argument("--out", type=Path, help="output prefix (default benchmarks/results/serve_bench, "
+                                             "quick: test-output/serve_bench_quick)")
+    a = p.parse_args(argv)
+    quick = a.quick
+    cfg = BenchConfig(
+        artifacts=a.artifacts, model=a.model,
+        out_prefix=a.out or (ROOT / "test-output" / "serve_bench_quick" if quick else
+                             ROOT / "benchmarks" / "results" / "serve_bench"),
+        duration_s=a.duration or (2.0 if quick else 10.0), warmup_s=1.0 if quick else 3.0,
+        raw_min_s=0.3 if quick else 2.0,
+        concurrency=(1, 32) if quick else (1, 8, 32, 64), images_per_request=(1, 8),
+        raw_batches=(1, 8, 32, 64), attack_n=2 if quick else 10, quick=quick, synthetic=a.synthetic)
+    return cfg, a
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    cfg, args = parse_args(argv)
+    extra_env = dict(kv.split("=", 1) for kv in args.env)
+    os.environ.update(extra_env)  # before torch/faiss load: OpenMP reads its settings once
+    if shutil.which("wrk") is None:
+        print("serve_bench: wrk not found (Debian: apt-get install -y wrk)", file=sys.stderr)
+        return 2
+    from app.config import Settings
+
+    with tempfile.TemporaryDirectory(prefix="serve_bench_") as tmp_:
+        tmp = Path(tmp_)
+        artifacts = cfg.artifacts
+        if cfg.synthetic:
+            log.info("building synthetic artifacts (resnet10 width %d, bank %d)", args.synthetic_width,
+                     args.synthetic_bank)
+            artifacts = make_synthetic_artifacts(tmp / "artifacts", args.synthetic_width, args.synthetic_bank)
+        folder = artifacts / cfg.model
+        if not (folder / "manifest.json").is_file():
+            print(f"serve_bench: no artifact at {folder} (train/export one, or pass --synthetic)", file=sys.stderr)
+            return 2
+        settings = Settings(artifacts_dir=artifacts, default_model=cfg.model)
+        result: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine_description(),
+                                  "artifact": (f"synthetic {cfg.model} (resnet10 width {args.synthetic_width}, "
+                                               f"bank {args.synthetic_bank}, random weights)") if cfg.synthetic
+                                  else str(folder.resolve().relative_to(ROOT) if folder.resolve().is_relative_to(ROOT)
+                                           else folder),
+                                  "config": {"quick": cfg.quick, "synthetic": cfg.synthetic, "env": extra_env,
+                                             "duration_s": cfg.duration_s, "concurrency": cfg.concurrency,
+                                             "images_per_request": cfg.images_per_request},
+                                  "server": {"max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms}}
+
+        log.info("(1) raw in-process forward + k-NN")
+        result["raw"] = raw_throughput(folder, cfg.raw_batches, cfg.raw_min_s)
+
+        images = sample_images()
+        bodies = {}
+        for ipr in cfg.images_per_request:
+            bodies[ipr] = tmp / f"body_{ipr}.bin"
+            bodies[ipr].write_bytes(multipart_body([images[i % len(images)] for i in range(ipr)]))
+
+        port = free_port()
+        log.info("(2) framework ceiling on port %d", port)
+        ceiling_cmd = [sys.executable, "-m", "uvicorn", "serve_bench:ceiling_app", "--factory",
+                       "--app-dir", str(ROOT / "benchmarks"), "--host", "127.0.0.1", "--port", str(port),
+                       "--log-level", "warning", "--no-access-log", "--no-proxy-headers"]
+        with server(ceiling_cmd, {}, f"http://127.0.0.1:{port}/docs", tmp / "ceiling.log"):
+            result["ceiling"] = load_matrix(f"http://127.0.0.1:{port}/classify", bodies, cfg, "ceiling")
+
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        log.info("(3) /classify on satml-serve, port %d", port)
+        env = {"SATML_ARTIFACTS_DIR": str(artifacts), "SATML_DEFAULT_MODEL": cfg.model, "SATML_HOST": "127.0.0.1",
+               "SATML_PORT": str(port), "SATML_LOG_LEVEL": "warning"}
+        serve = shutil.which("satml-serve", path=str(Path(sys.executable).parent)) or "satml-serve"
+        with server([serve], env, f"{base}/health/ready", tmp / "server.log"):
+            result["classify"] = load_matrix(f"{base}/classify", bodies, cfg, "classify")
+            log.info("(4) /attack PGD-10 latency")
+            with urllib.request.urlopen(f"{base}/models", timeout=10) as r:
+                listed = json.loads(r.read())
+            names = [m["name"] for m in (listed if isinstance(listed, list) else listed.get("models", []))]
+            others = ",".join(n for n in names if n != cfg.model)
+            result["attack"] = [attack_latency(base, images[0], cfg.model, cfg.attack_n)]
+            if others:
+                result["attack"].append(attack_latency(base, images[0], cfg.model, max(1, cfg.attack_n // 2), others))
+        result["machine"]["loadavg_at_end"] = list(os.getloadavg())
+        result["summary"] = summarise(result["raw"], result["ceiling"], result["classify"], settings.max_batch)
+
+    cfg.out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    md = markdown(result)
+    cfg.out_prefix.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    cfg.out_prefix.with_suffix(".md").write_text(md)
+    print(md)
+    print(f"written {cfg.out_prefix}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
