@@ -171,7 +171,7 @@ async function loadSamples() {
     const index = await api("/static/samples/index.json");
     box.replaceChildren(...index.samples.map((s) => {
       const button = el("button", {
-        type: "button", class: "sample", "data-file": s.file,
+        type: "button", class: "sample", "data-file": s.file, "aria-pressed": "false",
         title: `${s.label} (CIFAR-10 test image #${s.test_index})`,
         "aria-label": `Sample: ${s.label}, CIFAR-10 test image ${s.test_index}`,
       }, el("img", { src: `/static/samples/${s.file}`, alt: "", width: 48, height: 48 }),
@@ -342,6 +342,7 @@ async function onAttack(event) {
   form.append("method", $("#method").value);
   form.append("eps", String(Number($("#eps").value) / 255));
   form.append("steps", $("#steps").value || "10");
+  form.append("top_k", $("#top-k").value || "3");
   if ($("#target").value !== "") form.append("target", $("#target").value);
   if (compare.length) form.append("compare", compare.join(","));
   setBusy(true, $("#attack-button"), "Attacking…");
@@ -364,6 +365,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#attack-form").addEventListener("submit", onAttack);
   $("#attack-model").addEventListener("change", () => { renderCompareChoices(); renderTargets(); });
   $("#eps").addEventListener("input", () => { $("#eps-value").textContent = $("#eps").value; });
+  $("#method").addEventListener("change", () => { $("#steps").disabled = $("#method").value === "fgsm"; });
   $("#error-close").addEventListener("click", clearError);
   loadSamples();
   loadHealth();

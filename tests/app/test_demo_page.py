@@ -177,7 +177,10 @@ def test_attack_compares_models_and_shows_images(browser: Browser) -> None:
     expect(page.locator("#preview-caption")).to_contain_text("true label: cat")
     page.click("#classify-button")  # so the screenshot shows a classification too
     expect(page.locator("#classify-results .result")).to_have_count(1)
+    page.select_option("#method", "fgsm")
+    expect(page.locator("#steps")).to_be_disabled()  # one-step attack: the steps field does not apply
     page.select_option("#method", "pgd")
+    expect(page.locator("#steps")).to_be_enabled()
     page.fill("#eps", "8")  # range input: fill sets the value and fires input
     expect(page.locator("#eps-value")).to_have_text("8")
     page.fill("#steps", "3")
