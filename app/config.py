@@ -1,0 +1,91 @@
+"""Service settings: one typed class, read from `SATML_*` environment variables (DESIGN section 5).
+
+`create_app(Settings(...))` takes an instance, so tests and the CLI pass values directly; the
+environment is only the default source. Units are in the field comments.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MAX_ATTACK_EPS = 16 / 255  # DESIGN section 5: /attack never exceeds this L-inf radius
+MAX_ATTACK_STEPS = 100  # DESIGN section 5: nor this many gradient steps
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+
+
+class Settings(BaseSettings):
+    """Everything the server process needs; env prefix `SATML_` (e.g. `SATML_RUNTIME=onnxruntime`)."""
+
+    model_config = SettingsConfigDict(env_prefix="SATML_", extra="ignore", validate_default=True)
+
+    # models
+    artifacts_dir: Path = Path("artifacts")  # every sub-folder with a manifest.json is one model
+    default_model: str = "default"  # folder name used when a request names no model
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if available, else cpu
+    runtime: Literal["torch", "onnxruntime"] = "torch"  # encoder runtime for /classify (attacks use torch)
+    index: Literal["auto", "faiss-cpu", "faiss-gpu", "torch"] = "auto"  # k-NN backend; auto: best available
+
+    # dynamic batching (one worker per model)
+    max_batch: Annotated[int, Field(ge=1, le=4096)] = 64  # images per forward pass
+    max_wait_ms: Annotated[float, Field(ge=0, le=1000)] = 5.0  # how long the first request of a batch waits for company
+    request_timeout_s: Annotated[float, Field(gt=0)] = 30.0  # a /classify request waiting longer for its batch gets 503
+
+    # uploads
+    max_upload_bytes: Annotated[int, Field(ge=1024)] = 10 * 1024 * 1024  # whole request body, all files together
+    max_files_per_request: Annotated[int, Field(ge=1, le=4096)] = 64  # files in one /classify request
+    max_pixels: Annotated[int, Field(ge=1)] = 40_000_000  # width * height of one decoded image (bomb guard)
+
+    # /attack
+    attack_max_eps: Annotated[float, Field(gt=0)] = MAX_ATTACK_EPS  # L-inf radius in [0, 1] pixel units
+    attack_max_steps: Annotated[int, Field(ge=1)] = MAX_ATTACK_STEPS  # gradient steps
+    attack_concurrency: Annotated[int, Field(ge=1, le=64)] = 1  # attacks running at once
+    attack_queue: Annotated[int, Field(ge=0, le=1024)] = 8  # attacks waiting beyond those; more get 429
+    attack_timeout_s: Annotated[float, Field(gt=0)] = 30.0  # queue wait + run time of one /attack request
+
+    # access and process
+    api_key: SecretStr | None = None  # when set, header X-API-Key must match for /attack
+    cors_origins: list[str] = []  # allowed browser origins (JSON list in the env var); empty: CORS closed
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8000  # 0: any free port
+    log_level: LogLevel = "info"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, v: object) -> object:
+        return v.lower() if isinstance(v, str) else v
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, v: object) -> object:
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("attack_max_eps")
+    @classmethod
+    def _eps_bound(cls, v: float) -> float:
+        if v > MAX_ATTACK_EPS + 1e-9:
+            raise ValueError(f"attack_max_eps must be <= 16/255 ({MAX_ATTACK_EPS:.5f}) in [0, 1] pixel units, got {v}")
+        return v
+
+    @field_validator("attack_max_steps")
+    @classmethod
+    def _steps_bound(cls, v: int) -> int:
+        if v > MAX_ATTACK_STEPS:
+            raise ValueError(f"attack_max_steps must be <= {MAX_ATTACK_STEPS}, got {v}")
+        return v
+
+    @field_validator("default_model")
+    @classmethod
+    def _model_name(cls, v: str) -> str:
+        if not v or "/" in v or v.startswith("."):
+            raise ValueError(f"default_model must be a plain folder name, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.index == "faiss-gpu" and self.device == "cpu":
+            raise ValueError("index 'faiss-gpu' needs device 'cuda' or 'auto', not 'cpu'")
+        return self

@@ -1,0 +1,120 @@
+"""Untrusted image bytes -> RGB pixels for the model.
+
+Policy (documented in the README):
+- The format comes from the bytes, never from the declared content type. Accepted: PNG, JPEG, WebP,
+  BMP, GIF; animated files (GIF, APNG, WebP) give their first frame. Other formats -> 415.
+- The size in the header is checked before any pixel is decoded: width * height above `max_pixels`
+  -> 413 (this also stops decompression bombs: a tiny file that claims a huge canvas).
+- EXIF orientation is applied, so width/height are as a viewer shows the picture.
+- Every mode becomes 8-bit RGB: transparency (RGBA, LA, P/L/RGB with a transparent colour) is
+  composited over white; CMYK, palette, 1-bit and grey are converted; 16-bit and 32-bit integer
+  grey (I;16, I) are scaled from their range (<= 255 as 8-bit, else 16-bit); float grey (F) in [0, 1]
+  is taken as unit range, in [0, 255] as 8-bit, otherwise min-max scaled.
+- Resize for the model: the whole image is squashed to size x size with antialiased bilinear
+  resampling (no crop, aspect ratio not kept), matching how the training images were made
+  (manifest `input.resize`). An image already size x size is used pixel for pixel.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from app.errors import ApiError
+
+log = logging.getLogger("app.images")
+
+SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
+# leading bytes of the accepted formats: such a file that Pillow cannot open is corrupt (400), not foreign (415)
+_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM")
+_WHITE = (255, 255, 255, 255)
+
+
+def _is_supported_signature(data: bytes) -> bool:
+    return data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+
+
+def open_image(data: bytes, max_pixels: int, filename: str = "image") -> Image.Image:
+    """Identify the format and check the header size; no pixel data is decoded yet."""
+    if not data:
+        raise ApiError(400, "empty_file", f"{filename}: the file is empty")
+    try:
+        im = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+    except Image.DecompressionBombError as e:
+        raise ApiError(413, "image_too_large", f"{filename}: {e}") from e
+    except UnidentifiedImageError as e:
+        if _is_supported_signature(data):
+            raise ApiError(400, "undecodable_image", f"{filename}: corrupt image header") from e
+        raise ApiError(415, "unsupported_image_type",
+                       f"{filename}: not a PNG, JPEG, WebP, BMP or GIF image") from e
+    except Exception as e:  # Pillow raises many types on hostile headers
+        raise ApiError(400, "undecodable_image", f"{filename}: cannot read the image header") from e
+    w, h = im.size
+    if w < 1 or h < 1:
+        raise ApiError(400, "undecodable_image", f"{filename}: image has no pixels ({w}x{h})")
+    if w * h > max_pixels:
+        raise ApiError(413, "image_too_large", f"{filename}: {w}x{h} pixels exceeds the limit of {max_pixels}")
+    return im
+
+
+def _scale_grey(im: Image.Image) -> Image.Image:
+    """16/32-bit integer or float grey -> 8-bit L, by the value range rule in the module docstring."""
+    a = np.asarray(im, dtype=np.float64)
+    a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = float(a.min()), float(a.max())
+    if im.mode == "F" and lo >= 0 and hi <= 1:
+        a = a * 255
+    elif lo >= 0 and hi <= 255:
+        pass
+    elif lo >= 0 and hi <= 65535 and im.mode != "F":
+        a = a / 257
+    else:
+        a = (a - lo) / max(hi - lo, 1e-12) * 255
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB (transparency over white)."""
+    if im.mode.startswith("I") or im.mode == "F":
+        im = _scale_grey(im)
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, _WHITE)
+        bg.alpha_composite(rgba)
+        return bg.convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def decode_image(data: bytes, max_pixels: int, filename: str = "image") -> Image.Image:
+    """Bytes -> RGB image (first frame, EXIF orientation applied); ApiError 400/413/415 on bad input."""
+    im = open_image(data, max_pixels, filename)
+    try:
+        im.seek(0)
+        im.load()
+        im = ImageOps.exif_transpose(im)
+    except Image.DecompressionBombError as e:
+        raise ApiError(413, "image_too_large", f"{filename}: {e}") from e
+    except Exception as e:  # truncated or corrupt data: OSError, SyntaxError, ValueError, EOFError, ...
+        log.debug("undecodable image %s: %r", filename, e)
+        raise ApiError(400, "undecodable_image", f"{filename}: the image data is truncated or corrupt") from e
+    try:
+        return to_rgb(im)
+    except ValueError as e:
+        raise ApiError(415, "unsupported_image_type", f"{filename}: unsupported colour mode {im.mode}") from e
+
+
+def to_model_input(im: Image.Image, size: int) -> np.ndarray:
+    """RGB image -> uint8 [size, size, 3]: whole image squashed to size x size, antialiased bilinear."""
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """uint8 [H, W, 3] -> PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()

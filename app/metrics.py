@@ -1,0 +1,33 @@
+"""Prometheus metrics on a per-app `CollectorRegistry` (no process-global state: tests build many apps)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)  # seconds
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # images
+
+
+class Metrics:
+    """Every series the service exports; `registry` is what GET /metrics renders."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("satml_http_requests", "HTTP requests by route template, method and status",
+                                ["route", "method", "status"], registry=r)
+        self.latency = Histogram("satml_http_request_duration_seconds", "HTTP request latency",
+                                 ["route", "method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("satml_inference_batch_size", "Images per batched forward pass", ["model"],
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.batch_latency = Histogram("satml_inference_batch_duration_seconds", "Forward + k-NN time of one batch",
+                                       ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("satml_inference_queue_depth", "Requests waiting for a batch", ["model"], registry=r)
+        self.images = Counter("satml_images_classified", "Images classified", ["model"], registry=r)
+        self.attack_queue_depth = Gauge("satml_attack_queue_depth", "Attacks running or waiting", registry=r)
+        self.attacks = Counter("satml_attacks", "Attack requests by model, method and outcome "
+                               "(success, failure, rejected, timeout, error)", ["model", "method", "outcome"],
+                               registry=r)
+        self.attack_latency = Histogram("satml_attack_duration_seconds", "Run time of one /attack job",
+                                        ["method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.models_loaded = Gauge("satml_models_loaded", "Models serving", registry=r)
+        self.models_skipped = Gauge("satml_models_skipped", "Artifact folders refused at start-up", registry=r)
