@@ -1,0 +1,300 @@
+"""Models as the server holds them: artifact + encoder runtime + k-NN index + batching worker.
+
+Runtimes: `torch` (CPU/CUDA) or `onnxruntime` (CPU EP, or CUDA EP on GPU - checked with
+`get_providers()`, never a silent fallback). Index: faiss (GPU when available) or torch, both
+ending in `training.knn.vote`. Attacks always use the torch encoder (they need gradients).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from app.batching import BatchWorker, PredictFn, Prediction, WorkerClosed
+from app.config import Settings
+from app.errors import ApiError
+from app.images import to_model_input
+from app.logs import fields
+from app.metrics import Metrics
+from app.schemas import Prediction as PredictionBody
+from app.schemas import Vote
+from training import knn
+from training.artifact import ENCODER_ONNX, MANIFEST, Artifact, ArtifactError, load_artifact
+from training.evaluate import KnnModel
+
+log = logging.getLogger("app.engine")
+
+SETUP_TIMEOUT_S = 300.0  # building one model's runtime + index (ONNX session, faiss GPU upload)
+
+
+# --- device, runtime and index selection ------------------------------------------------------------
+
+
+def resolve_device(setting: str) -> torch.device:
+    """auto -> cuda when torch sees a GPU, else cpu; an explicit `cuda` without a GPU is an error."""
+    if setting == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if setting == "cuda":
+        raise RuntimeError("device 'cuda' requested (SATML_DEVICE) but torch sees no CUDA device")
+    return torch.device("cpu")
+
+
+def _faiss() -> Any | None:
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+def resolve_index(setting: str, device: torch.device) -> str:
+    """auto -> faiss-gpu on a GPU build with a GPU, else faiss-cpu when faiss imports, else torch."""
+    faiss = _faiss()
+    gpu_ok = faiss is not None and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    if setting == "auto":
+        if device.type == "cuda" and gpu_ok:
+            return "faiss-gpu"
+        return "faiss-cpu" if faiss is not None else "torch"
+    if setting in ("faiss-cpu", "faiss-gpu") and faiss is None:
+        raise RuntimeError(f"index '{setting}' requested (SATML_INDEX) but faiss is not installed")
+    if setting == "faiss-gpu" and not (gpu_ok and device.type == "cuda"):
+        raise RuntimeError("index 'faiss-gpu' requested but this faiss build or machine has no usable GPU")
+    return setting
+
+
+class TorchEmbed:
+    """Torch encoder forward under inference mode, on the model's device."""
+
+    name = "torch"
+
+    def __init__(self, encoder: torch.nn.Module, device: torch.device) -> None:
+        self.encoder, self.device = encoder, device
+
+    def __call__(self, x: Tensor) -> Tensor:
+        with torch.inference_mode():
+            return self.encoder(x.to(self.device, non_blocking=True)).float()
+
+
+class OnnxEmbed:
+    """onnxruntime session of `encoder.onnx`; refuses to run on another provider than the device asks for."""
+
+    def __init__(self, path: Path, device: torch.device) -> None:
+        import onnxruntime as ort
+
+        want = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
+        if want not in ort.get_available_providers():
+            raise RuntimeError(f"onnxruntime has no {want} (available: {ort.get_available_providers()}); "
+                               "install onnxruntime-gpu or choose SATML_RUNTIME=torch")
+        providers: list[Any] = [want] if want == "CPUExecutionProvider" else [
+            (want, {"device_id": device.index or 0}), "CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(path), providers=providers)
+        active = self.session.get_providers()
+        if not active or active[0] != want:
+            raise RuntimeError(f"onnxruntime session runs on {active}, not {want}: refusing a silent fallback")
+        self.input_name = self.session.get_inputs()[0].name
+        self.name = f"onnxruntime ({active[0]})"
+
+    def __call__(self, x: Tensor) -> Tensor:
+        out = self.session.run(None, {self.input_name: x.detach().cpu().float().numpy()})[0]
+        return torch.from_numpy(out)
+
+
+def build_index(kind: str, art: Artifact) -> Callable[[Tensor], Prediction]:
+    """(pred [B], counts [B, C]) on the CPU from embeddings [B, D]; every backend ends in `knn.vote`."""
+    metric = cast(knn.Metric, art.metric)
+    if kind in ("faiss-cpu", "faiss-gpu"):
+        index = knn.FaissKnn(art.bank.cpu(), art.bank_labels.cpu(), art.num_classes, art.k, metric,
+                             use_gpu=kind == "faiss-gpu")
+        return index.predict
+    if not 1 <= art.k <= art.bank.shape[0]:
+        raise ValueError(f"k must be in [1, {art.bank.shape[0]}] (bank size), got {art.k}")
+
+    def torch_predict(z: Tensor) -> Prediction:
+        pred, counts = knn.knn_predict(z.to(art.bank.device), art.bank, art.bank_labels, art.num_classes, art.k,
+                                       metric)
+        return pred.cpu(), counts.cpu()
+
+    return torch_predict
+
+
+# --- served models ------------------------------------------------------------------------------------
+
+
+@dataclass
+class ServedModel:
+    """One loaded artifact and everything that serves it."""
+
+    name: str  # the artifact folder name: what requests say in `model`
+    artifact: Artifact
+    knn_model: KnnModel  # torch encoder + bank on `device`, for attacks
+    worker: BatchWorker
+    device: str
+    runtime: str
+    index: str
+
+    @property
+    def classes(self) -> list[str]:
+        return self.artifact.classes
+
+    @property
+    def input_size(self) -> int:
+        return self.artifact.input_size
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.artifact.manifest
+
+    def class_id(self, target: str) -> int:
+        """A class given by name or by id -> id; ApiError 422 when it is neither."""
+        if target in self.classes:
+            return self.classes.index(target)
+        if target.strip().lstrip("-").isdigit():
+            i = int(target)
+            if 0 <= i < len(self.classes):
+                return i
+        raise ApiError(422, "invalid_parameters", f"target {target!r} is not a class of model {self.name!r} "
+                       f"(names {self.classes} or ids 0..{len(self.classes) - 1})")
+
+
+def load_model(folder: Path, settings: Settings, device: torch.device, index_kind: str,
+               metrics: Metrics) -> ServedModel:
+    """Verify + load one artifact and start its batching worker; ArtifactError/RuntimeError when it cannot serve."""
+    art = load_artifact(folder, device)
+    name = folder.name
+    if settings.runtime == "onnxruntime" and not (folder / ENCODER_ONNX).is_file():
+        raise ArtifactError(f"{folder}: runtime onnxruntime requested but the artifact has no {ENCODER_ONNX}")
+    size = art.input_size
+    described: dict[str, str] = {}
+
+    def setup() -> PredictFn:  # runs on the worker thread: CUDA and faiss GPU state live there
+        embed: Callable[[Tensor], Tensor]
+        if settings.runtime == "onnxruntime":
+            embed = OnnxEmbed(folder / ENCODER_ONNX, device)
+            described["runtime"] = cast(OnnxEmbed, embed).name
+        else:
+            embed = TorchEmbed(art.encoder, device)
+            described["runtime"] = "torch"
+        index = build_index(index_kind, art)
+
+        def predict(x: Tensor) -> Prediction:
+            return index(embed(x))
+
+        predict(torch.zeros(1, 3, size, size))  # warm-up: a broken runtime fails now, not on a request
+        return predict
+
+    batch_size = metrics.batch_size.labels(name)
+    batch_latency = metrics.batch_latency.labels(name)
+    images = metrics.images.labels(name)
+    depth = metrics.queue_depth.labels(name)
+
+    def on_batch(n: int, seconds: float) -> None:
+        batch_size.observe(n)
+        batch_latency.observe(seconds)
+        images.inc(n)
+
+    worker = BatchWorker(name, setup, max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000,
+                         on_batch=on_batch, on_queue=depth.set)
+    try:
+        worker.start(timeout=SETUP_TIMEOUT_S)
+    except BaseException:
+        worker.close(timeout=1)
+        raise
+    knn_model = KnnModel(art.encoder, art.bank, art.bank_labels, art.num_classes, art.k,
+                         cast(knn.Metric, art.metric))
+    return ServedModel(name, art, knn_model, worker, str(device), described["runtime"], index_kind)
+
+
+@dataclass
+class Registry:
+    """The models this process serves, and the artifact folders it refused (folder -> reason)."""
+
+    models: dict[str, ServedModel] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    default: str | None = None
+
+    def get(self, name: str | None) -> ServedModel:
+        """The named model, or the default one; ApiError 404 (503 when nothing is loaded)."""
+        if not self.models:
+            raise ApiError(503, "not_ready", "no model is loaded")
+        key = name or self.default
+        if key is None or key not in self.models:
+            raise ApiError(404, "model_not_found",
+                           f"unknown model {key!r}; available: {', '.join(sorted(self.models))}")
+        return self.models[key]
+
+    def close(self) -> None:
+        for m in self.models.values():
+            m.worker.close()
+
+
+def load_registry(settings: Settings, metrics: Metrics) -> Registry:
+    """Load every artifact folder; a bad one is logged and skipped, the others serve."""
+    device = resolve_device(settings.device)
+    index_kind = resolve_index(settings.index, device)
+    reg = Registry()
+    root = Path(settings.artifacts_dir)
+    if not root.is_dir():
+        log.error("artifacts folder not found", extra=fields(event="artifacts_missing", path=str(root)))
+        return reg
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if not (folder / MANIFEST).is_file():
+            reg.skipped[folder.name] = f"no {MANIFEST}"
+            log.warning("artifact skipped", extra=fields(event="artifact_skipped", model=folder.name,
+                                                         path=str(folder), reason=f"no {MANIFEST}"))
+            continue
+        try:
+            model = load_model(folder, settings, device, index_kind, metrics)
+        except (ArtifactError, RuntimeError, ValueError, OSError, TimeoutError) as e:
+            reg.skipped[folder.name] = str(e)
+            log.error("artifact skipped", extra=fields(event="artifact_skipped", model=folder.name,
+                                                       path=str(folder), reason=str(e)))
+            continue
+        reg.models[model.name] = model
+        log.info("model loaded", extra=fields(event="model_loaded", model=model.name, device=model.device,
+                                              runtime=model.runtime, index=model.index,
+                                              classes=len(model.classes), bank=int(model.artifact.bank.shape[0])))
+    if settings.default_model in reg.models:
+        reg.default = settings.default_model
+    elif reg.models:
+        reg.default = next(iter(reg.models))
+        log.warning("default model not loaded; using another", extra=fields(
+            event="default_model_fallback", wanted=settings.default_model, using=reg.default))
+    metrics.models_loaded.set(len(reg.models))
+    metrics.models_skipped.set(len(reg.skipped))
+    return reg
+
+
+def to_prediction(model: ServedModel, pred: int, counts: Tensor, top_k: int) -> PredictionBody:
+    """One row of (pred, counts [C]) -> label, id and the top_k vote shares (predicted class first)."""
+    k = max(int(counts.sum()), 1)
+    order = sorted(range(len(model.classes)), key=lambda c: (c != pred, -int(counts[c]), c))[:top_k]
+    votes = [Vote(label=model.classes[c], class_id=c, share=int(counts[c]) / k) for c in order]
+    return PredictionBody(label=model.classes[pred], class_id=pred, votes=votes)
+
+
+def batch_tensor(model: ServedModel, images: list[Image.Image]) -> Tensor:
+    """RGB images -> [n, 3, S, S] float in [0, 1] at the model's input size."""
+    pixels = np.stack([to_model_input(im, model.input_size) for im in images])  # n x S x S x 3
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255)
+
+
+async def predict(model: ServedModel, x: Tensor, timeout_s: float) -> Prediction:
+    """Through the model's batching worker; ApiError 503 if it does not answer within timeout_s."""
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(model.worker.submit(x)), timeout_s)
+    except TimeoutError as e:
+        raise ApiError(503, "inference_timeout", f"no answer from model {model.name!r} within {timeout_s:g} s",
+                       headers={"Retry-After": "1"}) from e
+    except WorkerClosed as e:
+        raise ApiError(503, "model_unavailable", f"model {model.name!r} is not serving ({e})") from e
