@@ -1,0 +1,85 @@
+"""`Annotated` dependencies: everything a route needs comes from `app.state`, set by the lifespan."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from typing import Annotated
+
+from fastapi import Depends, Request, Security, UploadFile
+from fastapi.security import APIKeyHeader
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+
+from app.attack import AttackService
+from app.config import Settings
+from app.engine import Registry
+from app.errors import ApiError
+from app.images import decode_image
+from app.metrics import Metrics
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+def get_registry(request: Request) -> Registry:
+    registry = getattr(request.app.state, "registry", None)
+    if registry is None:
+        raise ApiError(503, "not_ready", "models are not loaded yet")
+    return registry
+
+
+def get_attacks(request: Request) -> AttackService:
+    attacks = getattr(request.app.state, "attacks", None)
+    if attacks is None:
+        raise ApiError(503, "not_ready", "the attack service is not running")
+    return attacks
+
+
+class Decoder:
+    """Decodes uploads off the event loop, at most `slots` at once (bounds memory under load)."""
+
+    def __init__(self, settings: Settings, slots: threading.BoundedSemaphore) -> None:
+        self.max_pixels, self.slots = settings.max_pixels, slots
+
+    def _decode(self, name: str, data: bytes) -> Image.Image:
+        with self.slots:
+            return decode_image(data, self.max_pixels, name)
+
+    async def images(self, uploads: list[UploadFile]) -> list[tuple[str, Image.Image]]:
+        """(filename, RGB image) per upload, in order; ApiError 400/413/415 on the first bad one."""
+        out = []
+        for i, upload in enumerate(uploads):
+            name = upload.filename or f"file{i}"
+            data = await upload.read()
+            out.append((name, await run_in_threadpool(self._decode, name, data)))
+        return out
+
+
+def get_decoder(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> Decoder:
+    return Decoder(settings, request.app.state.decode_slots)
+
+
+api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
+                              description="required for /attack when the server has an API key configured")
+
+
+def require_api_key(settings: Annotated[Settings, Depends(get_settings)],
+                    key: Annotated[str | None, Security(api_key_header)] = None) -> None:
+    """401 unless no key is configured or the header matches it (constant-time comparison)."""
+    if settings.api_key is None:
+        return
+    if key is None or not secrets.compare_digest(key.encode(), settings.api_key.get_secret_value().encode()):
+        raise ApiError(401, "unauthorized", "missing or wrong X-API-Key header")
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+RegistryDep = Annotated[Registry, Depends(get_registry)]
+AttacksDep = Annotated[AttackService, Depends(get_attacks)]
+DecoderDep = Annotated[Decoder, Depends(get_decoder)]

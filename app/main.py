@@ -1,0 +1,83 @@
+"""The app factory: `create_app(settings)` builds a FastAPI app whose lifespan owns every heavy resource.
+
+Nothing is loaded at import time. At start-up the lifespan loads every artifact folder (verified
+sha256 + format version; a bad one is logged and skipped), starts one batching worker per model
+and the attack pool, and keeps them on `app.state` (the only store); at shutdown it stops them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+
+from app.attack import AttackService
+from app.config import Settings
+from app.engine import load_registry
+from app.errors import install_error_handlers
+from app.logs import fields
+from app.metrics import Metrics
+from app.middleware import REQUEST_ID_HEADER, BodyLimitMiddleware, RequestContextMiddleware
+from app.routes import ROUTERS
+from app.routes.pages import STATIC_DIR
+
+log = logging.getLogger("app.main")
+
+DESCRIPTION = """Robust image classification: a self-supervised, adversarially trained (SAT) encoder
+classifies by k-nearest-neighbour vote over an embedding bank. `POST /classify` labels images,
+`POST /attack` crafts adversarial examples live and compares models. Errors are JSON
+`{"error": {"code", "message"}}`."""
+
+
+def _version() -> str:
+    try:
+        return version("robust-ssl-service")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A new app for `settings` (default: from `SATML_*` environment variables)."""
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        registry = await run_in_threadpool(load_registry, settings, metrics)
+        attacks = AttackService(settings.attack_concurrency, settings.attack_queue, settings.attack_timeout_s,
+                                metrics)
+        app.state.registry, app.state.attacks = registry, attacks
+        log.info("service started", extra=fields(event="started", models=sorted(registry.models),
+                                                 skipped=sorted(registry.skipped), default_model=registry.default))
+        try:
+            yield
+        finally:
+            attacks.close()
+            await run_in_threadpool(registry.close)
+            log.info("service stopped", extra=fields(event="stopped"))
+
+    app = FastAPI(title="Robust SSL classifier", version=_version(), description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.decode_slots = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
+    install_error_handlers(app)
+    for router in ROUTERS:
+        app.include_router(router)
+    if STATIC_DIR.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    # added last = outermost: request context sees every response, including 413s and CORS preflights
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Content-Type", "X-API-Key", REQUEST_ID_HEADER],
+                           expose_headers=[REQUEST_ID_HEADER, "Retry-After"])
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    return app

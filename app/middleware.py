@@ -1,0 +1,121 @@
+"""Pure ASGI middleware: request id + access log + metrics + last-resort 500, and the body size limit."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.errors import error_response
+from app.logs import fields
+from app.metrics import Metrics
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+access_log = logging.getLogger("app.access")
+error_log = logging.getLogger("app.errors")
+
+
+class RequestContextMiddleware:
+    """Outermost: every request gets an id (echoed `X-Request-ID` or a new one), one JSON log line
+    (method, path, status, latency, request id) and its metrics; an unexpected exception becomes a
+    generic JSON 500 with the traceback in the log only."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
+        request_id = incoming if _VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        status, started, t0 = 500, False, time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                started, status = True, message["status"]
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            error_log.exception("unhandled error", extra=fields(event="unhandled_error", request_id=request_id,
+                                                                method=scope["method"], path=scope["path"]))
+            status = 500
+            if not started:
+                response = error_response(500, "internal_error",
+                                          f"internal server error (request id {request_id})",
+                                          headers={REQUEST_ID_HEADER: request_id})
+                await response(scope, receive, send)
+        finally:
+            seconds = time.perf_counter() - t0
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+            self.metrics.latency.labels(route, scope["method"]).observe(seconds)
+            access_log.info("request", extra=fields(
+                event="request", request_id=request_id, method=scope["method"], path=scope["path"],
+                route=route, status=status, latency_ms=round(seconds * 1000, 3),
+                client=(scope.get("client") or ("", 0))[0]))
+
+
+class BodyLimitMiddleware:
+    """413 JSON for a request body above `max_bytes`: at once from Content-Length, or once the
+    streamed bytes pass the limit (whatever the inner app made of the cut-off body is discarded)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = f"request body exceeds the limit of {self.max_bytes} bytes"
+        await error_response(413, "payload_too_large", message, headers={"Connection": "close"})(scope, receive, send)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None:
+            if not declared.strip().isdigit():
+                await error_response(400, "bad_request", "invalid Content-Length header")(scope, receive, send)
+                return
+            if int(declared) > self.max_bytes:
+                await self._reject(scope, receive, send)
+                return
+        received, exceeded, started = 0, False, False
+
+        async def limited_receive() -> Message:
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    exceeded = True
+                    raise _BodyTooLarge
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if exceeded and not started:
+                return  # the inner app's answer to a truncated body; ours replaces it below
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not exceeded:
+                raise
+        if exceeded and not started:
+            await self._reject(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass

@@ -1,0 +1,5 @@
+"""One APIRouter per resource; `ROUTERS` is what `create_app` includes."""
+
+from app.routes import attack, classify, health, metrics, models, pages
+
+ROUTERS = (classify.router, attack.router, models.router, health.router, metrics.router, pages.router)

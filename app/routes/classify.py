@@ -1,0 +1,67 @@
+"""POST /classify: images -> k-NN vote of the chosen model."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, UploadFile
+
+from app.deps import DecoderDep, RegistryDep, SettingsDep
+from app.engine import ServedModel, batch_tensor, predict, to_prediction
+from app.errors import ApiError, responses
+from app.schemas import ClassifyResponse, ClassifyResult
+
+router = APIRouter(tags=["classify"])
+# OpenAPI 3.1 marks file parts by contentMediaType; on an optional (or list) field FastAPI puts it inside
+# anyOf/items only, where clients (schemathesis among them) do not see that the part is a file
+BINARY = {"contentMediaType": "application/octet-stream"}
+DEFAULT_TOP_K = 3
+
+
+def resolve_top_k(model: ServedModel, top_k: int | None) -> int:
+    """None -> min(3, classes); otherwise 1..classes or ApiError 422."""
+    n = len(model.classes)
+    if top_k is None:
+        return min(DEFAULT_TOP_K, n)
+    if not 1 <= top_k <= n:
+        raise ApiError(422, "invalid_parameters", f"top_k must be in [1, {n}] for model {model.name!r}, got {top_k}")
+    return top_k
+
+
+@router.post("/classify", response_model=ClassifyResponse, responses=responses(400, 404, 413, 415, 503))
+async def classify(
+    registry: RegistryDep,
+    settings: SettingsDep,
+    decoder: DecoderDep,
+    files: Annotated[list[UploadFile] | None, File(description="one or more images (PNG, JPEG, WebP, BMP, GIF)",
+                                                   json_schema_extra=BINARY)] = None,
+    file: Annotated[UploadFile | None, File(description="a single image, instead of or besides `files`",
+                                            json_schema_extra=BINARY)] = None,
+    model: Annotated[str | None, Form(description="model name (GET /models); default: the default model")] = None,
+    top_k: Annotated[int | None, Form(ge=1, description="vote shares to return per image (default 3)")] = None,
+) -> ClassifyResponse:
+    """Classify images by the k-nearest-neighbour vote of a model's embedding bank.
+
+    Send the images as multipart field `files` (repeat it for several) or `file`. All images of
+    one request go through the model as one batch. Each result has the predicted label and the
+    top-k classes by share of the k neighbours' votes. Images are squashed to the model's input
+    size (bilinear); the format is read from the bytes, not the declared content type.
+    """
+    t0 = time.perf_counter()
+    served = registry.get(model or None)
+    uploads = [*(files or []), *([file] if file is not None else [])]
+    if not uploads:
+        raise ApiError(422, "invalid_parameters", "no image: send one or more files in the multipart field 'files'")
+    if len(uploads) > settings.max_files_per_request:
+        raise ApiError(413, "too_many_files",
+                       f"{len(uploads)} files in one request; the limit is {settings.max_files_per_request}")
+    k = resolve_top_k(served, top_k)
+    images = await decoder.images(uploads)
+    pred, counts = await predict(served, batch_tensor(served, [im for _, im in images]), settings.request_timeout_s)
+    results = [
+        ClassifyResult(filename=name, width=im.width, height=im.height,
+                       **to_prediction(served, int(pred[i]), counts[i], k).model_dump())
+        for i, (name, im) in enumerate(images)
+    ]
+    return ClassifyResponse(model=served.name, results=results, latency_ms=(time.perf_counter() - t0) * 1000)

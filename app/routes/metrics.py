@@ -1,0 +1,18 @@
+"""GET /metrics: Prometheus text format."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.deps import MetricsDep
+
+router = APIRouter(tags=["metrics"])
+
+
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {}}, "description": "Prometheus exposition format"}})
+def metrics(m: MetricsDep) -> Response:
+    """Requests by route and status, latency histograms, batch sizes, queue depths, attack outcomes."""
+    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,53 @@
+"""GET /models, GET /models/{name}: what is served, with manifests, metrics and model cards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse
+
+from app.deps import RegistryDep
+from app.engine import ServedModel
+from app.errors import ApiError, responses
+from app.schemas import ModelDetail, ModelList, ModelSummary
+from training.artifact import CARD
+
+router = APIRouter(prefix="/models", tags=["models"])
+CARD_ASSETS = {".png": "image/png", ".jpg": "image/jpeg", ".svg": "image/svg+xml", ".md": "text/markdown"}
+
+
+def summary(m: ServedModel, default: bool) -> ModelSummary:
+    man = m.manifest
+    return ModelSummary(
+        name=m.name, artifact_name=str(man.get("name", m.name)), description=str(man.get("description", "")),
+        dataset=str(man.get("dataset", "")), classes=m.classes, input_size=m.input_size,
+        encoder=dict(man.get("encoder", {})), knn=dict(man.get("knn", {})),
+        training_method=str(man.get("training", {}).get("method", "unknown")),
+        metrics=dict(man.get("metrics", {})), default=default, device=m.device, runtime=m.runtime, index=m.index)
+
+
+@router.get("", response_model=ModelList, responses=responses(503))
+def list_models(registry: RegistryDep) -> ModelList:
+    """Every model this server answers for, with its classes, encoder, training method and metrics."""
+    return ModelList(default_model=registry.default,
+                     models=[summary(m, m.name == registry.default) for m in registry.models.values()])
+
+
+@router.get("/{name}", response_model=ModelDetail, responses=responses(404, 503))
+def get_model(name: str, registry: RegistryDep) -> ModelDetail:
+    """One model: the summary, the full artifact manifest and the model card (markdown)."""
+    m = registry.get(name)
+    card_path = m.artifact.path / CARD
+    card = card_path.read_text(encoding="utf-8", errors="replace") if card_path.is_file() else None
+    return ModelDetail(**summary(m, m.name == registry.default).model_dump(), manifest=m.manifest, card=card)
+
+
+@router.get("/{name}/files/{filename}", response_class=FileResponse, responses=responses(404, 503))
+def get_model_file(name: str, filename: str, registry: RegistryDep) -> FileResponse:
+    """A file of the model card (plots, card.md): only files the manifest lists and hashes."""
+    m = registry.get(name)
+    suffix = Path(filename).suffix.lower()
+    if filename not in m.manifest.get("files", {}) or suffix not in CARD_ASSETS or Path(filename).name != filename:
+        raise ApiError(404, "not_found", f"model {name!r} has no card file {filename!r}")
+    return FileResponse(m.artifact.path / filename, media_type=CARD_ASSETS[suffix])

@@ -1,0 +1,54 @@
+"""`satml-serve`: run the API with uvicorn (one process; one per GPU if you have several).
+
+Every option defaults to its `SATML_*` environment variable (see `app.config.Settings`); a flag
+given here wins over the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pydantic import ValidationError
+
+from app.config import Settings
+
+FLAGS = ("host", "port", "artifacts_dir", "default_model", "device", "runtime", "index", "log_level")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="satml-serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", help="bind address (SATML_HOST, default 127.0.0.1; 0.0.0.0 in a container)")
+    p.add_argument("--port", type=int, help="TCP port (SATML_PORT, default 8000)")
+    p.add_argument("--artifacts-dir", help="folder of model artifacts (SATML_ARTIFACTS_DIR, default artifacts)")
+    p.add_argument("--default-model", help="model used when a request names none (SATML_DEFAULT_MODEL)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="SATML_DEVICE, default auto")
+    p.add_argument("--runtime", choices=["torch", "onnxruntime"], help="SATML_RUNTIME, default torch")
+    p.add_argument("--index", choices=["auto", "faiss-cpu", "faiss-gpu", "torch"], help="SATML_INDEX, default auto")
+    p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"],
+                   help="SATML_LOG_LEVEL, default info")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse flags, build the settings, start uvicorn with the app factory's app."""
+    args = parse_args(argv)
+    overrides = {k: v for k in FLAGS if (v := getattr(args, k)) is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as e:
+        sys.exit(f"satml-serve: invalid settings:\n{e}")
+
+    import uvicorn
+
+    from app.logs import configure_logging
+    from app.main import create_app
+
+    configure_logging(settings.log_level)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                log_config=None, access_log=False, proxy_headers=False)
+
+
+if __name__ == "__main__":
+    main()
