@@ -1,0 +1,124 @@
+"""BatchWorker: requests queued together go through one predict call; each caller gets its slice."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from torch import Tensor
+
+from app.batching import BatchWorker, Prediction, WorkerClosed
+
+
+def recording_worker(max_batch: int, max_wait_s: float = 0.05, fail: bool = False):
+    """A worker whose predict returns each image's first pixel * 100 as its 'class' and records batch sizes."""
+    calls: list[int] = []
+    batches: list[int] = []
+
+    def setup():
+        def predict(x: Tensor) -> Prediction:
+            calls.append(x.shape[0])
+            if fail:
+                raise RuntimeError("model exploded")
+            pred = (x[:, 0, 0, 0] * 100).round().long()
+            return pred, torch.nn.functional.one_hot(pred, 100)
+        return predict
+
+    w = BatchWorker("t", setup, max_batch=max_batch, max_wait_s=max_wait_s,
+                    on_batch=lambda n, s: batches.append(n))
+    return w, calls, batches
+
+
+def images(*values: int) -> Tensor:
+    return torch.tensor(values, dtype=torch.float32).div(100).view(-1, 1, 1, 1).expand(-1, 3, 2, 2).contiguous()
+
+
+def test_queued_requests_share_one_batch() -> None:
+    w, calls, batches = recording_worker(max_batch=64)
+    futures = [w.submit(images(i)) for i in range(8)]  # queued before the thread starts
+    w.start()
+    assert [int(f.result(5)[0][0]) for f in futures] == list(range(8))
+    assert calls == [8] and batches == [8]
+    w.close()
+
+
+def test_max_batch_is_respected_and_jobs_stay_whole() -> None:
+    w, calls, _ = recording_worker(max_batch=4)
+    futures = [w.submit(images(1, 2)), w.submit(images(3)), w.submit(images(4, 5)), w.submit(images(6))]
+    w.start()
+    results = [f.result(5)[0].tolist() for f in futures]
+    assert results == [[1, 2], [3], [4, 5], [6]]
+    assert calls == [3, 3]  # [1,2]+[3] then [4,5]+[6]: the job that did not fit waits for the next batch
+    w.close()
+
+
+def test_oversized_job_is_chunked() -> None:
+    w, calls, batches = recording_worker(max_batch=4)
+    fut = w.submit(images(*range(10)))
+    w.start()
+    pred, counts = fut.result(5)
+    assert pred.tolist() == list(range(10)) and counts.shape == (10, 100)
+    assert calls == [4, 4, 2] and batches == [10]
+    w.close()
+
+
+def test_zero_wait_takes_only_what_is_queued() -> None:
+    w, calls, _ = recording_worker(max_batch=64, max_wait_s=0)
+    w.start()
+    assert w.submit(images(7)).result(5)[0].tolist() == [7]
+    assert calls == [1]
+    w.close()
+
+
+def test_predict_error_reaches_every_caller() -> None:
+    w, _, _ = recording_worker(max_batch=64, fail=True)
+    futures = [w.submit(images(i)) for i in range(3)]
+    w.start()
+    for f in futures:
+        with pytest.raises(RuntimeError, match="exploded"):
+            f.result(5)
+    w.close()
+
+
+def test_setup_error_is_raised_by_start() -> None:
+    def setup():
+        raise ValueError("bad artifact")
+
+    w = BatchWorker("t", setup, max_batch=1, max_wait_s=0)
+    with pytest.raises(ValueError, match="bad artifact"):
+        w.start(timeout=5)
+
+
+def test_closed_worker_fails_fast() -> None:
+    w, _, _ = recording_worker(max_batch=8)
+    w.start()
+    w.close()
+    with pytest.raises(WorkerClosed):
+        w.submit(images(1)).result(1)
+
+
+def test_concurrent_submitters_get_their_own_rows() -> None:
+    w, _, batches = recording_worker(max_batch=16, max_wait_s=0.01)
+    w.start()
+    out: dict[int, list[int]] = {}
+
+    def client(i: int) -> None:
+        out[i] = w.submit(images(i, i + 50)).result(5)[0].tolist()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert out == {i: [i, i + 50] for i in range(40)}
+    assert sum(batches) == 80 and max(batches) <= 16
+    w.close()
+
+
+def test_rejects_bad_shapes() -> None:
+    w, _, _ = recording_worker(max_batch=4)
+    with pytest.raises(ValueError):
+        w.submit(torch.zeros(3, 2, 2))
+    with pytest.raises(ValueError):
+        BatchWorker("t", lambda: None, max_batch=0, max_wait_s=0)  # type: ignore[arg-type, return-value]

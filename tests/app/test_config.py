@@ -1,0 +1,53 @@
+"""Settings: defaults, SATML_* environment, invariants."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from app.config import MAX_ATTACK_EPS, Settings
+
+
+def test_defaults() -> None:
+    s = Settings()
+    assert (s.default_model, s.device, s.runtime, s.index) == ("default", "auto", "torch", "auto")
+    assert (s.max_batch, s.max_wait_ms, s.attack_max_steps, s.attack_concurrency, s.attack_queue) == (64, 5, 100, 1, 8)
+    assert s.attack_max_eps == pytest.approx(16 / 255)
+    assert s.api_key is None and s.cors_origins == [] and s.host == "127.0.0.1"
+
+
+def test_environment_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SATML_MAX_BATCH", "8")
+    monkeypatch.setenv("SATML_RUNTIME", "onnxruntime")
+    monkeypatch.setenv("SATML_CORS_ORIGINS", '["http://localhost:3000"]')
+    monkeypatch.setenv("SATML_API_KEY", "s3cret")
+    monkeypatch.setenv("SATML_LOG_LEVEL", "DEBUG")
+    s = Settings()
+    assert s.max_batch == 8 and s.runtime == "onnxruntime" and s.cors_origins == ["http://localhost:3000"]
+    assert s.api_key is not None and s.api_key.get_secret_value() == "s3cret" and "s3cret" not in repr(s)
+    assert s.log_level == "debug"
+
+
+def test_empty_api_key_means_open() -> None:
+    assert Settings(api_key="  ").api_key is None
+
+
+@pytest.mark.parametrize("kw", [
+    {"attack_max_eps": 0.1},  # above 16/255
+    {"attack_max_eps": 0},
+    {"attack_max_steps": 101},
+    {"max_batch": 0},
+    {"max_wait_ms": -1},
+    {"attack_timeout_s": 0},
+    {"device": "tpu"},
+    {"index": "faiss-gpu", "device": "cpu"},
+    {"default_model": "../etc"},
+    {"port": 70000},
+])
+def test_invariants(kw: dict) -> None:
+    with pytest.raises(ValidationError):
+        Settings(**kw)
+
+
+def test_eps_limit_is_design_bound() -> None:
+    assert Settings(attack_max_eps=MAX_ATTACK_EPS).attack_max_eps == MAX_ATTACK_EPS

@@ -1,0 +1,98 @@
+"""Model loading, runtimes and k-NN backends: every combination gives the training library's answer."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.engine import load_registry, resolve_device, resolve_index, to_prediction
+from app.metrics import Metrics
+from tests.app.conftest import make_settings
+from tests.app.toy import CLASSES, K, export_toy, toy_images
+from training import knn
+from training.artifact import load_artifact
+
+
+def reference(root: Path, name: str, x: torch.Tensor) -> torch.Tensor:
+    """Predictions straight from training.artifact + training.knn, one image at a time."""
+    art = load_artifact(root / name)
+    with torch.no_grad():
+        return torch.cat([knn.knn_predict(art.encoder(xi[None]), art.bank, art.bank_labels, len(CLASSES), K)[0]
+                          for xi in x])
+
+
+def test_bad_artifacts_are_skipped_with_a_log_line(mixed_root: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="app.engine")
+    reg = load_registry(make_settings(mixed_root), Metrics())
+    try:
+        assert sorted(reg.models) == ["default", "other"] and reg.default == "default"
+        assert "sha256 mismatch" in reg.skipped["bad_sha"]
+        assert "format_version 99" in reg.skipped["bad_version"]
+        assert "manifest.json" in reg.skipped["not_an_artifact"]
+        skipped = [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "artifact_skipped"]
+        assert {r.fields["model"] for r in skipped} == {"bad_sha", "bad_version", "not_an_artifact"}
+        assert all(r.levelno >= logging.WARNING and r.fields["reason"] for r in skipped)
+    finally:
+        reg.close()
+
+
+@pytest.mark.parametrize("runtime, index", [("torch", "faiss-cpu"), ("torch", "torch"), ("onnxruntime", "auto")])
+def test_runtimes_and_indexes_agree_with_training_library(good_root: Path, runtime: str, index: str) -> None:
+    reg = load_registry(make_settings(good_root, runtime=runtime, index=index, device="cpu"), Metrics())
+    try:
+        m = reg.get("default")
+        assert m.runtime.startswith(runtime) and m.index == ("faiss-cpu" if index == "auto" else index)
+        images, labels = toy_images(4, seed=11)
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+        pred, counts = m.worker.submit(x).result(30)
+        assert torch.equal(pred, reference(good_root, "default", x))
+        assert pred.tolist() == labels.tolist()  # the toy problem is separable
+        assert counts.shape == (len(x), len(CLASSES)) and (counts.sum(1) == K).all()
+    finally:
+        reg.close()
+
+
+def test_onnx_runtime_needs_the_onnx_file(tmp_path: Path) -> None:
+    export_toy(tmp_path / "default", 0, name="no-onnx", onnx=False)
+    reg = load_registry(make_settings(tmp_path, runtime="onnxruntime"), Metrics())
+    assert not reg.models and "encoder.onnx" in reg.skipped["default"]
+
+
+def test_default_falls_back_to_a_loaded_model(good_root: Path) -> None:
+    reg = load_registry(make_settings(good_root, default_model="missing"), Metrics())
+    try:
+        assert reg.default == "default" and reg.get(None).name == "default"
+    finally:
+        reg.close()
+
+
+def test_missing_artifacts_dir_serves_nothing(tmp_path: Path) -> None:
+    reg = load_registry(make_settings(tmp_path / "nope"), Metrics())
+    assert not reg.models
+    with pytest.raises(Exception, match="no model"):
+        reg.get(None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error path")
+def test_explicit_gpu_choices_fail_loudly_without_a_gpu() -> None:
+    assert resolve_device("auto").type == "cpu"
+    with pytest.raises(RuntimeError, match="cuda"):
+        resolve_device("cuda")
+    with pytest.raises(RuntimeError, match="faiss-gpu"):
+        resolve_index("faiss-gpu", torch.device("cpu"))
+    assert resolve_index("auto", torch.device("cpu")) in ("faiss-cpu", "torch")
+
+
+def test_vote_order_puts_prediction_first(good_root: Path) -> None:
+    reg = load_registry(make_settings(good_root), Metrics())
+    try:
+        m = reg.get("default")
+        p = to_prediction(m, 2, torch.tensor([2, 1, 2]), top_k=3)
+        assert [v.class_id for v in p.votes] == [2, 0, 1]  # tie 2/2: the vote's winner first
+        assert [v.share for v in p.votes] == [0.4, 0.4, 0.2] and p.label == CLASSES[2]
+        assert len(to_prediction(m, 0, torch.tensor([5, 0, 0]), top_k=1).votes) == 1
+    finally:
+        reg.close()

@@ -1,0 +1,113 @@
+"""`satml-serve` as a real uvicorn process on 127.0.0.1 (ephemeral port): readiness, API, bad input, limits."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.app.corpus import CORPUS, streamed_multipart
+from tests.app.toy import png, toy_images
+
+START_TIMEOUT_S = 90  # importing torch on a loaded 2-core machine is slow
+REQUEST_TIMEOUT_S = 30
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(good_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    log = (tmp_path_factory.mktemp("serve") / "server.log").open("w+")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SATML_")}
+    env.update(SATML_MAX_UPLOAD_BYTES=str(2 * 1024 * 1024), SATML_ATTACK_MAX_STEPS="5")
+    proc = subprocess.Popen([sys.executable, "-m", "app.serve", "--port", str(port), "--artifacts-dir", str(good_root),
+                             "--log-level", "info"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert proc.poll() is None, f"server exited with {proc.returncode}"
+            assert time.monotonic() < deadline, "server did not become ready"
+            try:
+                if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.seek(0)
+        server_log = log.read()
+        log.close()
+        print(server_log[-3000:])
+
+
+def test_help() -> None:
+    exe = shutil.which("satml-serve", path=str(Path(sys.executable).parent)) or shutil.which("satml-serve")
+    cmd = [exe] if exe else [sys.executable, "-m", "app.serve"]
+    out = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "--artifacts-dir" in out.stdout and "SATML_" in out.stdout
+
+
+def test_invalid_settings_exit_with_a_message() -> None:
+    env = {**os.environ, "SATML_ATTACK_MAX_EPS": "0.5"}
+    out = subprocess.run([sys.executable, "-m", "app.serve"], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode != 0 and "attack_max_eps" in out.stderr
+
+
+def test_real_server(server: str) -> None:
+    images, labels = toy_images(2, seed=51)
+    with httpx.Client(base_url=server, timeout=REQUEST_TIMEOUT_S) as c:
+        ready = c.get("/health/ready").json()
+        assert set(ready["models"]) == {"default", "other"}
+        r = c.post("/classify", files=[("files", (f"{i}.png", png(x), "image/png")) for i, x in enumerate(images)],
+                   headers={"X-Request-ID": "uvicorn-1"})
+        assert r.status_code == 200 and r.headers["X-Request-ID"] == "uvicorn-1"
+        assert [res["class_id"] for res in r.json()["results"]] == labels.tolist()
+        r = c.post("/attack", files={"file": ("x.png", png(images[0]), "image/png")},
+                   data={"steps": "2", "compare": "other"})
+        assert r.status_code == 200 and r.json()["compare"][0]["model"] == "other"
+        assert c.post("/attack", files={"file": ("x.png", png(images[0]), "image/png")},
+                      data={"steps": "6"}).status_code == 422  # SATML_ATTACK_MAX_STEPS=5 reached the process
+        assert "satml_http_requests_total" in c.get("/metrics").text
+
+
+@pytest.mark.parametrize("name", ["zero_bytes", "truncated_jpeg", "text_as_image", "png_header_20000",
+                                  "bomb_past_pillow_limit", "cmyk_jpeg"])
+def test_real_server_bad_inputs(server: str, name: str) -> None:
+    make, content_type, expected, _ = CORPUS[name]
+    with httpx.Client(base_url=server, timeout=REQUEST_TIMEOUT_S) as c:
+        r = c.post("/classify", files={"file": (name, make(), content_type)})
+        assert r.status_code == expected and r.headers["content-type"].startswith("application/json")
+        assert c.get("/health/live").status_code == 200
+
+
+def test_real_server_huge_body(server: str) -> None:
+    body = b"\0" * (3 * 1024 * 1024)
+    with httpx.Client(base_url=server, timeout=REQUEST_TIMEOUT_S) as c:
+        r = c.post("/classify", files={"file": ("big.png", body, "image/png")})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+        r = c.post("/classify", content=streamed_multipart(3 * 1024 * 1024),  # no Content-Length: counted as streamed
+                   headers={"Content-Type": "multipart/form-data; boundary=zz"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+    with httpx.Client(base_url=server, timeout=REQUEST_TIMEOUT_S) as c:
+        assert c.get("/health/live").status_code == 200
