@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pydantic import ValidationError
-
 from app.config import Settings
 
 FLAGS = ("host", "port", "artifacts_dir", "default_model", "device", "runtime", "index", "log_level")
@@ -37,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {k: v for k in FLAGS if (v := getattr(args, k)) is not None}
     try:
         settings = Settings(**overrides)
-    except ValidationError as e:
+    except ValueError as e:  # pydantic's ValidationError, or SettingsError for an unparsable env value
         sys.exit(f"satml-serve: invalid settings:\n{e}")
 
     import uvicorn

@@ -68,10 +68,12 @@ def test_help() -> None:
     assert out.returncode == 0 and "--artifacts-dir" in out.stdout and "SATML_" in out.stdout
 
 
-def test_invalid_settings_exit_with_a_message() -> None:
-    env = {**os.environ, "SATML_ATTACK_MAX_EPS": "0.5"}
+@pytest.mark.parametrize("name, value", [("SATML_ATTACK_MAX_EPS", "0.5"), ("SATML_CORS_ORIGINS", "not json")])
+def test_invalid_settings_exit_with_a_message(name: str, value: str) -> None:
+    env = {**os.environ, name: value}
     out = subprocess.run([sys.executable, "-m", "app.serve"], capture_output=True, text=True, timeout=60, env=env)
-    assert out.returncode != 0 and "attack_max_eps" in out.stderr
+    field = name.removeprefix("SATML_").lower()
+    assert out.returncode != 0 and field in out.stderr and "Traceback" not in out.stderr
 
 
 def test_real_server(server: str) -> None:
