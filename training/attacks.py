@@ -8,15 +8,17 @@ the negated loss. Results always lie in the eps ball around x and in [0, 1], and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 Objective = Callable[[Tensor], Tensor]
+SuccessFn = Callable[[Tensor], Tensor]  # images [B, C, H, W] -> bool [B]: does this point fool the model?
 Norm = Literal["linf", "l2"]
 
 
@@ -64,6 +66,41 @@ def random_start(x: Tensor, eps: float, norm: Norm, generator: torch.Generator |
     return g / _flat_norm(g) * r * eps
 
 
+def _ascent_direction(grad: Tensor, norm: Norm) -> Tensor:
+    """Steepest ascent direction of unit size: sign for L-inf, normalised gradient for L2."""
+    return grad.sign() if norm == "linf" else grad / _flat_norm(grad)
+
+
+def _project_clamp(x: Tensor, delta: Tensor, eps: float, norm: Norm) -> Tensor:
+    """delta projected onto the eps ball, then cut so that x + delta stays in [0, 1]."""
+    return (x + project(delta, eps, norm)).clamp(0, 1) - x
+
+
+class _SuccessTracker:
+    """Remembers, per image, the first iterate that `is_adversarial` accepts (no-op without one)."""
+
+    def __init__(self, is_adversarial: SuccessFn | None, x0: Tensor) -> None:
+        self.fn = is_adversarial
+        self.found = self.best = None
+        if self.fn is not None:
+            self.found = torch.zeros(x0.shape[0], dtype=torch.bool, device=x0.device)
+            self.best = x0.detach().clone()
+            self.update(x0)
+
+    @torch.no_grad()
+    def update(self, x: Tensor) -> None:
+        if self.fn is None:
+            return
+        new = self.fn(x.detach()).to(self.found.device).bool() & ~self.found
+        self.best[new] = x.detach()[new]
+        self.found |= new
+
+    def result(self, fallback: Tensor) -> Tensor:
+        if self.fn is None:
+            return fallback
+        return torch.where(self.found.view(-1, *([1] * (fallback.dim() - 1))), self.best, fallback)
+
+
 def pgd(
     objective: Objective,
     x: Tensor,
@@ -75,11 +112,14 @@ def pgd(
     random_init: bool = True,
     model: nn.Module | None = None,
     generator: torch.Generator | None = None,
+    is_adversarial: SuccessFn | None = None,
 ) -> Tensor:
     """Projected gradient ascent on `objective` (Madry et al. 2018), L-inf or L2.
 
     x: [B, C, H, W] in [0, 1]. `model`, when given, is held in eval mode during the attack and its
     mode restored; parameter `.grad`s are never touched (torch.autograd.grad w.r.t. the input only).
+    `is_adversarial`, when given, is checked on every iterate (no grad); an image that was ever
+    adversarial is returned at its first such iterate (AutoAttack-style), the others at the last one.
     Returns x_adv, detached, with ||x_adv - x|| <= eps and x_adv in [0, 1].
     """
     _check_budget(eps, alpha, steps, norm)
@@ -87,19 +127,131 @@ def pgd(
     delta = random_start(x, eps, norm, generator) if random_init else torch.zeros_like(x)
     delta = (x + delta).clamp(0, 1) - x
     with eval_mode(model):
+        tracker = _SuccessTracker(is_adversarial, x + delta)
         for _ in range(steps):
             delta.requires_grad_(True)
             loss = objective(x + delta).sum()
             (grad,) = torch.autograd.grad(loss, delta)
-            step = grad.sign() if norm == "linf" else grad / _flat_norm(grad)
-            delta = project(delta.detach() + alpha * step, eps, norm)
-            delta = (x + delta).clamp(0, 1) - x
-    return (x + delta).detach()
+            delta = _project_clamp(x, delta.detach() + alpha * _ascent_direction(grad, norm), eps, norm)
+            tracker.update(x + delta)
+    return tracker.result(x + delta).detach()
 
 
 def fgsm(objective: Objective, x: Tensor, *, eps: float, norm: Norm = "linf", model: nn.Module | None = None) -> Tensor:
     """Fast gradient sign method (Goodfellow et al. 2015): one full-size step, no random start."""
     return pgd(objective, x, eps=eps, alpha=eps, steps=1, norm=norm, random_init=False, model=model)
+
+
+def apgd_checkpoints(steps: int) -> list[int]:
+    """Iterations where APGD may halve its step (Croce & Hein 2020, sec. 3.2).
+
+    w_j = ceil(p_j * steps) with p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06);
+    for 100 steps: 22, 41, 57, 70, 80, 87, 93, 99.
+    """
+    p = [0.0, 0.22]
+    while (nxt := p[-1] + max(p[-1] - p[-2] - 0.03, 0.06)) <= 1:
+        p.append(nxt)
+    return sorted({math.ceil(q * steps - 1e-9) for q in p[1:]} - {0})
+
+
+def _value_and_grad(objective: Objective, x: Tensor, need_grad: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Per-example objective [B] (detached) and its gradient w.r.t. x (None when not needed)."""
+    if not need_grad:
+        with torch.no_grad():
+            return objective(x).detach().float(), None
+    x = x.detach().requires_grad_(True)
+    f = objective(x)
+    (grad,) = torch.autograd.grad(f.sum(), x)
+    return f.detach().float(), grad
+
+
+def apgd(
+    objective: Objective,
+    x: Tensor,
+    *,
+    eps: float,
+    steps: int,
+    norm: Norm = "linf",
+    rho: float = 0.75,
+    momentum: float = 0.75,
+    random_init: bool = True,
+    model: nn.Module | None = None,
+    generator: torch.Generator | None = None,
+    is_adversarial: SuccessFn | None = None,
+) -> Tensor:
+    """Auto-PGD (Croce & Hein, ICML 2020, Algorithm 1): step-size-free PGD with momentum.
+
+    Starts with step 2 * eps; at the checkpoints of `apgd_checkpoints` an image's step is halved and
+    its iterate reset to its best point when (1) the objective rose in fewer than `rho` of the steps
+    since the last checkpoint, or (2) the step was not halved at the last checkpoint and the best
+    value has not improved since. Updates mix the projected step with the previous move (momentum
+    0.75); the momentum is reset at a restart. Returns each image's highest-objective point, or, with
+    `is_adversarial`, its first adversarial iterate. `steps` gradient evaluations (plus one forward
+    pass at the last iterate). x: [B, C, H, W] in [0, 1]; result detached, in the eps ball and [0, 1].
+    """
+    _check_budget(eps, eps, steps, norm)
+    if not 0 < rho <= 1 or not 0 < momentum <= 1:
+        raise ValueError(f"rho and momentum must be in (0, 1], got rho={rho}, momentum={momentum}")
+    x = x.detach()
+    view = (-1,) + (1,) * (x.dim() - 1)
+    checkpoints = set(apgd_checkpoints(steps))
+    delta = random_start(x, eps, norm, generator) if random_init else torch.zeros_like(x)
+    with eval_mode(model):
+        x_cur = x + _project_clamp(x, delta, eps, norm)
+        tracker = _SuccessTracker(is_adversarial, x_cur)
+        f_cur, grad = _value_and_grad(objective, x_cur)
+        x_prev, x_best, f_best, grad_best = x_cur, x_cur.clone(), f_cur.clone(), grad.clone()
+        eta = torch.full((x.shape[0],), 2 * eps, device=x.device, dtype=x.dtype)
+        n_rises = torch.zeros_like(f_cur)  # steps since the last checkpoint where the objective rose
+        f_best_at_check = f_best.clone()
+        halved_at_check = torch.zeros_like(f_cur, dtype=torch.bool)
+        last_check = 0
+        for k in range(steps):
+            a = 1.0 if k == 0 else momentum
+            z = x + _project_clamp(x, x_cur + eta.view(view) * _ascent_direction(grad, norm) - x, eps, norm)
+            x_new = x_cur + a * (z - x_cur) + (1 - a) * (x_cur - x_prev)
+            x_prev, x_cur = x_cur, x + _project_clamp(x, x_new - x, eps, norm)
+            tracker.update(x_cur)
+            f_new, grad = _value_and_grad(objective, x_cur, need_grad=k < steps - 1)
+            n_rises += (f_new > f_cur).float()
+            f_cur = f_new
+            better = f_cur > f_best
+            x_best[better], f_best[better] = x_cur[better], f_cur[better]
+            if grad is not None:
+                grad_best[better] = grad[better]
+            if k + 1 in checkpoints and k < steps - 1:
+                cond1 = n_rises < rho * (k + 1 - last_check)
+                cond2 = ~halved_at_check & (f_best <= f_best_at_check)
+                halve = cond1 | cond2
+                eta = torch.where(halve, eta / 2, eta)
+                x_cur = torch.where(halve.view(view), x_best, x_cur)
+                x_prev = torch.where(halve.view(view), x_best, x_prev)
+                grad = torch.where(halve.view(view), grad_best, grad)
+                f_cur = torch.where(halve, f_best, f_cur)
+                halved_at_check, f_best_at_check, last_check = halve, f_best.clone(), k + 1
+                n_rises.zero_()
+    return tracker.result(x_best).detach()
+
+
+def apgd_ce(logits_fn: Callable[[Tensor], Tensor], x: Tensor, labels: Tensor, **budget: Any) -> Tensor:
+    """APGD on the cross-entropy of `labels` (Croce & Hein 2020); keyword budget as `apgd`."""
+    return apgd(cross_entropy_objective(logits_fn, labels), x, **budget)
+
+
+def apgd_dlr(logits_fn: Callable[[Tensor], Tensor], x: Tensor, labels: Tensor, **budget: Any) -> Tensor:
+    """APGD on the difference-of-logits-ratio loss (Croce & Hein 2020); needs >= 3 classes."""
+    return apgd(dlr_objective(logits_fn, labels), x, **budget)
+
+
+def noise(x: Tensor, *, eps: float, norm: Norm = "linf", generator: torch.Generator | None = None) -> Tensor:
+    """Random-noise baseline of the same size: a random corner of the L-inf ball (a random L2 sphere point)."""
+    if norm == "linf":
+        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        delta = torch.where(u < 0.5, -eps, eps)
+    else:
+        g = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        delta = g / _flat_norm(g) * eps
+    return (x.detach() + delta).clamp(0, 1)
 
 
 # --- objectives -------------------------------------------------------------------------------
