@@ -1,0 +1,240 @@
+"""The robustness suite (training.robustness) on a toy problem whose answer is known.
+
+Four classes of 8x8 images: a strong class colour (0.25 / 0.75 per channel) plus a faint class pattern
+(4/255). A colour encoder (mean colour) is robust at eps 8/255: no L-inf perturbation that small moves a
+mean colour half-way to another class. A pattern encoder (projections onto the faint patterns) classifies
+clean images just as well and breaks at eps 8/255, because the pattern is smaller than eps.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from training import knn
+from training import robustness as rb
+from training.artifact import verify_artifact
+from training.data import ImageDataset
+from training.evaluate import KnnModel
+
+CLASSES = ("a", "b", "c", "d")
+PALETTE = np.array([[0.25, 0.25, 0.75], [0.75, 0.25, 0.25], [0.25, 0.75, 0.25], [0.75, 0.75, 0.75]])
+AMPLITUDE = 4 / 255
+
+
+def patterns() -> Tensor:
+    """[4, 3, 8, 8] zero-mean (per channel) +-1 patterns, one per class."""
+    p = torch.randint(0, 2, (4, 3, 8, 8), generator=torch.Generator().manual_seed(7)).float() * 2 - 1
+    return p - p.mean((2, 3), keepdim=True)
+
+
+def toy_dataset(n: int, seed: int) -> ImageDataset:
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 4
+    x = PALETTE[y][:, None, None, :] + AMPLITUDE * patterns()[y].permute(0, 2, 3, 1).numpy()
+    x = x + rng.uniform(-8 / 255, 8 / 255, x.shape)
+    return ImageDataset((np.clip(x, 0, 1) * 255).round().astype(np.uint8), y.astype(np.int64), CLASSES)
+
+
+class ColourEncoder(nn.Module):
+    """Robust: the centred mean colour, normalised."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(x.mean((2, 3)) - 0.5, dim=1)
+
+
+class PatternEncoder(nn.Module):
+    """Non-robust: correlation with each class's faint pattern, normalised."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("p", patterns())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(torch.einsum("bchw,kchw->bk", x, self.p), dim=1)
+
+
+BANK_SIZE, N_TRAIN = 160, 200
+
+
+def model_under_test(name: str, encoder: nn.Module, method: str, train: ImageDataset) -> rb.ModelUnderTest:
+    bank = knn.embed(encoder, train.images[:BANK_SIZE])
+    model = KnnModel(encoder.eval(), bank, torch.as_tensor(train.labels[:BANK_SIZE]), 4, k=5)
+    manifest = {"name": name, "bank_size": BANK_SIZE, "training": {"method": method}, "knn": {"k": 5}}
+    return rb.ModelUnderTest(name, Path(name), manifest, model, f"{name}-sha")
+
+
+def toy_config(out: Path, **overrides) -> rb.SuiteConfig:
+    base = dict(out=str(out), n_robust=24, n_clean=48, eps_sweep=(0.0, 4 / 255, 8 / 255, 16 / 255),
+                temperatures=(0.05, 0.5), n_sweep=16, large_eps=0.5, validate_n=0, guides=10, device="cpu",
+                progress=False)
+    return rb.SuiteConfig.quick_config(**{**base, **overrides})
+
+
+def run_toy(out: Path, **overrides) -> dict:
+    train, test = toy_dataset(N_TRAIN, seed=0), toy_dataset(48, seed=1)
+    robust = model_under_test("colour", ColourEncoder(), "sat", train)
+    fragile = model_under_test("pattern", PatternEncoder(), "supervised", train)
+    suite = rb.Suite(toy_config(out, **overrides), [robust, fragile], test, source=fragile, train=train)
+    return suite.run()
+
+
+@pytest.fixture(scope="module")
+def toy_result(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return run_toy(tmp_path_factory.mktemp("suite"))
+
+
+def by_name(result: dict) -> dict[str, dict]:
+    return {m["name"]: m for m in result["models"]}
+
+
+def test_robust_model_scores_higher(toy_result: dict) -> None:
+    models = by_name(toy_result)
+    colour, pattern = models["colour"], models["pattern"]
+    assert colour["clean"]["acc"] == 1.0 and pattern["clean"]["acc"] == 1.0, "both solve the clean problem"
+    assert colour["worst_case"]["acc"] == 1.0, "no 8/255 perturbation changes a mean colour enough"
+    assert pattern["worst_case"]["acc"] <= 0.05, "the 4/255 pattern is destroyed by an 8/255 attack"
+    adaptive = {r["attack"]: r["acc"] for r in pattern["attacks"]}
+    assert adaptive["apgd_ce"] <= 0.05 and adaptive["apgd_dlr"] <= 0.05
+    assert [r["attack"] for r in colour["attacks"]][-1] == "transfer", "transfer from the supervised source"
+    assert "transfer" not in [r["attack"] for r in pattern["attacks"]], "the source is not attacked by itself"
+
+
+def test_worst_case_never_above_any_attack(toy_result: dict) -> None:
+    for m in toy_result["models"]:
+        worst = rb._unbits(m["per_image"]["worst_case"])
+        for name in m["worst_case"]["attacks"]:
+            attack = rb._unbits(m["per_image"][name])
+            assert not (worst & ~attack).any(), f"{m['name']}: robust in the worst case but broken by {name}"
+            acc = next(r["acc"] for r in m["attacks"] if r["attack"] == name)
+            assert m["worst_case"]["acc"] <= acc
+        assert m["worst_case"]["acc"] <= m["attacked"]["acc"]
+        sweep = sorted(m["eps_sweep"], key=lambda r: r["eps"])
+        accs = [r["worst_case_acc"] for r in sweep]
+        assert accs == sorted(accs, reverse=True), "the nested cascade can only lose images as eps grows"
+        assert sweep[0]["eps"] == 0 and sweep[0]["worst_case_acc"] == m["attacked"]["acc"]
+        main = next(r for r in sweep if abs(r["eps"] - m["worst_case"]["eps"]) < 1e-12)
+        assert main["worst_case_acc"] == m["worst_case"]["acc"]
+
+
+def test_attack_success_increases_with_eps(toy_result: dict) -> None:
+    pattern = by_name(toy_result)["pattern"]
+    accs = {r["eps"]: r["worst_case_acc"] for r in pattern["eps_sweep"]}
+    assert accs[0.0] == 1.0 and accs[4 / 255] > accs[16 / 255]
+
+
+def test_paper_protocol_and_checks(toy_result: dict) -> None:
+    colour, pattern = by_name(toy_result)["colour"], by_name(toy_result)["pattern"]
+    for m in (colour, pattern):
+        assert [r["eps"] for r in m["paper_protocol"]] == [0.03, 0.06]
+        for r in m["paper_protocol"]:
+            assert r["n_attacked"] == m["attacked"]["clean_correct"]
+            assert 0 <= r["adaptive_defence_rate"] <= 1 and 0 <= r["defence_success_rate"] <= 1
+    assert colour["paper_protocol"][0]["adaptive_defence_rate"] == 1.0
+    assert pattern["paper_protocol"][0]["adaptive_defence_rate"] == 0.0
+    assert colour["paper_protocol"][0]["paper_reported"] == "~0.63-0.85"
+    for m in (colour, pattern):
+        checks = {c["check"]: c for c in m["masking_checks"]}
+        # eps 0.5 reaches any colour, so even the robust model must fall: the attack is not masked
+        assert checks["large eps drives accuracy to ~0"]["passed"], m["name"]
+        assert checks["every attack beats random noise"]["passed"], m["name"]
+        assert checks["surrogate gradients are non-zero"]["passed"], m["name"]
+        assert checks["more steps never raise accuracy"]["passed"], m["name"]
+    assert {c["check"]: c for c in colour["masking_checks"]}["white-box at least as strong as transfer"]["passed"]
+
+
+def test_protocol_and_provenance_recorded(toy_result: dict) -> None:
+    assert toy_result["seed"] == 0 and toy_result["code_version"] and toy_result["quick"]
+    for m in toy_result["models"]:
+        assert m["model_sha256"] == f"{m['name']}-sha"
+        assert m["clean"]["protocol"] and m["worst_case"]["protocol"] and m["noise"]["protocol"]
+        assert all(r["protocol"] for r in m["attacks"] + m["eps_sweep"] + m["paper_protocol"])
+        t = m["temperature"]
+        assert t["selected"] in (0.05, 0.5) and len(t["sweep"]) == 4, "2 temperatures x (whole bank, k nearest)"
+
+
+def test_reports_written_and_parse(toy_result: dict, tmp_path: Path) -> None:
+    paths = rb.write_reports(toy_result, tmp_path)
+    assert json.loads(Path(paths["json"]).read_text())["models"][0]["name"] == "colour"
+    md = Path(paths["markdown"]).read_text()
+    for heading in ("## Worst case", "## Accuracy (%) under each attack", "## The paper's protocol",
+                    "## Gradient-masking checks", "vs eps"):
+        assert heading in md
+    assert md.index("## Worst case") < md.index("under each attack"), "the report leads with the worst case"
+    for key in ("eps_plot", "temperature_plot"):
+        assert Path(paths[key]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_reuses_cached_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    small = dict(eps_sweep=(0.0, 8 / 255), paper_eps=(), temperatures=(0.5,), n_robust=8)
+    first = run_toy(tmp_path, **small)
+
+    def no_attacks(*args, **kwargs):
+        raise AssertionError("every attack result should come from the cache")
+
+    monkeypatch.setattr(rb, "robust_mask", no_attacks)
+    second = run_toy(tmp_path, **small)
+    for a, b in zip(first["models"], second["models"], strict=True):
+        assert a["per_image"] == b["per_image"] and a["worst_case"] == b["worst_case"]
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError):
+        rb.SuiteConfig(eps=0.0)
+    with pytest.raises(ValueError):
+        rb.SuiteConfig(temperatures=(0.0,))
+    with pytest.raises(ValueError):
+        rb.SuiteConfig(n_robust=0)
+    assert rb.fmt_eps(8 / 255) == "8/255" and rb.fmt_eps(0.03) == "0.03"
+
+
+# --- end to end: a real (tiny) artifact through the CLI, with card update --------------------------------------
+
+
+@pytest.fixture
+def tiny_artifact(tiny_cifar: Path, tmp_path: Path) -> Path:
+    """A resnet10-width-4 artifact over the first 64 of the tiny training images (16 held out)."""
+    from training.data import load_dataset
+    from training.export import export_artifact
+    from training.models import Encoder, EncoderConfig
+
+    torch.manual_seed(0)
+    encoder = Encoder(EncoderConfig(arch="resnet10", width=4, proj_dim=16)).eval()
+    train = load_dataset(str(tiny_cifar), "train")
+    bank = knn.embed(encoder, train.images[:64])
+    training = {"method": "ssl", "hyperparameters": {}, "epochs": 0, "seed": 0, "code_version": "test"}
+    return export_artifact(tmp_path / "art", encoder, bank, torch.as_tensor(train.labels[:64]), name="tiny",
+                           classes=list(train.classes), dataset="cifar10", training=training, k=5, onnx=False)
+
+
+def test_cli_quick_run_updates_the_card(tiny_artifact: Path, tiny_cifar: Path, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from training.cli import main
+
+    quick = rb.SuiteConfig.quick_config
+    smaller = dict(temperatures=(0.5,), paper_eps=(0.03,), pgd_steps=(2, 4), apgd_steps=4, embedding_steps=2,
+                   guided_steps=2, large_eps_steps=2, sweep_steps=2)
+    monkeypatch.setattr(rb.SuiteConfig, "quick_config", lambda **kw: quick(**{**smaller, **kw}))
+    out = tmp_path / "results"
+    argv = ["robustness", str(tiny_artifact), "--quick", "--data", str(tiny_cifar), "--out", str(out),
+            "--n-robust", "8", "--validate-n", "0", "--device", "cpu", "--no-progress", "--update-cards",
+            "--eps", "8/255", "--eps-sweep", "0", "8/255"]
+    assert main(argv) == 0
+    result = json.loads((out / "robustness.json").read_text())
+    assert result["models"][0]["model_sha256"] == rb.model_sha256(json.loads((tiny_artifact / "manifest.json")
+                                                                             .read_text()))
+    assert result["transfer_source"] is None
+    assert (out / "robustness.md").is_file() and (out / "robustness_eps.png").is_file()
+    manifest = verify_artifact(tiny_artifact)  # card.md and the plot re-hashed: still verifies
+    assert "robustness_eps.png" in manifest["files"]
+    assert any(r.get("suite") == "robustness" and r["attack"] == "worst_case" for r in manifest["metrics"]["robust"])
+    assert main(argv) == 0  # again (from the cache): the card keeps one suite section
+    card = (tiny_artifact / "card.md").read_text()
+    assert card.count(rb.CARD_BEGIN) == 1 and card.startswith("# Model card: tiny")
+    verify_artifact(tiny_artifact)
