@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -63,6 +64,7 @@ class SuiteConfig:
 
     data: str = "data"
     out: str = "benchmarks/results"
+    cache_dir: str | None = None  # per-attack results for resuming (None: <out>/cache)
     n_robust: int = 1000  # first N test images attacked
     n_clean: int | None = None  # test images for clean accuracy (None: all)
     eps: float = 8 / 255  # main radius of the per-attack table
@@ -323,7 +325,7 @@ class Suite:
             raise ValueError("no models to evaluate")
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        self.cache = Cache(Path(cfg.out) / "cache", cfg.resume)
+        self.cache = Cache(Path(cfg.cache_dir or Path(cfg.out) / "cache"), cfg.resume)
         self.models, self.source, self.test, self._train = list(models), source, test, train
         names = [m.name for m in self.models]
         for m in self.models:  # distinct names in tables and plots
@@ -629,7 +631,7 @@ class Suite:
     def run(self) -> dict[str, Any]:
         from training.export import code_version
 
-        cfg, t0 = self.cfg, time.time()
+        cfg, t0, load_start = self.cfg, time.time(), _loadavg()
         order = ([self.source] if self.source is not None else []) + [m for m in self.models if m is not self.source]
         for m in order:
             m.result["temperature"] = self.temperature_sweep(m)
@@ -658,6 +660,9 @@ class Suite:
             "suite": "robustness", "format_version": 1, "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "code_version": code_version(), "seed": cfg.seed, "quick": cfg.quick, "device": str(self.device),
             "torch": torch.__version__, "config": asdict(cfg), "seconds": round(time.time() - t0, 1),
+            "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                        "loadavg_start": load_start, "loadavg_end": _loadavg()},
             "transfer_source": None if self.source is None else {"name": self.source.name,
                                                                  "model_sha256": self.source.model_sha256},
             "protocol": {
@@ -673,6 +678,14 @@ class Suite:
             "models": models,
             "torchattacks_validation": validation,
         }
+
+
+def _loadavg() -> list[float] | None:
+    """1/5/15-minute load average (a busy machine slows every attack; recorded beside the timings)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def zero_gradient_share(model: KnnModel, surrogate: Surrogate, images: np.ndarray, labels: np.ndarray,
@@ -957,7 +970,8 @@ def update_card(artifact: str | Path, model: dict[str, Any], result: dict[str, A
         files["robustness_eps.png"] = sha256_file(path / "robustness_eps.png")
     metrics = manifest.setdefault("metrics", {})
     robust = [r for r in metrics.get("robust", []) if r.get("suite") != "robustness"]
-    for r in model["attacks"] + [{"attack": "worst_case", "steps": None, **model["worst_case"]}]:
+    most = max((r["steps"] for r in model["attacks"]), default=0)  # the worst case's longest attack
+    for r in model["attacks"] + [{"attack": "worst_case", "steps": most, **model["worst_case"]}]:
         robust.append({"attack": r["attack"], "norm": "linf", "eps": r["eps"], "steps": r.get("steps"),
                        "acc": r["acc"], "n": r["n"], "suite": "robustness", "code_version": result["code_version"],
                        "quick": result["quick"]})
@@ -991,7 +1005,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transfer-source", default=None,
                    help="artifact whose adversarial images are transferred (default: the supervised one; 'none')")
     p.add_argument("--data", default="data", help="dataset path (CIFAR-10 python layout)")
-    p.add_argument("--out", default="benchmarks/results", help="folder for robustness.{json,md}, plots and the cache")
+    p.add_argument("--out", default="benchmarks/results", help="folder for robustness.{json,md} and the plots")
+    p.add_argument("--cache-dir", default=None, help="per-attack results for resuming (default: <out>/cache)")
     p.add_argument("--quick", action="store_true", help="a few dozen images and few steps (tests, CI)")
     p.add_argument("--n-robust", type=int, default=None, help="first N test images attacked (full: 1000)")
     p.add_argument("--n-clean", type=int, default=None, help="test images for clean accuracy (full: all)")
@@ -1003,7 +1018,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of every random start")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="reuse per-attack results cached in <out>/cache")
+                   help="reuse per-attack results from the cache folder")
     p.add_argument("--update-cards", action="store_true",
                    help="write the results into each artifact's card.md and re-hash it in manifest.json")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
@@ -1025,8 +1040,8 @@ def config_from_args(args: argparse.Namespace) -> SuiteConfig:
     sweep = tuple(args.eps_sweep) if args.eps_sweep else None
     over = {k: v for k, v in {"n_robust": args.n_robust, "n_clean": args.n_clean, "eps": args.eps, "eps_sweep": sweep,
                                 "validate_n": args.validate_n, "batch_size": args.batch_size}.items() if v is not None}
-    common = dict(data=args.data, out=args.out, seed=args.seed, device=args.device, resume=args.resume,
-                  progress=args.progress)
+    common = dict(data=args.data, out=args.out, cache_dir=args.cache_dir, seed=args.seed, device=args.device,
+                  resume=args.resume, progress=args.progress)
     cfg = SuiteConfig.quick_config(**common) if args.quick else SuiteConfig(**common)
     return replace(cfg, **over)
 
