@@ -6,7 +6,7 @@ EXTRA ?= cpu
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install install-dev serve test lint data
+.PHONY: install install-dev serve test lint data bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,3 +38,7 @@ lint: install-dev
 # Materialise CIFAR-10 from ../shared/data/cifar10 into data/ (official python layout).
 data:
 	$(BIN)/python ../shared/data/cifar10/materialize.py data
+
+# Serving benchmark (needs wrk: apt-get install -y wrk); results in benchmarks/results/.
+bench: install-dev
+	$(BIN)/python benchmarks/serve_bench.py $(BENCH_ARGS)

@@ -7,6 +7,7 @@ given here wins over the environment.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from app.config import Settings
@@ -38,6 +39,9 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:  # pydantic's ValidationError, or SettingsError for an unparsable env value
         sys.exit(f"satml-serve: invalid settings:\n{e}")
 
+    # torch and faiss each bring an OpenMP pool; spinning waits make them fight over the cores
+    # (measured in benchmarks/README.md). Must be set before torch is imported; the user's value wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import uvicorn
 
     from app.logs import configure_logging

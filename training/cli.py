@@ -44,7 +44,7 @@ TRAIN_HELP: dict[str, str] = {
     "eval_size": "validation images used by the periodic check",
     "seed": "random seed (data order, augmentation, attacks)",
     "device": "auto | cpu | cuda",
-    "compile": "torch.compile the supervised models",
+    "compile": "torch.compile the training forward pass (pays off on CUDA)",
     "workers_threads": "torch CPU threads (None: torch's choice)",
     "checkpoint_minutes": "minutes between checkpoints",
     "max_minutes": "stop cleanly (resumable) after this many minutes in this call",

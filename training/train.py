@@ -85,6 +85,12 @@ class TrainConfig:
             raise ValueError(f"method must be ssl|sat|supervised|pgd_at, got {self.method!r}")
         if not 0 <= self.alpha <= max(self.eps, 1e-12) <= 1 and self.method in ("sat", "pgd_at"):
             raise ValueError(f"need 0 <= alpha <= eps <= 1, got alpha={self.alpha}, eps={self.eps}")
+        for name, allowed in (("optimizer", ("sgd", "adam")), ("attack", ("guided", "embedding")),
+                              ("keep", ("all", "successful"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.epochs < 1 or self.batch_size < 2:
             raise ValueError(f"epochs >= 1 and batch_size >= 2 required, got {self.epochs}, {self.batch_size}")
 
@@ -141,10 +147,15 @@ def encoder_from_checkpoint(ckpt: dict[str, Any]) -> Encoder:
 
 
 class Step:
-    """One optimisation step of a method: batch of float images [B, 3, H, W] + labels -> (loss, stats)."""
+    """One optimisation step of a method: batch of float images [B, 3, H, W] + labels -> (loss, stats).
 
-    def __init__(self, cfg: TrainConfig, model: nn.Module, g: torch.Generator) -> None:
+    `net` runs the training forward pass (it may be DDP-wrapped or compiled, so gradients sync);
+    `model` is the plain module, used by the attacks, which need no gradient sync.
+    """
+
+    def __init__(self, cfg: TrainConfig, model: nn.Module, g: torch.Generator, net: nn.Module | None = None) -> None:
         self.cfg, self.model, self.g = cfg, model, g
+        self.net = net if net is not None else model
         self.aug = augment.AugmentConfig()
 
     def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
@@ -152,7 +163,7 @@ class Step:
 
     def ssl(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
         v1, v2 = augment.two_views(x, self.aug, self.g)
-        p = self.model(torch.cat([v1, v2]))  # 2B x P
+        p = self.net(torch.cat([v1, v2]))  # 2B x P
         p1, p2 = p.chunk(2)
         return losses.info_nce(p1.float(), p2.float(), self.cfg.temperature), {}
 
@@ -171,8 +182,11 @@ class Step:
                             generator=self.g)
         keep = torch.ones(len(v), dtype=torch.bool, device=v.device)
         if cfg.keep == "successful":
+            num_classes = int(y.max()) + 1
+            # an in-batch bank has only B rows: with k >= B every query gets the batch-majority label
+            k = max(1, min(cfg.knn_k, len(y) // num_classes))
             with attacks.eval_mode(self.model), torch.no_grad():
-                pred, _ = knn.knn_predict(enc(v_adv).float(), z, y, int(y.max()) + 1, k=min(cfg.knn_k, len(y)))
+                pred, _ = knn.knn_predict(enc(v_adv).float(), z, y, num_classes, k=k)
             keep = pred != y
         return v_adv, keep
 
@@ -180,7 +194,7 @@ class Step:
         cfg = self.cfg
         v1, v2 = augment.two_views(x, self.aug, self.g)
         v_adv, keep = self._sat_adversary(v1, y)
-        p = self.model(torch.cat([v1, v2, v_adv])).float()  # 3B x P
+        p = self.net(torch.cat([v1, v2, v_adv])).float()  # 3B x P
         p1, p2, pa = p.chunk(3)
         loss = cfg.clean_weight * losses.info_nce(p1, p2, cfg.temperature)
         if keep.sum() >= 2:
@@ -188,7 +202,7 @@ class Step:
         return loss, {"kept": keep.float().mean().item()}
 
     def supervised(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
-        return losses.cross_entropy(self.model(augment.crop_flip(x, g=self.g)).float(), y), {}
+        return losses.cross_entropy(self.net(augment.crop_flip(x, g=self.g)).float(), y), {}
 
     def pgd_at(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
         cfg = self.cfg
@@ -196,7 +210,7 @@ class Step:
         objective = attacks.cross_entropy_objective(self.model, y)
         x_adv = attacks.pgd(objective, x, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.attack_steps, model=self.model,
                             generator=self.g)
-        logits = self.model(x_adv).float()
+        logits = self.net(x_adv).float()
         return losses.cross_entropy(logits, y), {"adv_acc": (logits.argmax(1) == y).float().mean().item()}
 
 
@@ -216,15 +230,59 @@ def _log_json(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+@dataclass(frozen=True)
+class Dist:
+    """Process-group facts; world 1 without torchrun. Each rank takes `batch_size / world` images per step."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> Dist:
+    """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_name != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank, world, local_rank)
+
+
+def _optimizer(cfg: TrainConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) training; returns final metrics and the checkpoint path."""
+    """Run (or resume) training; returns final metrics and the checkpoint path.
+
+    Under `torchrun --nproc_per_node N` each rank trains on its share of every global batch with
+    gradients averaged by DDP (SyncBatchNorm); rank 0 alone writes checkpoints and logs.
+    """
     t_call = time.time()
+    dist_info = init_distributed(cfg.device)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
+    if device.type == "cuda" and dist_info.world > 1:
+        device = torch.device("cuda", dist_info.local_rank)
     if cfg.workers_threads:
         torch.set_num_threads(cfg.workers_threads)
     torch.manual_seed(cfg.seed)
+    if cfg.batch_size % dist_info.world:
+        raise ValueError(f"batch_size {cfg.batch_size} must divide evenly over {dist_info.world} processes")
 
     full = load_dataset(cfg.data, "train")
     if cfg.limit:
@@ -250,13 +308,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     base_lr = cfg.lr * cfg.batch_size / 256
-    if cfg.optimizer == "adam":
-        opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=base_lr, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=0.9, weight_decay=cfg.weight_decay,
-                              nesterov=True)
+    opt = _optimizer(cfg, model, base_lr)
     g = torch.Generator(device=device)
-    g.manual_seed(cfg.seed)
+    g.manual_seed(cfg.seed + 7919 * dist_info.rank)  # each rank augments and attacks differently
     step, elapsed = 0, 0.0
     ckpt_path = run_dir / CHECKPOINT
     if ckpt_path.exists():
@@ -266,33 +320,48 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, elapsed = state["step"], state.get("elapsed_s", 0.0)
-        g.set_state(state["generator"].cpu())
+        if dist_info.world == 1:
+            g.set_state(state["generator"].cpu())
         log.info("resumed %s at step %d/%d", ckpt_path, step, total_steps)
-    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    if dist_info.main:
+        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
-    def checkpoint() -> None:
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "config": asdict(cfg),
-            "generator": g.get_state(), "elapsed_s": elapsed + time.time() - t_start,
-            "num_classes": num_classes, "classes": list(full.classes),
-        })
+    net: nn.Module = model
+    if dist_info.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
 
-    step_fn = Step(cfg, model, g)
-    fwd = torch.compile(model) if cfg.compile else model
-    step_fn.model = fwd if cfg.method in ("supervised", "pgd_at") else model
+        net = DistributedDataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(model),
+                                      device_ids=[device.index] if device.type == "cuda" else None)
+        model = net.module
+    if cfg.compile:
+        net = torch.compile(net)
+    step_fn = Step(cfg, model, g, net)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
     metrics_path = run_dir / METRICS
     t_start = last_ckpt = time.time()
+
+    def checkpoint() -> None:
+        if dist_info.main:
+            save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "config": asdict(cfg),
+                "generator": g.get_state(), "elapsed_s": elapsed + time.time() - t_start,
+                "num_classes": num_classes, "classes": list(full.classes), "world_size": dist_info.world,
+            })
+
     stopped_early = False
+    per_rank = cfg.batch_size // dist_info.world
     model.train()
-    bar = tqdm(total=total_steps, initial=step, desc=cfg.method, disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, desc=cfg.method, disable=not (cfg.progress and dist_info.main),
+               dynamic_ncols=True)
     while step < total_steps:
         epoch = step // steps_per_epoch
+        # the same permutation on every rank; rank r takes its slice of each global batch
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).to(device)
         t_epoch, seen, batches, loss_sum, stats_sum = time.time(), 0, 0, 0.0, {}
         for i in range(step % steps_per_epoch, steps_per_epoch):
-            idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            lo = i * cfg.batch_size + dist_info.rank * per_rank
+            idx = perm[lo:lo + per_rank]
             x = images[idx].float().div_(255)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -304,7 +373,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             loss.backward()
             opt.step()
             step += 1
-            seen += len(idx)
+            seen += len(idx) * dist_info.world
             batches += 1
             loss_sum += loss.item()
             for k, v in stats.items():
@@ -317,25 +386,35 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if cfg.max_minutes is not None and time.time() - t_call > cfg.max_minutes * 60:
                 stopped_early = True
                 break
+        if dist_info.world > 1:  # every rank must agree to stop, or DDP would hang on the next step
+            flag = torch.tensor([float(stopped_early)], device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stopped_early = bool(flag.item())
         record: dict[str, Any] = {
             "epoch": epoch, "step": step, "loss": loss_sum / max(1, batches),
             "lr": opt.param_groups[0]["lr"], "img_per_s": seen / max(1e-9, time.time() - t_epoch),
             **{k: v / max(1, batches) for k, v in stats_sum.items()},
         }
         done_epoch = step % steps_per_epoch == 0
-        if done_epoch and val_set is not None and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0:
+        evaluate_now = done_epoch and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0
+        if evaluate_now and val_set is not None and dist_info.main:
             sub = val_set.subset(slice(0, cfg.eval_size))
             record["val_knn_acc"] = knn_accuracy(model.encoder, train_set, sub, cfg.knn_k, device)
             model.train()
-        _log_json(metrics_path, record)
+        if dist_info.main:
+            _log_json(metrics_path, record)
         log.info("epoch %s", record)
         if stopped_early:
             break
     bar.close()
     checkpoint()
     result: dict[str, Any] = {"checkpoint": str(ckpt_path), "step": step, "total_steps": total_steps,
-                              "finished": step >= total_steps, "train_seconds": elapsed + time.time() - t_start}
-    if step >= total_steps and val_set is not None:
+                              "finished": step >= total_steps, "train_seconds": elapsed + time.time() - t_start,
+                              "world_size": dist_info.world}
+    if step >= total_steps and val_set is not None and dist_info.main:
         result["val_knn_acc"] = knn_accuracy(model.encoder, train_set, val_set, cfg.knn_k, device, cfg.progress)
         _log_json(metrics_path, {"final": True, **result})
+    if dist_info.world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return result

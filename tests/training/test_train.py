@@ -226,8 +226,6 @@ class _ColourModel(nn.Module):
         self.encoder = _ColourEncoder()
 
 
-@pytest.mark.xfail(strict=True, reason="train.py bug (reported): keep='successful' votes with k = min(knn_k, B); "
-                   "for B <= knn_k every query gets the batch-majority label, so 'success' ignores the attack")
 @pytest.mark.parametrize("attack", ["guided", "embedding"])
 def test_sat_keep_successful_keeps_nothing_when_nothing_was_perturbed(attack: str) -> None:
     colours = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [1.0, 1.0, 0]])
