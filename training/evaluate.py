@@ -156,7 +156,7 @@ def craft(model: KnnModel, x: Tensor, y: Tensor, *, method: AttackMethod = "pgd"
     adaptive  PGD on the surrogate's CW margin (scale-free, no softmax saturation)
     apgd_ce   APGD (Croce & Hein 2020) on the surrogate's cross-entropy, step size self-tuned
     apgd_dlr  APGD on the surrogate's DLR loss (untargeted; targeted uses the cross-entropy)
-    embedding label-free PGD pushing the embedding away from the clean one
+    embedding label-free PGD pushing the embedding away from the clean one (ignores `target`)
     x [B, 3, H, W] in [0, 1]; y [B] the labels to move away from; target [B] makes it targeted.
     """
     if method not in ATTACK_METHODS:

@@ -21,6 +21,15 @@ NUM_CLASSES = 4
 SHAPE = (3, 4, 4)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread skips the thread hand-off that dominates on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def toy_data(n: int, seed: int) -> tuple[Tensor, Tensor]:
     """Images in [0, 1]: a class mean (fixed random pattern) plus Gaussian noise."""
     means = torch.rand((NUM_CLASSES, *SHAPE), generator=torch.Generator().manual_seed(123)) * 0.25 + 0.375

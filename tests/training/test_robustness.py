@@ -28,6 +28,15 @@ PALETTE = np.array([[0.25, 0.25, 0.75], [0.75, 0.25, 0.25], [0.25, 0.75, 0.25], 
 AMPLITUDE = 4 / 255
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread skips the thread hand-off that dominates on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def patterns() -> Tensor:
     """[4, 3, 8, 8] zero-mean (per channel) +-1 patterns, one per class."""
     p = torch.randint(0, 2, (4, 3, 8, 8), generator=torch.Generator().manual_seed(7)).float() * 2 - 1
