@@ -269,7 +269,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training; returns final metrics and the checkpoint path.
 
     Under `torchrun --nproc_per_node N` each rank trains on its share of every global batch with
-    gradients averaged by DDP (SyncBatchNorm); rank 0 alone writes checkpoints and logs.
+    gradients averaged by DDP (SyncBatchNorm on CUDA); rank 0 alone writes checkpoints and logs.
     """
     t_call = time.time()
     dist_info = init_distributed(cfg.device)
@@ -330,8 +330,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if dist_info.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(model),
-                                      device_ids=[device.index] if device.type == "cuda" else None)
+        if device.type == "cuda":  # SyncBatchNorm is CUDA-only; on CPU (gloo) each rank keeps its own BN stats
+            net = DistributedDataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(model), device_ids=[device.index])
+        else:
+            net = DistributedDataParallel(model)
         model = net.module
     if cfg.compile:
         net = torch.compile(net)
