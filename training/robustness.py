@@ -237,6 +237,8 @@ def fmt_eps(eps: float) -> str:
 
 @dataclass
 class ModelUnderTest:
+    """A k-NN model being evaluated: identity (name, path, manifest, sha256), the chosen surrogate, results."""
+
     name: str
     path: Path
     manifest: dict[str, Any]
@@ -295,7 +297,9 @@ class Cache:
     def put_tensor(self, sha: str, name: str, key: dict[str, Any], x: Tensor) -> None:
         p = self._path(sha, name, key, ".safetensors")
         p.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"x": x.contiguous()}, p)
+        tmp = p.with_suffix(".tmp")
+        save_file({"x": x.contiguous()}, tmp)
+        os.replace(tmp, p)
 
 
 def _bits(mask: np.ndarray) -> str:
