@@ -1009,7 +1009,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transfer-source", default=None,
                    help="artifact whose adversarial images are transferred (default: the supervised one; 'none')")
     p.add_argument("--data", default="data", help="dataset path (CIFAR-10 python layout)")
-    p.add_argument("--out", default="benchmarks/results", help="folder for robustness.{json,md} and the plots")
+    p.add_argument("--out", default=None, help="folder for robustness.{json,md} and the plots (default: "
+                   "benchmarks/results; with --quick: test-output/robustness_quick, so quick runs never overwrite)")
     p.add_argument("--cache-dir", default=None, help="per-attack results for resuming (default: <out>/cache)")
     p.add_argument("--quick", action="store_true", help="a few dozen images and few steps (tests, CI)")
     p.add_argument("--n-robust", type=int, default=None, help="first N test images attacked (full: 1000)")
@@ -1044,7 +1045,8 @@ def config_from_args(args: argparse.Namespace) -> SuiteConfig:
     sweep = tuple(args.eps_sweep) if args.eps_sweep else None
     over = {k: v for k, v in {"n_robust": args.n_robust, "n_clean": args.n_clean, "eps": args.eps, "eps_sweep": sweep,
                                 "validate_n": args.validate_n, "batch_size": args.batch_size}.items() if v is not None}
-    common = dict(data=args.data, out=args.out, cache_dir=args.cache_dir, seed=args.seed, device=args.device,
+    out = args.out or ("test-output/robustness_quick" if args.quick else "benchmarks/results")
+    common = dict(data=args.data, out=out, cache_dir=args.cache_dir, seed=args.seed, device=args.device,
                   resume=args.resume, progress=args.progress)
     cfg = SuiteConfig.quick_config(**common) if args.quick else SuiteConfig(**common)
     return replace(cfg, **over)
