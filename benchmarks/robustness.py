@@ -1,6 +1,6 @@
 """Robustness benchmark (DESIGN section 6, issue 5): the full evaluation protocol on the shipped artifacts.
 
-Evaluates artifacts/default (SAT) and artifacts/supervised (plus any others given) with
+Evaluates artifacts/default (SAT), artifacts/supervised and artifacts/ssl when present (or the artifacts given) with
 `training.robustness`: clean accuracy on all 10,000 test images and on the exact first 1,017; on the
 first 1,000 test images PGD-20/50, APGD-CE, APGD-DLR (soft-kNN surrogate, temperature chosen on held-out
 training images), the paper's guided attack, an embedding attack and transfer from the supervised model,
@@ -12,7 +12,7 @@ benchmarks/results/robustness.{json,md} + robustness_eps.png + robustness_temper
 Per-attack results are cached in runs/robustness_cache/, so an interrupted run resumes where it stopped
 (rerun the same command). On 2 CPU cores a full run takes roughly 1-2 hours per ResNet-10-w16 model.
 
-    python benchmarks/robustness.py                      # artifacts/default + artifacts/supervised
+    python benchmarks/robustness.py                      # artifacts/default, supervised (+ ssl if present)
     python benchmarks/robustness.py --update-cards       # ... and update their model cards
     python benchmarks/robustness.py --artifacts artifacts/default artifacts/supervised artifacts/ssl
     python benchmarks/robustness.py --quick              # smoke run (minutes) -> test-output/robustness_quick/
@@ -32,11 +32,14 @@ sys.path.insert(0, str(ROOT))  # run as a script from a checkout
 from training.robustness import SuiteConfig, parse_eps, run_suite  # noqa: E402
 
 DEFAULT_ARTIFACTS = ("artifacts/default", "artifacts/supervised")
+OPTIONAL_ARTIFACTS = ("artifacts/ssl",)  # the SSL+kNN row of the paper's table, evaluated when it exists
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--artifacts", nargs="+", default=list(DEFAULT_ARTIFACTS), help="artifact folders")
+    p.add_argument("--artifacts", nargs="+", default=None,
+                   help="artifact folders (default: artifacts/default artifacts/supervised, and artifacts/ssl if "
+                        "present)")
     p.add_argument("--transfer-source", default=None,
                    help="artifact whose adversarial images are transferred (default: the supervised one; 'none')")
     p.add_argument("--data", default="data", help="CIFAR-10 in the official python layout (`make data`)")
@@ -54,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    if args.artifacts is None:
+        args.artifacts = [*DEFAULT_ARTIFACTS, *(a for a in OPTIONAL_ARTIFACTS if (Path(a) / "manifest.json").is_file())]
     missing = [a for a in args.artifacts if not (Path(a) / "manifest.json").is_file()]
     if missing:
         print(f"no artifact at {missing}: train and export them first (scripts/train_cpu_default.sh)",
