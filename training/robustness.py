@@ -84,6 +84,7 @@ class SuiteConfig:
     transfer_steps: int = 100  # APGD-CE on the source model's surrogate
     large_eps_steps: int = 20
     validate_n: int = 200  # images for the torchattacks cross-check (0: skip)
+    validate_eps: float = 1 / 255  # small enough that the supervised model keeps part of its accuracy (informative)
     batch_size: int = 250
     seed: int = 0
     device: str = "auto"
@@ -628,7 +629,7 @@ class Suite:
     def validate_torchattacks(self, m: ModelUnderTest) -> dict[str, Any]:
         """Our PGD / APGD against torchattacks' on the same surrogate, images and budget."""
         return torchattacks_agreement(m.surrogate.build(m.model), self.images[:self.cfg.validate_n],
-                                      self.labels[:self.cfg.validate_n], eps=self.cfg.eps,
+                                      self.labels[:self.cfg.validate_n], eps=self.cfg.validate_eps,
                                       pgd_steps=self.cfg.pgd_steps[0], apgd_steps=self.cfg.apgd_steps,
                                       seed=self.cfg.seed, device=self.device) | {"model": m.name}
 
