@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import platform
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -634,9 +635,7 @@ class Suite:
                                       seed=self.cfg.seed, device=self.device) | {"model": m.name}
 
     def run(self) -> dict[str, Any]:
-        from training.export import code_version
-
-        cfg, t0, load_start = self.cfg, time.time(), _loadavg()
+        cfg, t0, load_start, version = self.cfg, time.time(), _loadavg(), suite_code_version()
         order = ([self.source] if self.source is not None else []) + [m for m in self.models if m is not self.source]
         for m in order:
             m.result["temperature"] = self.temperature_sweep(m)
@@ -663,7 +662,7 @@ class Suite:
                 validation = {"skipped": "torchattacks is not installed (pip install --no-deps torchattacks)"}
         return {
             "suite": "robustness", "format_version": 1, "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "code_version": code_version(), "seed": cfg.seed, "quick": cfg.quick, "device": str(self.device),
+            "code_version": version, "seed": cfg.seed, "quick": cfg.quick, "device": str(self.device),
             "torch": torch.__version__, "config": asdict(cfg), "seconds": round(time.time() - t0, 1),
             "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -683,6 +682,21 @@ class Suite:
             "models": models,
             "torchattacks_validation": validation,
         }
+
+
+def suite_code_version() -> str:
+    """Git commit of the evaluating code, read when the run starts, with '-dirty' if training/ has uncommitted
+    changes (the numbers then come from code no commit holds)."""
+    from training.export import code_version
+
+    version = code_version()
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--", "."], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        dirty = bool(out.stdout.strip()) and out.returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        dirty = False
+    return version + "-dirty" if dirty and version != "unknown" else version
 
 
 def _loadavg() -> list[float] | None:
