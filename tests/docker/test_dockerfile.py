@@ -32,6 +32,7 @@ def test_multi_stage_with_base_image_arg() -> None:
     stages = [line for line in INSTRUCTIONS if line.startswith("FROM ")]
     assert len(stages) >= 2
     assert all(line.startswith(("FROM ${BASE_IMAGE} AS ", "FROM deps AS ")) for line in stages), stages
+    assert _index("FROM ${BASE_IMAGE} AS requirements") < _index("COPY pyproject.toml /src/")
     assert stages[-1].endswith(" AS runtime"), "the last stage is the runtime image"
     runtime = INSTRUCTIONS[_index("FROM ${BASE_IMAGE} AS runtime") :]
     venv = next(i for i, line in enumerate(runtime) if line.startswith("COPY --from=deps /opt/venv"))
@@ -50,7 +51,7 @@ def test_variant_arg_selects_extra_and_torch_index() -> None:
 
 
 def test_dependencies_layer_before_source() -> None:
-    deps = _index("COPY pyproject.toml ./")
+    deps = _index("COPY --from=requirements /requirements.txt")
     install = next(i for i, line in enumerate(INSTRUCTIONS) if line.startswith("RUN") and "--requirement" in line)
     source = _index("COPY app ")
     assert deps < install < source, "pyproject.toml alone, then pip install, then the source"
