@@ -6,7 +6,7 @@ EXTRA ?= cpu
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install install-dev serve test lint data bench
+.PHONY: install install-dev serve test lint data bench docker-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,3 +45,8 @@ data:
 # Serving benchmark (needs wrk: apt-get install -y wrk); results in benchmarks/results/.
 bench: install-dev
 	$(BIN)/python benchmarks/serve_bench.py $(BENCH_ARGS)
+
+# Build the cpu image and run it with compose (Docker engine via docker/local/ on Debian machines).
+docker-test: install-dev
+	bash docker/local/install-tools.sh
+	$(BIN)/python -m pytest -m docker -s tests/docker
