@@ -45,6 +45,18 @@ def write_tiny_cifar(root: Path, per_batch: int = TINY_PER_BATCH) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread skips the thread hand-off that dominates on a busy 2-core machine.
+
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_cifar(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A read-only tiny CIFAR-10 folder shared by the whole session (never write into it)."""

@@ -21,13 +21,7 @@ NUM_CLASSES = 4
 SHAPE = (3, 4, 4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread skips the thread hand-off that dominates on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_data(n: int, seed: int) -> tuple[Tensor, Tensor]:

@@ -24,13 +24,7 @@ NUM_CLASSES = 3
 PALETTE = np.array([[0.3, 0.3, 0.7], [0.7, 0.3, 0.3], [0.3, 0.7, 0.3]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread skips the thread hand-off that dominates on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ColourEncoder(nn.Module):
