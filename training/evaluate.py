@@ -84,6 +84,11 @@ def clean_accuracy(model: KnnModel, images: np.ndarray, labels: np.ndarray, batc
     return correct / len(labels)
 
 
+def step_size(eps: float, steps: int) -> float:
+    """PGD step for a budget: 2.5 * eps / steps (Madry et al.), at least eps / 4 so short runs reach the boundary."""
+    return max(eps / 4, 2.5 * eps / steps)
+
+
 def pgd_accuracy(model: KnnModel, images: np.ndarray, labels: np.ndarray, *, eps: float = 8 / 255,
                  alpha: float = 2 / 255, steps: int = 10, temperature: float = 0.1, batch_size: int = 200,
                  seed: int = 0, progress: bool = False) -> float:
@@ -162,7 +167,7 @@ def craft(model: KnnModel, x: Tensor, y: Tensor, *, method: AttackMethod = "pgd"
     if method not in ATTACK_METHODS:
         raise ValueError(f"unknown attack method {method!r}; expected one of {sorted(ATTACK_METHODS)}")
     surrogate = model.surrogate(temperature)
-    alpha = max(eps / 4, 2.5 * eps / steps)
+    alpha = step_size(eps, steps)
     if method == "knn_pgd":
         return guided_attack(model, x, y, eps=eps, alpha=alpha, steps=steps, guides=guides, target=target,
                              generator=generator)

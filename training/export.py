@@ -22,7 +22,7 @@ from torch import Tensor
 from training import knn
 from training.artifact import BANK, CARD, ENCODER_ONNX, ENCODER_WEIGHTS, FORMAT_VERSION, MANIFEST, sha256_file
 from training.data import load_dataset, train_val_split
-from training.evaluate import KnnModel, clean_accuracy, pgd_accuracy
+from training.evaluate import KnnModel, clean_accuracy, pgd_accuracy, step_size
 from training.models import Encoder
 from training.train import TrainConfig, encoder_from_checkpoint, load_checkpoint, resolve_device
 
@@ -185,7 +185,7 @@ def evaluate_model(model: KnnModel, data: str, n_clean: int | None, n_robust: in
                                "clean_n": len(clean)}
     rob = test.subset(slice(0, n_robust))
     if n_robust:
-        acc = pgd_accuracy(model, rob.images, rob.labels, eps=eps, alpha=max(eps / 4, 2.5 * eps / steps), steps=steps,
+        acc = pgd_accuracy(model, rob.images, rob.labels, eps=eps, alpha=step_size(eps, steps), steps=steps,
                            progress=progress)
         metrics["robust"] = [{"attack": "pgd_soft_knn", "norm": "linf", "eps": eps, "steps": steps, "acc": acc,
                               "n": len(rob), "temperature": 0.1, "random_start": True}]

@@ -872,6 +872,18 @@ def markdown_report(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _save_plot(fig: Any, ax: Any, path: Path) -> Path:
+    """Common finish of the report plots: grid, legend, tight layout, PNG, figure closed."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_eps(result: dict[str, Any], path: Path) -> Path:
     """Accuracy vs eps for all models on one figure: worst case solid, paper's guided attack dashed."""
     import matplotlib
@@ -892,12 +904,7 @@ def plot_eps(result: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(-2, 102)
     ax.set_title("k-NN accuracy vs attack radius" + (" (quick mode)" if result["quick"] else ""))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_plot(fig, ax, path)
 
 
 def plot_temperature(result: dict[str, Any], path: Path) -> Path:
@@ -918,12 +925,7 @@ def plot_temperature(result: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("soft-kNN temperature")
     ax.set_ylabel("accuracy after PGD (%)")
     ax.set_title("Surrogate temperature sweep (held-out images)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_plot(fig, ax, path)
 
 
 def write_reports(result: dict[str, Any], out: str | Path, stem: str = "robustness") -> dict[str, str]:
