@@ -23,13 +23,12 @@ from typing import TypeVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
 
 from app.batching import WorkerClosed
 from app.engine import ServedModel, batch_tensor, to_prediction
 from app.errors import ApiError
-from app.images import encode_png
+from app.images import Decoded, encode_png
 from app.metrics import Metrics
 from app.schemas import AttackOutcome, Comparison, Prediction, Transfer
 from training.evaluate import craft
@@ -145,7 +144,7 @@ def _resize(x: Tensor, size: int) -> Tensor:
 class AttackJob:
     """Attack `model` on `image`, then show the perturbation to and attack each of `compare`."""
 
-    def __init__(self, model: ServedModel, image: Image.Image, spec: AttackSpec, compare: list[ServedModel],
+    def __init__(self, model: ServedModel, image: Decoded, spec: AttackSpec, compare: list[ServedModel],
                  request_timeout_s: float) -> None:
         self.model, self.image, self.spec, self.compare = model, image, spec, compare
         self.request_timeout_s = request_timeout_s
@@ -192,14 +191,14 @@ class AttackJob:
                         success=(y_adv == target) if target is not None else (y_adv != y))
 
     def __call__(self, deadline: float) -> tuple[AttackOutcome, list[Comparison]]:
-        x = batch_tensor(self.model, [self.image])
+        x = batch_tensor([self.image.pixels[self.model.input_size]])
         outcome, x_adv = self.attack(self.model, x, deadline)
         comparisons = []
         for m in self.compare:
             self._check(deadline)
             transfer = self.transfer(m, x, x_adv, deadline)
             self._check(deadline)
-            other, _ = self.attack(m, batch_tensor(m, [self.image]), deadline)
+            other, _ = self.attack(m, batch_tensor([self.image.pixels[m.input_size]]), deadline)
             comparisons.append(Comparison(model=m.name, transfer=transfer, attack=other))
         return outcome, comparisons
 

@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     max_upload_bytes: Annotated[int, Field(ge=1024)] = 10 * 1024 * 1024  # whole request body, all files together
     max_files_per_request: Annotated[int, Field(ge=1, le=4096)] = 64  # files in one /classify request
     max_pixels: Annotated[int, Field(ge=1)] = 40_000_000  # width * height of one decoded image (bomb guard)
+    # sum of width * height over the images of one request, checked from the headers before decoding (413)
+    max_request_pixels: Annotated[int, Field(ge=1)] = 100_000_000
 
     # /attack
     attack_max_eps: Annotated[float, Field(gt=0)] = MAX_ATTACK_EPS  # L-inf radius in [0, 1] pixel units

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import secrets
 import threading
+from collections.abc import Iterable
 from typing import Annotated
 
 from fastapi import Depends, Request, Security, UploadFile
 from fastapi.security import APIKeyHeader
-from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from app.attack import AttackService
 from app.config import Settings
 from app.engine import Registry
 from app.errors import ApiError
-from app.images import decode_image
+from app.images import Decoded, decode_for_model, open_image
 from app.metrics import Metrics
 
 
@@ -42,23 +42,34 @@ def get_attacks(request: Request) -> AttackService:
 
 
 class Decoder:
-    """Decodes uploads off the event loop, at most `slots` at once (bounds memory under load)."""
+    """Decodes uploads off the event loop, at most `slots` at once, each shrunk to the model input
+    sizes in the worker thread (only the small arrays are kept: memory is bounded by `slots` full
+    images, whatever the request holds). A request whose images add up to more than
+    `max_request_pixels` (read from the headers) is refused with 413 before any pixel is decoded."""
 
     def __init__(self, settings: Settings, slots: threading.BoundedSemaphore) -> None:
-        self.max_pixels, self.slots = settings.max_pixels, slots
+        self.max_pixels, self.max_request_pixels, self.slots = settings.max_pixels, settings.max_request_pixels, slots
 
-    def _decode(self, name: str, data: bytes) -> Image.Image:
+    def _check_budget(self, named: list[tuple[str, bytes]]) -> None:
+        total = 0
+        for name, data in named:
+            w, h = open_image(data, self.max_pixels, name).size  # header only; 400/413/415 per file
+            total += w * h
+        if total > self.max_request_pixels:
+            raise ApiError(413, "request_too_large",
+                           f"the {len(named)} images of this request have {total} pixels in all (width x height); "
+                           f"the limit per request is {self.max_request_pixels}: send fewer or smaller images")
+
+    def _decode(self, name: str, data: bytes, sizes: tuple[int, ...]) -> Decoded:
         with self.slots:
-            return decode_image(data, self.max_pixels, name)
+            return decode_for_model(data, self.max_pixels, sizes, name)
 
-    async def images(self, uploads: list[UploadFile]) -> list[tuple[str, Image.Image]]:
-        """(filename, RGB image) per upload, in order; ApiError 400/413/415 on the first bad one."""
-        out = []
-        for i, upload in enumerate(uploads):
-            name = upload.filename or f"file{i}"
-            data = await upload.read()
-            out.append((name, await run_in_threadpool(self._decode, name, data)))
-        return out
+    async def images(self, uploads: list[UploadFile], sizes: Iterable[int]) -> list[tuple[str, Decoded]]:
+        """(filename, Decoded at each of `sizes`) per upload, in order; ApiError 400/413/415 on the first bad one."""
+        named = [(upload.filename or f"file{i}", await upload.read()) for i, upload in enumerate(uploads)]
+        await run_in_threadpool(self._check_budget, named)
+        wanted = tuple(sorted(set(sizes)))
+        return [(name, await run_in_threadpool(self._decode, name, data, wanted)) for name, data in named]
 
 
 def get_decoder(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> Decoder:

@@ -13,12 +13,18 @@ Policy (documented in the README):
 - Resize for the model: the whole image is squashed to size x size with antialiased bilinear
   resampling (no crop, aspect ratio not kept), matching how the training images were made
   (manifest `input.resize`). An image already size x size is used pixel for pixel.
+- Memory: `decode_for_model` (what the server calls, in a decode worker thread) returns only the
+  small model inputs (`Decoded`); the full-size image is dropped before it returns. Grey images
+  (1-bit, 8-bit) are resized on one byte per pixel and only then made RGB (same pixels as resizing
+  the RGB version); 16/32-bit and float grey are scaled in float32, in place.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -61,19 +67,24 @@ def open_image(data: bytes, max_pixels: int, filename: str = "image") -> Image.I
 
 
 def _scale_grey(im: Image.Image) -> Image.Image:
-    """16/32-bit integer or float grey -> 8-bit L, by the value range rule in the module docstring."""
-    a = np.asarray(im, dtype=np.float64)
-    a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+    """16/32-bit integer or float grey -> 8-bit L, by the value range rule in the module docstring.
+
+    One float32 copy, scaled in place (float64 and temporaries would cost 8-24 bytes per pixel)."""
+    a = np.array(im, dtype=np.float32)
+    np.nan_to_num(a, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     lo, hi = float(a.min()), float(a.max())
     if im.mode == "F" and lo >= 0 and hi <= 1:
-        a = a * 255
+        a *= 255
     elif lo >= 0 and hi <= 255:
         pass
     elif lo >= 0 and hi <= 65535 and im.mode != "F":
-        a = a / 257
+        a /= 257
     else:
-        a = (a - lo) / max(hi - lo, 1e-12) * 255
-    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+        a -= lo
+        a *= 255 / max(hi - lo, 1e-12)
+    np.rint(a, out=a)
+    np.clip(a, 0, 255, out=a)
+    return Image.fromarray(a.astype(np.uint8))
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -88,9 +99,8 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
-def decode_image(data: bytes, max_pixels: int, filename: str = "image") -> Image.Image:
-    """Bytes -> RGB image (first frame, EXIF orientation applied); ApiError 400/413/415 on bad input."""
-    im = open_image(data, max_pixels, filename)
+def load_image(im: Image.Image, filename: str = "image") -> Image.Image:
+    """Decode the pixels of an opened image (first frame, EXIF orientation applied), in its own mode."""
     try:
         im.seek(0)
         im.load()
@@ -100,17 +110,51 @@ def decode_image(data: bytes, max_pixels: int, filename: str = "image") -> Image
     except Exception as e:  # truncated or corrupt data: OSError, SyntaxError, ValueError, EOFError, ...
         log.debug("undecodable image %s: %r", filename, e)
         raise ApiError(400, "undecodable_image", f"{filename}: the image data is truncated or corrupt") from e
+    return im
+
+
+def _rgb(im: Image.Image, filename: str) -> Image.Image:
     try:
         return to_rgb(im)
     except ValueError as e:
         raise ApiError(415, "unsupported_image_type", f"{filename}: unsupported colour mode {im.mode}") from e
 
 
+def decode_image(data: bytes, max_pixels: int, filename: str = "image") -> Image.Image:
+    """Bytes -> RGB image (first frame, EXIF orientation applied); ApiError 400/413/415 on bad input."""
+    return _rgb(load_image(open_image(data, max_pixels, filename), filename), filename)
+
+
 def to_model_input(im: Image.Image, size: int) -> np.ndarray:
-    """RGB image -> uint8 [size, size, 3]: whole image squashed to size x size, antialiased bilinear."""
+    """RGB (or 8-bit grey L) image -> uint8 [size, size, 3]: whole image squashed to size x size,
+    antialiased bilinear. Grey is resized first and then made RGB: the same pixels, a third of the memory."""
     if im.size != (size, size):
         im = im.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(im, dtype=np.uint8)
+    return np.asarray(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """What the server keeps of one upload: its size as sent and the model inputs, never the full image."""
+
+    width: int
+    height: int
+    pixels: dict[int, np.ndarray]  # input size -> uint8 [size, size, 3]
+
+
+def shrink(im: Image.Image, sizes: Iterable[int], filename: str = "image") -> Decoded:
+    """A decoded image (any mode) -> `Decoded` at each input size; the full-size image is not kept."""
+    w, h = im.size
+    if im.mode in ("1", "L") and "transparency" not in im.info:
+        src = im.convert("L") if im.mode == "1" else im  # 1 byte per pixel instead of RGB's 4
+    else:
+        src = _rgb(im, filename)
+    return Decoded(w, h, {s: to_model_input(src, s) for s in sorted(set(sizes))})
+
+
+def decode_for_model(data: bytes, max_pixels: int, sizes: Iterable[int], filename: str = "image") -> Decoded:
+    """Bytes -> `Decoded` (only the small model inputs); ApiError 400/413/415 on bad input."""
+    return shrink(load_image(open_image(data, max_pixels, filename), filename), sizes, filename)
 
 
 def encode_png(pixels: np.ndarray) -> bytes:

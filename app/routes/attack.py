@@ -74,7 +74,7 @@ async def attack(
         target_ref = ClassRef(label=served.classes[tid], class_id=tid)
     k = resolve_top_k(served, top_k)  # compared models get min(k, their classes)
     steps = 1 if method == "fgsm" else steps
-    [(_, image)] = await decoder.images([file])
+    [(_, image)] = await decoder.images([file], [m.input_size for m in (served, *others)])
     spec = AttackSpec(method=method, eps=eps, steps=steps, top_k=k, target=target)
     job = AttackJob(served, image, spec, others, settings.request_timeout_s)
     try:

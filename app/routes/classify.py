@@ -57,11 +57,13 @@ async def classify(
         raise ApiError(413, "too_many_files",
                        f"{len(uploads)} files in one request; the limit is {settings.max_files_per_request}")
     k = resolve_top_k(served, top_k)
-    images = await decoder.images(uploads)
-    pred, counts = await predict(served, batch_tensor(served, [im for _, im in images]), settings.request_timeout_s)
+    size = served.input_size
+    images = await decoder.images(uploads, [size])
+    x = batch_tensor([d.pixels[size] for _, d in images])
+    pred, counts = await predict(served, x, settings.request_timeout_s)
     results = [
-        ClassifyResult(filename=name, width=im.width, height=im.height,
+        ClassifyResult(filename=name, width=d.width, height=d.height,
                        **to_prediction(served, int(pred[i]), counts[i], k).model_dump())
-        for i, (name, im) in enumerate(images)
+        for i, (name, d) in enumerate(images)
     ]
     return ClassifyResponse(model=served.name, results=results, latency_ms=(time.perf_counter() - t0) * 1000)
