@@ -15,11 +15,12 @@ from training.train import TrainConfig
 
 TRAIN_HELP: dict[str, str] = {
     "method": "ssl: SimCLR contrastive pre-training; sat: self-supervised adversarial training (paper); "
+    "distill: robust distillation of an ssl teacher (DeACL style, label-free); "
     "supervised: cross-entropy baseline; pgd_at: supervised PGD adversarial training baseline",
     "data": "dataset path: CIFAR-10 python folder or .tar.gz, STL-10 binary folder, or image folder root/<class>/",
     "run_dir": "folder for checkpoint.pt, config.json and metrics.jsonl; an existing checkpoint there is resumed",
-    "arch": "encoder architecture: resnet10 | resnet18 | resnet34 (CIFAR stem)",
-    "width": "channels of the first ResNet stage (64 = standard; embedding dim = 8 x width)",
+    "arch": "encoder: resnet10 | resnet18 | resnet34 (CIFAR stem) | cnn8 (plain VGG-style, fastest on CPU)",
+    "width": "channels of the first stage (64 = standard; embedding dim = 8 x width)",
     "proj_dim": "output size of the contrastive projection head",
     "epochs": "total epochs of the schedule (resuming continues the same schedule)",
     "batch_size": "images per step",
@@ -31,6 +32,9 @@ TRAIN_HELP: dict[str, str] = {
     "val_size": "last N training images held out as validation (0: none); never the test set",
     "limit": "use only the first N training images (quick runs and tests)",
     "init": "checkpoint.pt to initialise from (e.g. an ssl run for sat)",
+    "teacher": "distill: checkpoint.pt of the frozen clean SSL teacher whose embedding the student matches",
+    "ema_decay": "keep an exponential moving average of the weights with this decay (0: off); validation "
+    "and export use the average",
     "eps": "L-inf attack radius in [0,1] pixel units for sat / pgd_at (8/255 = 0.0314)",
     "alpha": "attack step size in pixel units",
     "attack_steps": "PGD steps per adversarial example during training",
@@ -38,7 +42,8 @@ TRAIN_HELP: dict[str, str] = {
     "guides": "number of nearest other-class in-batch samples guiding each image's attack",
     "keep": "sat: train on all adversarial examples, or only the successful ones (paper)",
     "clean_weight": "sat: weight of the clean two-view NT-Xent term",
-    "adv_weight": "sat: weight of the clean/adversarial mutual-information term",
+    "adv_weight": "sat: weight of the clean/adversarial mutual-information term; distill: beta of the "
+    "robustness term 1 - cos(s(x'), s(x))",
     "knn_k": "k of the k-NN validation vote",
     "eval_every": "epochs between k-NN validation checks (0: only at the end)",
     "eval_size": "validation images used by the periodic check",

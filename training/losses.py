@@ -40,6 +40,24 @@ def mutual_information_loss(z_clean: Tensor, z_adv: Tensor, temperature: float =
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
 
+def distillation_loss(student: Tensor, teacher: Tensor, student_adv: Tensor, beta: float) -> tuple[
+        Tensor, Tensor, Tensor]:
+    """Robust distillation (DeACL, Zhang et al. 2022): (1 - cos(s(x), t(x))) + beta (1 - cos(s(x'), s(x))).
+
+    The first term inherits the clean teacher's neighbourhoods; the second (TRADES-like, not
+    detached) flattens the student around x. All inputs [B, D]; cosine is taken after L2
+    normalisation, so unnormalised features work too. Returns (loss, match term, robust term).
+    """
+    if not (student.shape == teacher.shape == student_adv.shape) or student.dim() != 2:
+        raise ValueError(f"expected three [B, D] tensors of equal shape, got {tuple(student.shape)}, "
+                         f"{tuple(teacher.shape)}, {tuple(student_adv.shape)}")
+    if not beta >= 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    match = (1 - F.cosine_similarity(student, teacher, dim=1)).mean()
+    robust = (1 - F.cosine_similarity(student_adv, student, dim=1)).mean()
+    return match + beta * robust, match, robust
+
+
 def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     """Supervised baseline loss; logits [B, C], labels [B] int64."""
     return F.cross_entropy(logits, labels)

@@ -7,6 +7,10 @@ sat        Self-supervised Adversarial Training (Chen et al., ICASSP 2020, arXiv
            on I(z(x); z(x')); an optional clean NT-Xent term (weight `clean_weight`) keeps accuracy.
 supervised cross-entropy baseline with crop + flip.
 pgd_at     supervised PGD adversarial training (Madry et al. 2018), the robust supervised baseline.
+distill    robust self-supervised distillation (DeACL style, Zhang et al. 2022): a student matches the
+           clean embedding of a frozen SSL teacher (`teacher`, e.g. an ssl run's checkpoint) and a
+           TRADES-like term keeps its embedding of a PGD point x' close to its embedding of x, where x'
+           maximises that distance. Labels are never used.
 
 Runs are resumable: `run_dir/checkpoint.pt` is written every `checkpoint_minutes` and at the end
 (with optimizer, step and RNG state), and `train()` picks it up when called again with the same
@@ -15,6 +19,7 @@ run_dir. `max_minutes` stops cleanly at a step boundary so long CPU runs can be 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -34,7 +39,8 @@ from training.models import ContrastiveModel, Encoder, EncoderConfig, Supervised
 
 log = logging.getLogger(__name__)
 
-Method = Literal["ssl", "sat", "supervised", "pgd_at"]
+Method = Literal["ssl", "sat", "supervised", "pgd_at", "distill"]
+METHODS = ("ssl", "sat", "supervised", "pgd_at", "distill")
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 
@@ -59,6 +65,8 @@ class TrainConfig:
     val_size: int = 5000  # last training images held out for model selection (DESIGN section 6)
     limit: int | None = None  # use only the first `limit` training images (tests, quick runs)
     init: str | None = None  # checkpoint to start from (e.g. an ssl run's checkpoint.pt for sat)
+    teacher: str | None = None  # distill: checkpoint of the frozen clean SSL teacher
+    ema_decay: float = 0.0  # > 0: keep an exponential moving average of the weights; export serves it
     # adversarial settings (sat, pgd_at); eps in [0, 1] pixel units
     eps: float = 8 / 255
     alpha: float = 2 / 255
@@ -67,7 +75,7 @@ class TrainConfig:
     guides: int = 32  # other-class in-batch samples that guide each image's attack
     keep: Literal["all", "successful"] = "all"  # the paper keeps only attacks that flip the k-NN vote
     clean_weight: float = 1.0  # weight of the clean NT-Xent term in sat
-    adv_weight: float = 1.0  # weight of the clean/adversarial MI term in sat
+    adv_weight: float = 1.0  # weight of the clean/adversarial MI term in sat; of the robustness term in distill
     knn_k: int = 75
     eval_every: int = 5  # epochs between k-NN validation checks (0: only at the end)
     eval_size: int = 2000  # validation images checked during training (all at the end)
@@ -81,9 +89,13 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.method not in ("ssl", "sat", "supervised", "pgd_at"):
-            raise ValueError(f"method must be ssl|sat|supervised|pgd_at, got {self.method!r}")
-        if not 0 <= self.alpha <= max(self.eps, 1e-12) <= 1 and self.method in ("sat", "pgd_at"):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {'|'.join(METHODS)}, got {self.method!r}")
+        if self.method == "distill" and not self.teacher:
+            raise ValueError("method distill needs --teacher (checkpoint.pt of a clean ssl run)")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.alpha <= max(self.eps, 1e-12) <= 1 and self.method in ("sat", "pgd_at", "distill"):
             raise ValueError(f"need 0 <= alpha <= eps <= 1, got alpha={self.alpha}, eps={self.eps}")
         for name, allowed in (("optimizer", ("sgd", "adam")), ("attack", ("guided", "embedding")),
                               ("keep", ("all", "successful"))):
@@ -120,7 +132,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    if cfg.method in ("ssl", "sat"):
+    if cfg.method in ("ssl", "sat", "distill"):
         return ContrastiveModel(cfg.encoder_config())
     return SupervisedModel(cfg.encoder_config(), num_classes)
 
@@ -138,12 +150,37 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def encoder_from_checkpoint(ckpt: dict[str, Any]) -> Encoder:
-    """Rebuild the encoder of any method's checkpoint (drops projection/linear heads)."""
+    """Rebuild the encoder of any method's checkpoint (drops projection/linear heads).
+
+    A run trained with `ema_decay` serves its weight average, the weights its validation used."""
     cfg = TrainConfig.from_dict(ckpt["config"])
     enc = Encoder(cfg.encoder_config())
     prefix = "encoder."
-    enc.load_state_dict({k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)})
+    weights = ckpt.get("ema") or ckpt["model"]
+    enc.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
     return enc
+
+
+class WeightAverage:
+    """Exponential moving average of a model's parameters and buffers (BN statistics copied as-is).
+
+    Averaged weights sit in flatter regions of the loss; in adversarial training they are both more
+    accurate and more robust than the last iterate, at no extra forward passes."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))  # short warm-up so early averages are not stale
+        for avg, cur in zip(self.model.state_dict().values(), model.state_dict().values(), strict=True):
+            if avg.dtype.is_floating_point:
+                avg.mul_(d).add_(cur.detach(), alpha=1 - d)
+            else:
+                avg.copy_(cur)
 
 
 class Step:
@@ -157,6 +194,12 @@ class Step:
         self.cfg, self.model, self.g = cfg, model, g
         self.net = net if net is not None else model
         self.aug = augment.AugmentConfig()
+        self.teacher: Encoder | None = None
+        if cfg.method == "distill":
+            device = next(model.parameters()).device
+            self.teacher = encoder_from_checkpoint(load_checkpoint(cfg.teacher or "", device)).to(device).eval()
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
 
     def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
         return getattr(self, self.cfg.method)(x, y)
@@ -200,6 +243,20 @@ class Step:
         if keep.sum() >= 2:
             loss = loss + cfg.adv_weight * losses.mutual_information_loss(p1[keep], pa[keep], cfg.temperature)
         return loss, {"kept": keep.float().mean().item()}
+
+    def distill(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Labels unused: teacher match on x + robustness of the student's own embedding around x."""
+        cfg, enc = self.cfg, self.model.encoder
+        assert self.teacher is not None
+        x = augment.crop_flip(x, g=self.g)
+        with torch.no_grad():
+            t = self.teacher(x).float()
+        objective = attacks.embedding_objective(enc, x)  # x' maximises 1 - cos(s(x'), s(x))
+        x_adv = attacks.pgd(objective, x, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.attack_steps, model=self.model,
+                            generator=self.g)
+        s_clean, s_adv = self.net(torch.cat([x, x_adv]), embed=True).float().chunk(2)
+        loss, match, robust = losses.distillation_loss(s_clean, t, s_adv, cfg.adv_weight)
+        return loss, {"teacher_cos": 1 - match.item(), "adv_cos": 1 - robust.item()}
 
     def supervised(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
         return losses.cross_entropy(self.net(augment.crop_flip(x, g=self.g)).float(), y), {}
@@ -301,7 +358,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model = build_model(cfg, num_classes).to(device)
     if cfg.init:
         init = load_checkpoint(cfg.init)
-        missing, _ = model.load_state_dict(init["model"], strict=False)
+        missing, _ = model.load_state_dict(init.get("ema") or init["model"], strict=False)
         if any(k.startswith("encoder.") for k in missing):
             raise ValueError(f"--init {cfg.init}: encoder weights missing or incompatible: {missing[:5]}")
         log.info("initialised from %s (%s)", cfg.init, init["config"].get("method"))
@@ -313,12 +370,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     g.manual_seed(cfg.seed + 7919 * dist_info.rank)  # each rank augments and attacks differently
     step, elapsed = 0, 0.0
     ckpt_path = run_dir / CHECKPOINT
+    ema = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
     if ckpt_path.exists():
         state = load_checkpoint(ckpt_path, device)
         if state["config"]["method"] != cfg.method:
             raise ValueError(f"{ckpt_path} is a {state['config']['method']} run, not {cfg.method}")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        if ema is not None and "ema" in state:
+            ema.model.load_state_dict(state["ema"])
         step, elapsed = state["step"], state.get("elapsed_s", 0.0)
         if dist_info.world == 1:
             g.set_state(state["generator"].cpu())
@@ -331,9 +391,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         from torch.nn.parallel import DistributedDataParallel
 
         if device.type == "cuda":  # SyncBatchNorm is CUDA-only; on CPU (gloo) each rank keeps its own BN stats
-            net = DistributedDataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(model), device_ids=[device.index])
+            net = DistributedDataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(model), device_ids=[device.index],
+                                          find_unused_parameters=cfg.method == "distill")
         else:
-            net = DistributedDataParallel(model)
+            net = DistributedDataParallel(model, find_unused_parameters=cfg.method == "distill")
         model = net.module
     if cfg.compile:
         net = torch.compile(net)
@@ -343,12 +404,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     metrics_path = run_dir / METRICS
     t_start = last_ckpt = time.time()
 
+    def served() -> nn.Module:
+        """The weights export will serve: the average when there is one."""
+        return ema.model if ema is not None else model
+
     def checkpoint() -> None:
         if dist_info.main:
             save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "config": asdict(cfg),
                 "generator": g.get_state(), "elapsed_s": elapsed + time.time() - t_start,
                 "num_classes": num_classes, "classes": list(full.classes), "world_size": dist_info.world,
+                **({"ema": ema.model.state_dict()} if ema is not None else {}),
             })
 
     stopped_early = False
@@ -374,6 +440,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if ema is not None:
+                ema.update(model, step)
             step += 1
             seen += len(idx) * dist_info.world
             batches += 1
@@ -401,7 +469,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         evaluate_now = done_epoch and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0
         if evaluate_now and val_set is not None and dist_info.main:
             sub = val_set.subset(slice(0, cfg.eval_size))
-            record["val_knn_acc"] = knn_accuracy(model.encoder, train_set, sub, cfg.knn_k, device)
+            record["val_knn_acc"] = knn_accuracy(served().encoder, train_set, sub, cfg.knn_k, device)
             model.train()
         if dist_info.main:
             _log_json(metrics_path, record)
@@ -414,7 +482,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                               "finished": step >= total_steps, "train_seconds": elapsed + time.time() - t_start,
                               "world_size": dist_info.world}
     if step >= total_steps and val_set is not None and dist_info.main:
-        result["val_knn_acc"] = knn_accuracy(model.encoder, train_set, val_set, cfg.knn_k, device, cfg.progress)
+        result["val_knn_acc"] = knn_accuracy(served().encoder, train_set, val_set, cfg.knn_k, device, cfg.progress)
         _log_json(metrics_path, {"final": True, **result})
     if dist_info.world > 1:
         torch.distributed.barrier()

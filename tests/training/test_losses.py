@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from training.losses import cross_entropy, info_nce, mutual_information_loss
+from training.losses import cross_entropy, distillation_loss, info_nce, mutual_information_loss
 
 
 def _unit(b: int, d: int, seed: int) -> Tensor:
@@ -123,3 +123,29 @@ def test_cross_entropy_hand_values() -> None:
     labels = torch.tensor([2, 0])
     # row 0: uniform over 4 -> log 4; row 1: p(0) = 3 / 6 -> log 2
     assert cross_entropy(logits, labels).item() == pytest.approx((math.log(4) + math.log(2)) / 2, rel=1e-12)
+
+
+def test_distillation_loss_terms_and_ordering() -> None:
+    g = torch.Generator().manual_seed(0)
+    t = F.normalize(torch.randn(8, 16, generator=g), dim=1)
+    loss, match, robust = distillation_loss(t.clone(), t, t.clone(), beta=2.0)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)  # student = teacher, adversary moved nothing
+    noise = torch.randn(8, 16, generator=g)
+    _, _, near = distillation_loss(t, t, t + 0.1 * noise, beta=1.0)
+    _, _, far = distillation_loss(t, t, t + 2.0 * noise, beta=1.0)
+    assert 0 < near.item() < far.item() <= 2.0
+    loss, match, robust = distillation_loss(-t, t, -t, beta=3.0)  # anti-aligned student, stable under attack
+    assert match.item() == pytest.approx(2.0) and robust.item() == pytest.approx(0.0, abs=1e-6)
+    # beta weighs only the robustness term; scale-free (cosine) in the student's features
+    l1, _, r1 = distillation_loss(3 * t, t, t + noise, beta=1.0)
+    l2, _, r2 = distillation_loss(t, t, t + noise, beta=2.0)
+    assert r1.item() == pytest.approx(r2.item(), rel=1e-5)
+    assert l1.item() == pytest.approx(r1.item(), rel=1e-5) and l2.item() == pytest.approx(2 * r1.item(), rel=1e-5)
+
+
+def test_distillation_loss_rejects_bad_input() -> None:
+    z = torch.zeros(4, 8)
+    with pytest.raises(ValueError, match="shape"):
+        distillation_loss(z, torch.zeros(4, 9), z, beta=1.0)
+    with pytest.raises(ValueError, match="beta"):
+        distillation_loss(z, z, z, beta=float("nan"))

@@ -11,6 +11,7 @@ from training.models import (
     ARCHS,
     CIFAR_MEAN,
     CIFAR_STD,
+    PLAIN_ARCHS,
     ContrastiveModel,
     Encoder,
     EncoderConfig,
@@ -113,3 +114,15 @@ def test_config_round_trip_through_json() -> None:
 def test_config_validation(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         EncoderConfig(**kwargs)
+
+
+def test_plain_cnn_shapes_and_stage_layout() -> None:
+    cfg = EncoderConfig(arch="cnn8", width=4, proj_dim=8)
+    enc = Encoder(cfg).eval()
+    assert enc(_images(3)).shape == (3, 32) and cfg.embed_dim == 32
+    convs = [m for m in enc.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    pools = [m for m in enc.backbone.modules() if isinstance(m, torch.nn.MaxPool2d)]
+    assert len(convs) == sum(PLAIN_ARCHS["cnn8"]) == 8 and len(pools) == 3
+    assert [c.out_channels for c in convs] == [4, 4, 8, 8, 16, 16, 32, 32]
+    assert ContrastiveModel(cfg).eval()(_images(2)).shape == (2, 8)
+    assert ContrastiveModel(cfg).eval()(_images(2), embed=True).shape == (2, 32)

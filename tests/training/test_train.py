@@ -18,6 +18,7 @@ from training import knn
 from training.artifact import load_artifact
 from training.data import load_dataset, train_val_split
 from training.export import export_artifact
+from training.models import ContrastiveModel
 from training.train import (
     CHECKPOINT,
     METRICS,
@@ -170,6 +171,45 @@ def test_sat_init_loads_the_ssl_weights(ssl_run: tuple[TrainConfig, dict[str, An
     before, after = load_checkpoint(ssl_result["checkpoint"])["model"], load_checkpoint(tmp_path / CHECKPOINT)["model"]
     params = [k for k in before if "running_" not in k and "num_batches_tracked" not in k]
     assert params and all(torch.equal(before[k], after[k]) for k in params)
+
+
+def test_distill_from_ssl_teacher_with_weight_average(ssl_run: tuple[TrainConfig, dict[str, Any]],
+                                                      tiny_cifar: Path, tmp_path: Path) -> None:
+    """distill trains a student from the frozen ssl teacher; the EMA weights are what export serves."""
+    _, ssl_result = ssl_run
+    cfg = tiny_config(tiny_cifar, tmp_path / "distill", method="distill", teacher=ssl_result["checkpoint"],
+                      init=ssl_result["checkpoint"], eps=8 / 255, alpha=4 / 255, attack_steps=2, adv_weight=2.0,
+                      ema_decay=0.9)
+    ckpt = _check_run(cfg, train(cfg))
+    record = _records(tmp_path / "distill")[0]
+    assert -1.0 <= record["teacher_cos"] <= 1.0 and -1.0 <= record["adv_cos"] <= 1.0
+    # the average differs from the last iterate, and the served encoder is the average
+    assert set(ckpt["ema"]) == set(ckpt["model"])
+    key = next(k for k in ckpt["model"] if k.startswith("encoder.") and k.endswith(".weight"))
+    assert not torch.equal(ckpt["ema"][key], ckpt["model"][key])
+    enc = encoder_from_checkpoint(ckpt)
+    torch.testing.assert_close(enc.state_dict()[key[len("encoder."):]], ckpt["ema"][key])
+    _bank_and_export(cfg, ckpt, tmp_path / "artifact")
+
+
+def test_distill_step_leaves_the_teacher_frozen(ssl_run: tuple[TrainConfig, dict[str, Any]]) -> None:
+    _, ssl_result = ssl_run
+    cfg = TrainConfig(method="distill", teacher=ssl_result["checkpoint"], **TINY_ENCODER, attack_steps=1,
+                      eps=8 / 255, alpha=8 / 255)
+    student = ContrastiveModel(cfg.encoder_config())
+    step = Step(cfg, student, torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in step.teacher.state_dict().items()}
+    loss, stats = step(torch.rand(6, 3, 32, 32), torch.zeros(6, dtype=torch.long))
+    loss.backward()
+    assert loss.item() > 0 and {"teacher_cos", "adv_cos"} <= set(stats)
+    assert all(p.grad is None and not p.requires_grad for p in step.teacher.parameters())
+    assert any(p.grad is not None for p in student.encoder.parameters())
+    assert all(torch.equal(v, step.teacher.state_dict()[k]) for k, v in before.items())
+
+
+def test_distill_needs_a_teacher() -> None:
+    with pytest.raises(ValueError, match="teacher"):
+        TrainConfig(method="distill")
 
 
 @pytest.mark.parametrize("method", ["supervised", "pgd_at"])
