@@ -233,6 +233,72 @@ def apgd(
     return tracker.result(x_best).detach()
 
 
+def square_fraction(i: int, queries: int, p_init: float) -> float:
+    """Share of the image a Square-attack window covers at query i (Andriushchenko et al. 2020, sec. 3):
+    p_init halved at iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000 of a 10,000-query run,
+    rescaled to `queries`."""
+    i = int(i / max(1, queries) * 10_000)
+    halvings = sum(i > t for t in (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000))
+    return p_init / 2**halvings
+
+
+IndexedScore = Callable[[Tensor, Tensor], Tensor]  # (images [n, C, H, W], their rows in the batch [n]) -> [n]
+
+
+@torch.no_grad()
+def square(
+    score: IndexedScore,
+    x: Tensor,
+    *,
+    eps: float,
+    queries: int,
+    p_init: float = 0.05,
+    model: nn.Module | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Square attack, L-inf (Andriushchenko et al., ECCV 2020): score-based, no gradients at all.
+
+    Starts from vertical stripes of +-eps; each query redraws one random square window (all channels
+    +-eps) per image and keeps it when the score strictly rises. An image stops querying once its score
+    is > 0 (the attack succeeded), so `score` must be a margin (e.g. best other vote minus true vote).
+    Immune to gradient masking by construction. `score` is called with the still-active images and
+    their row indices in x, so it can look up per-image labels. Result in the eps ball and [0, 1].
+    `model`, when given, is held in eval mode.
+    """
+    _check_budget(eps, eps, max(1, queries), "linf")
+    with eval_mode(model):
+        return _square(score, x.detach(), eps, queries, p_init, generator)
+
+
+def _square(score: IndexedScore, x: Tensor, eps: float, queries: int, p_init: float,
+            generator: torch.Generator | None) -> Tensor:
+    b, c, h, w = x.shape
+    dev = x.device
+    every = torch.arange(b, device=dev)
+    stripes = torch.where(torch.rand(b, c, 1, w, generator=generator, device=dev) < 0.5, -eps, eps).to(x.dtype)
+    x_best = (x + stripes.expand(b, c, h, w)).clamp(0, 1)
+    f_best = score(x_best, every).float()
+    rows, cols = torch.arange(h, device=dev), torch.arange(w, device=dev)
+    for i in range(queries):
+        ia = (f_best <= 0).nonzero().squeeze(1)
+        if len(ia) == 0:
+            break
+        n = len(ia)
+        side = max(1, min(h - 1, round(math.sqrt(square_fraction(i, queries, p_init) * h * w))))
+        r = torch.randint(0, h - side + 1, (n,), generator=generator, device=dev)
+        q = torch.randint(0, w - side + 1, (n,), generator=generator, device=dev)
+        in_rows = (rows[None] >= r[:, None]) & (rows[None] < (r + side)[:, None])  # n x H
+        in_cols = (cols[None] >= q[:, None]) & (cols[None] < (q + side)[:, None])  # n x W
+        window = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]  # n x 1 x H x W
+        signs = torch.where(torch.rand(n, c, 1, 1, generator=generator, device=dev) < 0.5, -eps, eps).to(x.dtype)
+        delta = torch.where(window, signs, x_best[ia] - x[ia])
+        cand = x[ia] + _project_clamp(x[ia], delta, eps, "linf")
+        f_new = score(cand, ia).float()
+        better = f_new > f_best[ia]
+        x_best[ia[better]], f_best[ia[better]] = cand[better], f_new[better]
+    return x_best
+
+
 def apgd_ce(logits_fn: Callable[[Tensor], Tensor], x: Tensor, labels: Tensor, **budget: Any) -> Tensor:
     """APGD on the cross-entropy of `labels` (Croce & Hein 2020); keyword budget as `apgd`."""
     return apgd(cross_entropy_objective(logits_fn, labels), x, **budget)

@@ -84,6 +84,13 @@ class SuiteConfig:
     guides: int = 300  # the paper guides with ~300 other-class samples
     transfer_steps: int = 100  # APGD-CE on the source model's surrogate
     large_eps_steps: int = 20
+    targets: int = 3  # targeted attacks aim at each of the top other classes of the clean surrogate
+    targeted_steps: int = 100  # APGD steps per target
+    sw_guides: int = 75  # Sitawarin & Wagner's guide-sample attack: m nearest bank samples of the target class
+    sw_steps: int = 50
+    cw_steps: int = 50  # PGD on the surrogate's CW margin (the /attack "adaptive" method)
+    alt_surrogates: int = 2  # APGD-CE again with the next-best surrogates of the temperature sweep
+    square_queries: int = 1000  # score-based black-box Square attack on the vote margin
     validate_n: int = 200  # images for the torchattacks cross-check (0: skip)
     validate_eps: float = 1 / 255  # small enough that the supervised model keeps part of its accuracy (informative)
     batch_size: int = 250
@@ -106,7 +113,8 @@ class SuiteConfig:
         """A few dozen images and a few steps: the whole suite in about a minute on a tiny model."""
         base = dict(n_robust=32, n_clean=256, temperatures=(0.01, 0.05, 0.2), n_sweep=32, sweep_steps=5,
                     pgd_steps=(5, 10), apgd_steps=10, embedding_steps=10, guides=50, transfer_steps=10,
-                    large_eps_steps=5, validate_n=32, batch_size=64, quick=True)
+                    large_eps_steps=5, validate_n=32, batch_size=64, targets=2, targeted_steps=10, sw_guides=20,
+                    sw_steps=10, cw_steps=10, alt_surrogates=1, square_queries=50, quick=True)
         return cls(**{**base, **overrides})
 
 
@@ -120,6 +128,8 @@ class AttackSpec:
     alpha: float = 0.25  # step as a fraction of eps (PGD-style attacks)
     worst_case: bool = True  # part of the per-image worst case
     track: bool = True  # keep the first iterate that flips the hard vote (AutoAttack-style)
+    chain: bool = False  # attack only the images still robust after every worst-case attack listed before it
+    surrogate_rank: int = 0  # 0: the surrogate the sweep selected; r: its r-th runner-up
 
 
 def attack_specs(cfg: SuiteConfig) -> list[AttackSpec]:
@@ -132,6 +142,14 @@ def attack_specs(cfg: SuiteConfig) -> list[AttackSpec]:
         AttackSpec("apgd_dlr", "apgd_dlr", cfg.apgd_steps),
         AttackSpec("knn_guided", "guided", cfg.guided_steps, alpha=cfg.guided_alpha, track=False),
         AttackSpec("embedding", "embedding", cfg.embedding_steps, alpha=0.1),
+        # the stronger, costlier attacks run on the survivors of the ones above (AutoAttack-style cascade):
+        # the per-image worst case is the same as running them on every image
+        AttackSpec("cw", "cw", cfg.cw_steps, alpha=2.5 / cfg.cw_steps, chain=True),
+        *(AttackSpec(f"apgd_ce_alt{r}", "apgd_ce", cfg.apgd_steps, chain=True, surrogate_rank=r)
+          for r in range(1, cfg.alt_surrogates + 1)),
+        AttackSpec("apgd_t", "apgd_targeted", cfg.targeted_steps, chain=True),
+        AttackSpec("sw_guided", "sw_guided", cfg.sw_steps, alpha=2.5 / cfg.sw_steps, chain=True),
+        AttackSpec("square", "square", cfg.square_queries, chain=True, track=False),
     ]
 
 
@@ -182,6 +200,84 @@ def _embedding(m: KnnModel, s: AttackSpec, eps: float, t: Surrogate, cfg: SuiteC
     return run
 
 
+def _cw(m: KnnModel, s: AttackSpec, eps: float, t: Surrogate, cfg: SuiteConfig) -> AttackFn:
+    def run(x: Tensor, y: Tensor, g: torch.Generator) -> Tensor:
+        return attacks.pgd(attacks.margin_objective(t.build(m), y), x, eps=eps, alpha=s.alpha * eps, steps=s.steps,
+                           model=m.encoder, generator=g, is_adversarial=_fooled(m, y, s))
+    return run
+
+
+@torch.no_grad()
+def _top_other_classes(sur: torch.nn.Module, m: KnnModel, x: Tensor, y: Tensor, n: int) -> Tensor:
+    """[B, n] the classes other than y with the highest clean surrogate logits (the likeliest targets)."""
+    with attacks.eval_mode(m.encoder):
+        logits = sur(x).float()
+    logits = logits.masked_fill(torch.nn.functional.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+    return logits.argsort(1, descending=True)[:, :min(n, logits.shape[1] - 1)]
+
+
+def _each_target(m: KnnModel, x: Tensor, y: Tensor, targets: Tensor,
+                 attack_one: Callable[[Tensor], Tensor]) -> Tensor:
+    """Run `attack_one(target [B])` per target column; keep, per image, the first result that flips the vote."""
+    out, done = x.clone(), torch.zeros(len(y), dtype=torch.bool, device=x.device)
+    for j in range(targets.shape[1]):
+        x_adv = attack_one(targets[:, j])
+        hit = (m.predict(x_adv) != y) & ~done
+        out[hit], done = x_adv[hit], done | hit
+    return out
+
+
+def _targeted_apgd(m: KnnModel, s: AttackSpec, eps: float, t: Surrogate, cfg: SuiteConfig) -> AttackFn:
+    """APGD-T style: APGD on the targeted margin (logit of the target minus the true one), per top class."""
+    def run(x: Tensor, y: Tensor, g: torch.Generator) -> Tensor:
+        sur = t.build(m)
+
+        def one(target: Tensor) -> Tensor:
+            def objective(xa: Tensor) -> Tensor:
+                logits = sur(xa)
+                return (logits.gather(1, target[:, None]) - logits.gather(1, y[:, None])).squeeze(1)
+            return attacks.apgd(objective, x, eps=eps, steps=s.steps, model=m.encoder, generator=g,
+                                is_adversarial=_fooled(m, y, s))
+        return _each_target(m, x, y, _top_other_classes(sur, m, x, y, cfg.targets), one)
+    return run
+
+
+def _sw_guided(m: KnnModel, s: AttackSpec, eps: float, t: Surrogate, cfg: SuiteConfig) -> AttackFn:
+    """Sitawarin & Wagner (2019/2020) guide-sample attack: pull the embedding toward the m nearest bank samples
+    of one target class (not a mix of classes, as the paper's attack does), per top class."""
+    def run(x: Tensor, y: Tensor, g: torch.Generator) -> Tensor:
+        targets = _top_other_classes(t.build(m), m, x, y, cfg.targets)
+        return _each_target(m, x, y, targets, lambda tgt: guided_attack(
+            m, x, y, eps=eps, alpha=s.alpha * eps, steps=s.steps, guides=cfg.sw_guides, target=tgt, generator=g,
+            is_adversarial=_fooled(m, y, s)))
+    return run
+
+
+def vote_margin_score(m: KnnModel, t: Surrogate, y: Tensor) -> attacks.IndexedScore:
+    """Score for query attacks: > 0 exactly when the hard vote no longer says y; below, the vote margin
+    (best other count minus true count, minus 1) plus a soft-vote tie-breaker in (-0.49, 0.49)."""
+    sur = t.build(m)
+
+    def score(x: Tensor, idx: Tensor) -> Tensor:
+        yy = y[idx]
+        with attacks.eval_mode(m.encoder):
+            z = m.encoder(x)
+        pred, votes = knn.knn_predict(z, m.bank, m.bank_labels, m.num_classes, m.k, m.metric)
+        soft = knn.soft_knn_logits(z, sur.bank, sur.bank_labels, m.num_classes, sur.temperature, sur.k)
+        onehot = torch.nn.functional.one_hot(yy, m.num_classes).bool()
+        soft_margin = soft.masked_fill(onehot, float("-inf")).amax(1) - soft.gather(1, yy[:, None]).squeeze(1)
+        vote_margin = votes.float().masked_fill(onehot, float("-inf")).amax(1) - votes.float().gather(
+            1, yy[:, None]).squeeze(1)
+        below = vote_margin - 1 + 0.49 * torch.tanh(soft_margin.float())
+        return torch.where(pred != yy, torch.ones_like(below), torch.minimum(below, torch.full_like(below, -0.5)))
+    return score
+
+
+def _square(m: KnnModel, s: AttackSpec, eps: float, t: Surrogate, cfg: SuiteConfig) -> AttackFn:
+    return lambda x, y, g: attacks.square(vote_margin_score(m, t, y), x, eps=eps, queries=s.steps, model=m.encoder,
+                                            generator=g)
+
+
 def _noise(m: KnnModel, s: AttackSpec, eps: float, t: Surrogate, cfg: SuiteConfig) -> AttackFn:
     return lambda x, y, g: attacks.noise(x, eps=eps, generator=g)
 
@@ -197,6 +293,10 @@ ATTACKS: dict[str, Callable[[KnnModel, AttackSpec, float, Surrogate, SuiteConfig
     "guided": _guided,
     "embedding": _embedding,
     "noise": _noise,
+    "cw": _cw,
+    "apgd_targeted": _targeted_apgd,
+    "sw_guided": _sw_guided,
+    "square": _square,
 }
 
 _DESCRIBE = {
@@ -207,6 +307,13 @@ _DESCRIBE = {
               "{guides} nearest other-class bank samples, step {alpha}*eps, random start, final iterate",
     "embedding": "label-free PGD pushing the embedding away from the clean one (cosine), step {alpha}*eps",
     "noise": "random-noise baseline: a uniformly random corner of the L-inf ball",
+    "cw": "PGD on the CW margin of the soft-kNN surrogate (the /attack 'adaptive' method), step {alpha}*eps",
+    "apgd_targeted": "APGD-T style: APGD on the targeted margin (target logit minus true) of the soft-kNN "
+                     "surrogate, once per each of the {targets} top other classes",
+    "sw_guided": "Sitawarin & Wagner guide-sample attack: PGD pulling the embedding toward the {sw_guides} nearest "
+                 "bank samples of one target class, step {alpha}*eps, once per each of the {targets} top other classes",
+    "square": "Square attack (Andriushchenko et al. 2020), score-based black box on the hard-vote margin "
+              "(soft vote as tie-breaker), no gradients; steps = queries",
     "transfer": "transfer: APGD-CE crafted on the source model's soft-kNN surrogate (best-loss point), "
                 "scored on this model",
 }
@@ -215,13 +322,14 @@ _DESCRIBE = {
 def describe(kind: str, steps: int, eps: float, surrogate: Surrogate | None, cfg: SuiteConfig, n: int,
              alpha: float = 0.25, track: bool = True, extra: str = "") -> str:
     """The protocol sentence stored beside a number."""
-    what = _DESCRIBE[kind].format(alpha=round(alpha, 4), guides=cfg.guides)
+    what = _DESCRIBE[kind].format(alpha=round(alpha, 4), guides=cfg.guides, targets=cfg.targets,
+                                  sw_guides=cfg.sw_guides)
     parts = [f"L-inf eps={fmt_eps(eps)}", what]
     if kind != "noise":
         parts.append(f"{steps} steps")
-    if surrogate is not None and kind in ("pgd_ce", "apgd_ce", "apgd_dlr", "transfer"):
+    if surrogate is not None and kind in ("pgd_ce", "apgd_ce", "apgd_dlr", "transfer", "cw", "apgd_targeted", "square"):
         parts.append(f"surrogate {surrogate}")
-    if track and kind not in ("noise", "transfer", "guided"):
+    if track and kind not in ("noise", "transfer", "guided", "square"):
         parts.append("an image counts as broken at its first iterate that flips the hard vote")
     parts.append(f"scored by the hard k-NN vote on the first {n} test images (clean-wrong images count as broken), "
                  f"seed {cfg.seed}")
@@ -247,6 +355,7 @@ class ModelUnderTest:
     model: KnnModel
     model_sha256: str
     surrogate: Surrogate = Surrogate()
+    runners_up: list[Surrogate] = field(default_factory=list)  # next-best surrogates of the sweep, best first
     result: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -382,11 +491,22 @@ class Suite:
         self.cache.put(m.model_sha256, name, key, {"mask": _bits(mask), "seconds": seconds})
         return mask, seconds
 
+    def spec_surrogate(self, m: ModelUnderTest, spec: AttackSpec) -> Surrogate:
+        """The surrogate a spec differentiates: the selected one, or a runner-up of the sweep."""
+        if spec.surrogate_rank == 0:
+            return m.surrogate
+        if not m.runners_up:
+            return m.surrogate
+        return m.runners_up[min(spec.surrogate_rank, len(m.runners_up)) - 1]
+
     def _spec_attack(self, m: ModelUnderTest, spec: AttackSpec, eps: float, idx: np.ndarray,
                      tag: str = "") -> tuple[np.ndarray, float]:
-        key = self._key(m, spec=asdict(spec), eps=eps, surrogate=asdict(m.surrogate),
-                        guides=self.cfg.guides if spec.kind == "guided" else None)
-        build = ATTACKS[spec.kind](m.model, spec, eps, m.surrogate, self.cfg)
+        sur = self.spec_surrogate(m, spec)
+        extra = {k: getattr(self.cfg, k) for k in ("targets", "sw_guides")} if spec.kind in (
+            "apgd_targeted", "sw_guided") else {}
+        key = self._key(m, spec=asdict(spec), eps=eps, surrogate=asdict(sur),
+                        guides=self.cfg.guides if spec.kind == "guided" else None, **extra)
+        build = ATTACKS[spec.kind](m.model, spec, eps, sur, self.cfg)
         return self._masked(m, f"{tag}{spec.name}-{eps:.5f}", idx, build, key,
                             f"{m.name[:16]} {spec.name} {fmt_eps(eps)}")
 
@@ -447,8 +567,11 @@ class Suite:
                 self.cache.put(m.model_sha256, "surrogate", key, hit)
             rows.append({"temperature": sur.temperature, "k": sur.k, **hit})
         # ties (e.g. a model nothing breaks) go to the surrogate whose gradients are alive, then the smoother one
-        best = min(rows, key=lambda r: (r["acc"], r["true_vote_share"], r["zero_gradient_share"], -r["temperature"]))
+        ranked = sorted(rows, key=lambda r: (r["acc"], r["true_vote_share"], r["zero_gradient_share"],
+                                             -r["temperature"]))
+        best = ranked[0]
         m.surrogate = Surrogate(best["temperature"], best["k"])
+        m.runners_up = [Surrogate(r["temperature"], r["k"]) for r in ranked[1:]]
         return {"selected": best["temperature"], "selected_k": best["k"], "surrogate": str(m.surrogate),
                 "sweep": rows, "n": len(held),
                 "protocol": f"PGD-{cfg.sweep_steps} (CE, step eps/4, random start) at eps {fmt_eps(cfg.eps)} on each "
@@ -493,14 +616,21 @@ class Suite:
                                             "acc": float(correct.mean())}}
         rows, masks = [], {}
         specs = attack_specs(cfg)
+        alive = correct.copy()  # robust to every worst-case attack so far (the input of chained attacks)
         for spec in tqdm(specs, desc=f"{m.name[:16]} attacks {fmt_eps(cfg.eps)}", disable=not cfg.progress):
-            mask, sec = self._spec_attack(m, spec, cfg.eps, idx)
+            sur = self.spec_surrogate(m, spec)
+            mask, sec = self._spec_attack(m, spec, cfg.eps, np.flatnonzero(alive) if spec.chain else idx)
             masks[spec.name] = mask
+            if spec.worst_case:
+                alive &= mask
             rows.append({"attack": spec.name, "kind": spec.kind, "eps": cfg.eps, "steps": spec.steps, "norm": "linf",
                          "acc": float(mask.mean()), "n": n, "worst_case": spec.worst_case, "seconds": round(sec, 2),
-                         "surrogate": asdict(m.surrogate) if spec.kind in ("pgd_ce", "apgd_ce", "apgd_dlr") else None,
-                         "protocol": describe(spec.kind, spec.steps, cfg.eps, m.surrogate, cfg, n, spec.alpha,
-                                              spec.track)})
+                         "surrogate": asdict(sur) if spec.kind not in ("guided", "embedding", "sw_guided") else None,
+                         "chained": spec.chain,
+                         "protocol": describe(spec.kind, spec.steps, cfg.eps, sur, cfg, n, spec.alpha, spec.track,
+                                              extra="run only on the images still robust after every attack listed "
+                                                    "before it, so its column is a running worst case"
+                                              if spec.chain else "")})
         x_tr = self.transfer_images(cfg.eps) if self.source is not None and self.source is not m else None
         if x_tr is not None:
             assert self.source is not None

@@ -88,6 +88,8 @@ ATTACKS: dict[str, AttackCall] = {
     "apgd_tracked": lambda m, x, y, eps, g: attacks.apgd_ce(m, x, y, eps=eps, steps=10, model=m, generator=g,
                                                             is_adversarial=lambda z: m(z).argmax(1) != y),
     "noise": lambda m, x, y, eps, g: attacks.noise(x, eps=eps, generator=g),
+    "square": lambda m, x, y, eps, g: attacks.square(lambda xs, i: attacks.margin_objective(m, y[i])(xs), x, eps=eps,
+                                                     queries=200, model=m, generator=g),
 }
 
 
@@ -120,7 +122,7 @@ def test_attack_contract(name: str, toy: tuple[ModeRecorder, Tensor, Tensor]) ->
         assert delta.abs().max() <= eps + 1e-6
 
 
-@pytest.mark.parametrize("name", ["pgd", "pgd_tracked", "fgsm", "apgd_ce", "apgd_dlr", "apgd_tracked"])
+@pytest.mark.parametrize("name", ["pgd", "pgd_tracked", "fgsm", "apgd_ce", "apgd_dlr", "apgd_tracked", "square"])
 def test_attacks_beat_random_noise(name: str, toy: tuple[ModeRecorder, Tensor, Tensor]) -> None:
     model, x, y = toy
     eps = 0.05
@@ -232,3 +234,26 @@ def test_agreement_with_torchattacks(toy: tuple[ModeRecorder, Tensor, Tensor]) -
         for row in res["rows"]:
             assert 0 < row["torchattacks"] < res["clean"], row  # a meaningful comparison: neither 0 nor clean
             assert abs(row["diff_points"]) <= 3.0, (eps, row)
+
+
+def test_square_window_schedule_follows_the_paper() -> None:
+    assert attacks.square_fraction(0, 10_000, 0.05) == 0.05
+    assert attacks.square_fraction(11, 10_000, 0.05) == 0.025
+    assert attacks.square_fraction(9_999, 10_000, 0.8) == pytest.approx(0.8 / 2**9)
+    assert attacks.square_fraction(50, 100, 0.05) == attacks.square_fraction(5_000, 10_000, 0.05)  # rescaled
+
+
+def test_square_needs_no_gradient_and_stops_when_successful(toy: tuple[ModeRecorder, Tensor, Tensor]) -> None:
+    """Score-only: works through torch.no_grad scores, and more queries never help a finished image."""
+    model, x, y = toy
+    calls: list[int] = []
+
+    def score(xs: Tensor, idx: Tensor) -> Tensor:
+        calls.append(len(idx))
+        assert not torch.is_grad_enabled()
+        return attacks.margin_objective(model, y[idx])(xs)
+
+    few = attacks.square(score, x, eps=0.05, queries=20, generator=torch.Generator().manual_seed(0))
+    many = attacks.square(score, x, eps=0.05, queries=300, generator=torch.Generator().manual_seed(0))
+    assert accuracy(model, many, y) <= accuracy(model, few, y)
+    assert calls[0] == len(x) and min(calls) < len(x)  # the fooled images stopped querying

@@ -21,7 +21,7 @@ from training import knn
 from training import robustness as rb
 from training.artifact import verify_artifact
 from training.data import ImageDataset
-from training.evaluate import KnnModel
+from training.evaluate import KnnModel, robust_mask
 
 CLASSES = ("a", "b", "c", "d")
 PALETTE = np.array([[0.25, 0.25, 0.75], [0.75, 0.25, 0.25], [0.25, 0.75, 0.25], [0.75, 0.75, 0.75]])
@@ -124,6 +124,45 @@ def test_worst_case_never_above_any_attack(toy_result: dict) -> None:
         assert sweep[0]["eps"] == 0 and sweep[0]["worst_case_acc"] == m["attacked"]["acc"]
         main = next(r for r in sweep if abs(r["eps"] - m["worst_case"]["eps"]) < 1e-12)
         assert main["worst_case_acc"] == m["worst_case"]["acc"]
+
+
+def test_stronger_attacks_run_as_a_cascade_on_the_survivors(toy_result: dict) -> None:
+    """CW, runner-up surrogates, targeted APGD, Sitawarin-Wagner and Square run on the images still robust,
+    so each chained column is a running worst case: never above the column before it."""
+    for m in toy_result["models"]:
+        rows = [r for r in m["attacks"] if r["attack"] != "transfer"]
+        names = [r["attack"] for r in rows]
+        assert {"cw", "apgd_ce_alt1", "apgd_t", "sw_guided", "square"} <= set(names)
+        chained = [r for r in rows if r["chained"]]
+        accs = [r["acc"] for r in chained]
+        assert accs == sorted(accs, reverse=True)
+        before = [r["acc"] for r in rows if not r["chained"] and r["worst_case"]]
+        assert accs[0] <= min(before)
+        assert all(name in m["worst_case"]["attacks"] for name in ("apgd_t", "sw_guided", "square"))
+    colour = by_name(toy_result)["colour"]
+    assert next(r for r in colour["attacks"] if r["attack"] == "square")["acc"] == 1.0
+
+
+def test_square_breaks_the_fragile_model_without_gradients() -> None:
+    """The score-based attack alone (on the hard-vote margin) finds the 4/255 pattern's weakness."""
+    train, test = toy_dataset(N_TRAIN, seed=0), toy_dataset(48, seed=1)
+    fragile = model_under_test("pattern", PatternEncoder(), "supervised", train).model
+    spec = rb.AttackSpec("square", "square", 300, track=False)
+    attack = rb.ATTACKS["square"](fragile, spec, 8 / 255, rb.Surrogate(0.5), toy_config(Path("unused")))
+    mask, _ = robust_mask(fragile, test.images[:24], test.labels[:24], attack, batch_size=24)
+    assert mask.mean() <= 0.25
+
+
+def test_vote_margin_score_is_positive_exactly_when_the_vote_flips() -> None:
+    train, test = toy_dataset(N_TRAIN, seed=0), toy_dataset(48, seed=1)
+    model = model_under_test("pattern", PatternEncoder(), "supervised", train).model
+    x = knn.to_float_images(test.images[:24])
+    y = torch.as_tensor(test.labels[:24]).long()
+    wrong = (y + 1) % 4
+    for labels in (y, wrong):
+        score = rb.vote_margin_score(model, rb.Surrogate(0.5), labels)(x, torch.arange(len(x)))
+        assert torch.equal(score > 0, model.predict(x) != labels)
+        assert (score[score <= 0] <= -0.5).all()
 
 
 def test_attack_success_increases_with_eps(toy_result: dict) -> None:
