@@ -227,8 +227,9 @@ class Registry:
             raise ApiError(503, "not_ready", "no model is loaded")
         key = name or self.default
         if key is None or key not in self.models:
+            shown = key if key is None or len(key) <= 64 else f"{key[:64]}..."  # never echo a huge name
             raise ApiError(404, "model_not_found",
-                           f"unknown model {key!r}; available: {', '.join(sorted(self.models))}")
+                           f"unknown model {shown!r}; available: {', '.join(sorted(self.models))}")
         return self.models[key]
 
     def close(self) -> None:

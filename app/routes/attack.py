@@ -20,10 +20,10 @@ Method = Literal["fgsm", "pgd", "knn_pgd", "adaptive"]  # named attacks of train
 
 def compare_models(registry: Registry, main: ServedModel, compare: list[str] | None) -> list[ServedModel]:
     """`compare` entries (repeated fields and/or comma-separated) -> models, without duplicates or `main`."""
-    names: list[str] = []
+    names: dict[str, None] = {}  # insertion-ordered set: linear however many names ("a,a" is one)
     for entry in compare or []:
-        names += [n.strip() for n in entry.split(",") if n.strip() and n.strip() not in names]
-    return [registry.get(n) for n in names if n != main.name]
+        names.update((n, None) for n in map(str.strip, entry.split(",")) if n and n != main.name)
+    return [registry.get(n) for n in names]
 
 
 @router.post("/attack", response_model=AttackResponse,
