@@ -15,6 +15,8 @@ from app.logs import fields
 from app.metrics import Metrics
 
 REQUEST_ID_HEADER = "X-Request-ID"
+# the method label of the metrics: one of these, else "other" (a raw label would let clients grow the series forever)
+METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 access_log = logging.getLogger("app.access")
 error_log = logging.getLogger("app.errors")
@@ -36,6 +38,7 @@ class RequestContextMiddleware:
         request_id = incoming if _VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         status, started, t0 = 500, False, time.perf_counter()
+        method = scope["method"] if scope["method"] in METHODS else "other"
 
         async def send_with_id(message: Message) -> None:
             nonlocal status, started
@@ -48,7 +51,8 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_with_id)
         except Exception:
             error_log.exception("unhandled error", extra=fields(event="unhandled_error", request_id=request_id,
-                                                                method=scope["method"], path=scope["path"]))
+                                                                method=scope["method"][:32],
+                                                                path=scope["path"][:2048]))
             status = 500
             if not started:
                 response = error_response(500, "internal_error",
@@ -58,10 +62,10 @@ class RequestContextMiddleware:
         finally:
             seconds = time.perf_counter() - t0
             route = getattr(scope.get("route"), "path", None) or "unmatched"
-            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
-            self.metrics.latency.labels(route, scope["method"]).observe(seconds)
+            self.metrics.requests.labels(route, method, str(status)).inc()
+            self.metrics.latency.labels(route, method).observe(seconds)
             access_log.info("request", extra=fields(
-                event="request", request_id=request_id, method=scope["method"], path=scope["path"],
+                event="request", request_id=request_id, method=scope["method"][:32], path=scope["path"][:2048],
                 route=route, status=status, latency_ms=round(seconds * 1000, 3),
                 client=(scope.get("client") or ("", 0))[0]))
 
