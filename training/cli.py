@@ -47,6 +47,8 @@ TRAIN_HELP: dict[str, str] = {
     "knn_k": "k of the k-NN validation vote",
     "eval_every": "epochs between k-NN validation checks (0: only at the end)",
     "eval_size": "validation images used by the periodic check",
+    "eval_robust": "also attack this many validation images with PGD-10 at 8/255 (soft-kNN surrogate) at each "
+    "check and at the end (0: off)",
     "seed": "random seed (data order, augmentation, attacks)",
     "device": "auto | cpu | cuda",
     "compile": "torch.compile the training forward pass (pays off on CUDA)",

@@ -79,6 +79,7 @@ class TrainConfig:
     knn_k: int = 75
     eval_every: int = 5  # epochs between k-NN validation checks (0: only at the end)
     eval_size: int = 2000  # validation images checked during training (all at the end)
+    eval_robust: int = 0  # > 0: also PGD-10 (soft-kNN surrogate, 8/255) on this many validation images per check
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False
@@ -273,13 +274,23 @@ class Step:
 
 @torch.no_grad()
 def knn_accuracy(encoder: nn.Module, bank_data: ImageDataset, query: ImageDataset, k: int,
-                 device: torch.device, progress: bool = False) -> float:
-    """Clean k-NN accuracy of `query` against a bank embedded from `bank_data`."""
+                 device: torch.device, progress: bool = False, robust: int = 0) -> dict[str, float]:
+    """Clean k-NN accuracy of `query` against a bank embedded from `bank_data` (key `val_knn_acc`), and with
+    `robust` > 0 the hard-vote accuracy of its first `robust` images under PGD-10 at 8/255 on the soft-kNN
+    surrogate (T = 0.1, `val_pgd10_acc`): a cheap robustness signal for model selection, not the suite."""
+    from training.evaluate import KnnModel, pgd_accuracy, step_size
+
     bank = knn.embed(encoder, bank_data.images, device=device, progress=progress).to(device)
     z = knn.embed(encoder, query.images, device=device, progress=progress).to(device)
     labels = torch.as_tensor(bank_data.labels, device=device)
     pred, _ = knn.knn_predict(z, bank, labels, len(bank_data.classes), k=min(k, len(bank)))
-    return (pred.cpu().numpy() == query.labels).mean().item()
+    out = {"val_knn_acc": (pred.cpu().numpy() == query.labels).mean().item()}
+    if robust:
+        model = KnnModel(encoder, bank, labels, len(bank_data.classes), min(k, len(bank)))
+        with torch.enable_grad():
+            out["val_pgd10_acc"] = pgd_accuracy(model, query.images[:robust], query.labels[:robust], eps=8 / 255,
+                                                alpha=step_size(8 / 255, 10), steps=10)
+    return out
 
 
 def _log_json(path: Path, record: dict[str, Any]) -> None:
@@ -469,7 +480,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         evaluate_now = done_epoch and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0
         if evaluate_now and val_set is not None and dist_info.main:
             sub = val_set.subset(slice(0, cfg.eval_size))
-            record["val_knn_acc"] = knn_accuracy(served().encoder, train_set, sub, cfg.knn_k, device)
+            record.update(knn_accuracy(served().encoder, train_set, sub, cfg.knn_k, device, robust=cfg.eval_robust))
             model.train()
         if dist_info.main:
             _log_json(metrics_path, record)
@@ -482,7 +493,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                               "finished": step >= total_steps, "train_seconds": elapsed + time.time() - t_start,
                               "world_size": dist_info.world}
     if step >= total_steps and val_set is not None and dist_info.main:
-        result["val_knn_acc"] = knn_accuracy(served().encoder, train_set, val_set, cfg.knn_k, device, cfg.progress)
+        result.update(knn_accuracy(served().encoder, train_set, val_set, cfg.knn_k, device, cfg.progress,
+                                   robust=cfg.eval_robust))
         _log_json(metrics_path, {"final": True, **result})
     if dist_info.world > 1:
         torch.distributed.barrier()

@@ -179,10 +179,13 @@ def test_distill_from_ssl_teacher_with_weight_average(ssl_run: tuple[TrainConfig
     _, ssl_result = ssl_run
     cfg = tiny_config(tiny_cifar, tmp_path / "distill", method="distill", teacher=ssl_result["checkpoint"],
                       init=ssl_result["checkpoint"], eps=8 / 255, alpha=4 / 255, attack_steps=2, adv_weight=2.0,
-                      ema_decay=0.9)
-    ckpt = _check_run(cfg, train(cfg))
+                      ema_decay=0.9, eval_robust=4)
+    result = train(cfg)
+    ckpt = _check_run(cfg, result)
     record = _records(tmp_path / "distill")[0]
     assert -1.0 <= record["teacher_cos"] <= 1.0 and -1.0 <= record["adv_cos"] <= 1.0
+    # the robust validation signal (hard-vote accuracy under PGD-10) is logged per check and at the end
+    assert 0.0 <= record["val_pgd10_acc"] <= 1.0 and 0.0 <= result["val_pgd10_acc"] <= 1.0
     # the average differs from the last iterate, and the served encoder is the average
     assert set(ckpt["ema"]) == set(ckpt["model"])
     key = next(k for k in ckpt["model"] if k.startswith("encoder.") and k.endswith(".weight"))
