@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from app.batching import WorkerClosed
+from app.batching import QueueFull, WorkerClosed
 from app.engine import ServedModel, batch_tensor, to_prediction
 from app.errors import ApiError
 from app.images import Decoded, encode_png
@@ -109,6 +109,8 @@ class AttackService:
             raise ApiError(504, "attack_timeout", f"the attack did not finish within {self.timeout_s:g} s") from e
         except WorkerClosed as e:
             raise ApiError(503, "shutting_down", "the server is shutting down") from e
+        except QueueFull as e:
+            raise ApiError(503, "overloaded", f"{e}; retry later", headers={"Retry-After": str(e.retry_after_s)}) from e
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

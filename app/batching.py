@@ -8,6 +8,7 @@ slice. All model work (CUDA, faiss GPU resources) happens on that one thread (DE
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -30,21 +31,36 @@ class WorkerClosed(RuntimeError):
     """The worker has stopped (server shutting down); the request was not run."""
 
 
+class QueueFull(RuntimeError):
+    """Too many images are waiting for a batch; the request was not queued (retry after `retry_after_s`)."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 @dataclass
 class _Job:
     images: Tensor  # [n, 3, H, W] float in [0, 1]
     future: Future[Prediction] = field(default_factory=Future)
+    waiting: bool = False  # counted in BatchWorker._waiting (until taken into a batch or cancelled)
 
 
 class BatchWorker:
     """Owns a thread that batches `submit`ted images through `predict` (built on that thread by `setup`)."""
 
     def __init__(self, name: str, setup: Callable[[], PredictFn], *, max_batch: int, max_wait_s: float,
-                 on_batch: Callable[[int, float], None] | None = None,
+                 max_queue: int | None = None, on_batch: Callable[[int, float], None] | None = None,
                  on_queue: Callable[[int], None] | None = None) -> None:
-        if max_batch < 1 or max_wait_s < 0:
-            raise ValueError(f"max_batch must be >= 1 and max_wait_s >= 0, got {max_batch}, {max_wait_s}")
-        self.name, self.max_batch, self.max_wait_s = name, max_batch, max_wait_s
+        """`max_queue`: images waiting (not yet in a batch) beyond which `submit` raises QueueFull;
+        a job arriving at an empty queue is always taken, however large. None: unbounded."""
+        if max_batch < 1 or max_wait_s < 0 or (max_queue is not None and max_queue < 1):
+            raise ValueError(f"max_batch and max_queue must be >= 1 and max_wait_s >= 0, "
+                             f"got {max_batch}, {max_queue}, {max_wait_s}")
+        self.name, self.max_batch, self.max_wait_s, self.max_queue = name, max_batch, max_wait_s, max_queue
+        self._lock = threading.Lock()  # guards _closed, _waiting and the order of put(job) vs put(None)
+        self._waiting = 0  # images submitted and not yet taken into a batch
+        self._batch_s = 0.0  # running mean of one batch's time, for Retry-After
         self._setup, self._on_batch, self._on_queue = setup, on_batch, on_queue
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._carry: _Job | None = None  # a job that did not fit the previous batch
@@ -66,20 +82,34 @@ class BatchWorker:
         """Queue images [n, 3, H, W] (n >= 1); the future resolves to this request's (pred [n], counts [n, C])."""
         if images.dim() != 4 or images.shape[0] < 1:
             raise ValueError(f"expected images [n>=1, 3, H, W], got {tuple(images.shape)}")
-        job = _Job(images)
-        if self._closed:
-            job.future.set_exception(WorkerClosed(f"batch worker {self.name} is closed"))
-            return job.future
-        self._queue.put(job)
+        job, n = _Job(images), images.shape[0]
+        with self._lock:
+            if self._closed:
+                job.future.set_exception(WorkerClosed(f"batch worker {self.name} is closed"))
+                return job.future
+            if self.max_queue is not None and self._waiting > 0 and self._waiting + n > self.max_queue:
+                raise QueueFull(f"model {self.name!r} has {self._waiting} images waiting (limit {self.max_queue})",
+                                self.retry_after())
+            self._waiting += n
+            job.waiting = True
+            self._queue.put(job)
+        # a caller that gave up (deadline) frees its place at once, not when the worker reaches the job
+        job.future.add_done_callback(lambda f: self._taken(job) if f.cancelled() else None)
         self._report_queue()
         return job.future
 
+    def retry_after(self) -> int:
+        """Seconds until the images waiting now are likely through: batches ahead times the mean batch time."""
+        batches = self._waiting / self.max_batch + 1
+        return int(min(max(math.ceil(batches * self._batch_s), 1), 30))
+
     def close(self, timeout: float = 10.0) -> None:
         """Stop after the jobs already queued; jobs submitted later fail at once."""
-        if self._closed:
-            return
-        self._closed = True
-        self._queue.put(None)
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(None)  # under the lock: no job can be queued behind the stop marker
         if self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -120,6 +150,7 @@ class BatchWorker:
         if first is None:
             return [], True
         jobs, n = [first], first.images.shape[0]
+        self._taken(first)
         deadline = time.monotonic() + self.max_wait_s
         stop = False
         while n < self.max_batch:
@@ -136,8 +167,15 @@ class BatchWorker:
                 break
             jobs.append(nxt)
             n += nxt.images.shape[0]
+            self._taken(nxt)
         self._report_queue()
         return [j for j in jobs if j.future.set_running_or_notify_cancel()], stop
+
+    def _taken(self, job: _Job) -> None:
+        with self._lock:
+            if job.waiting:
+                job.waiting = False
+                self._waiting -= job.images.shape[0]
 
     def _process(self, predict: PredictFn, jobs: list[_Job]) -> None:
         t0 = time.perf_counter()
@@ -151,8 +189,10 @@ class BatchWorker:
             for j in jobs:
                 j.future.set_exception(e)
             return
+        seconds = time.perf_counter() - t0
+        self._batch_s = seconds if self._batch_s == 0 else 0.8 * self._batch_s + 0.2 * seconds
         if self._on_batch is not None:
-            self._on_batch(x.shape[0], time.perf_counter() - t0)
+            self._on_batch(x.shape[0], seconds)
         i = 0
         for j in jobs:
             n = j.images.shape[0]

@@ -33,6 +33,12 @@ class Settings(BaseSettings):
     max_batch: Annotated[int, Field(ge=1, le=4096)] = 64  # images per forward pass
     max_wait_ms: Annotated[float, Field(ge=0, le=1000)] = 5.0  # how long the first request of a batch waits for company
     request_timeout_s: Annotated[float, Field(gt=0)] = 30.0  # a /classify request waiting longer for its batch gets 503
+    max_queue_images: Annotated[int, Field(ge=1)] = 256  # images waiting for a model's batch; more: 429 + Retry-After
+
+    # overload (load shedding: answer 429/503 with Retry-After rather than queue without bound)
+    max_concurrent_requests: Annotated[int, Field(ge=1)] = 64  # POST requests in progress; more get 503 at once
+    decode_slots: Annotated[int, Field(ge=1, le=256)] | None = None  # images decoded at once; None: max(2, CPUs)
+    decode_wait_s: Annotated[float, Field(gt=0)] = 2.0  # longest wait for a decode slot, then 503 + Retry-After
 
     # uploads
     max_upload_bytes: Annotated[int, Field(ge=1024)] = 10 * 1024 * 1024  # whole request body, all files together

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
-import threading
 from collections.abc import Iterable
 from typing import Annotated
 
@@ -47,8 +47,9 @@ class Decoder:
     images, whatever the request holds). A request whose images add up to more than
     `max_request_pixels` (read from the headers) is refused with 413 before any pixel is decoded."""
 
-    def __init__(self, settings: Settings, slots: threading.BoundedSemaphore) -> None:
+    def __init__(self, settings: Settings, slots: asyncio.Semaphore) -> None:
         self.max_pixels, self.max_request_pixels, self.slots = settings.max_pixels, settings.max_request_pixels, slots
+        self.wait_s = settings.decode_wait_s
 
     def _check_budget(self, named: list[tuple[str, bytes]]) -> None:
         total = 0
@@ -60,20 +61,32 @@ class Decoder:
                            f"the {len(named)} images of this request have {total} pixels in all (width x height); "
                            f"the limit per request is {self.max_request_pixels}: send fewer or smaller images")
 
-    def _decode(self, name: str, data: bytes, sizes: tuple[int, ...]) -> Decoded:
-        with self.slots:
-            return decode_for_model(data, self.max_pixels, sizes, name)
+    async def _decode(self, name: str, data: bytes, sizes: tuple[int, ...]) -> Decoded:
+        """One image in a worker thread, once a slot is free (waited for on the event loop, with a deadline)."""
+        try:
+            await asyncio.wait_for(self.slots.acquire(), self.wait_s)
+        except TimeoutError as e:
+            raise ApiError(503, "overloaded", f"all image decoders stayed busy for {self.wait_s:g} s; retry later",
+                           headers={"Retry-After": "1"}) from e
+        try:  # run_in_threadpool is not abandoned on cancellation: the slot is held until the thread is done
+            return await run_in_threadpool(decode_for_model, data, self.max_pixels, sizes, name)
+        finally:
+            self.slots.release()
 
     async def images(self, uploads: list[UploadFile], sizes: Iterable[int]) -> list[tuple[str, Decoded]]:
-        """(filename, Decoded at each of `sizes`) per upload, in order; ApiError 400/413/415 on the first bad one."""
+        """(filename, Decoded at each of `sizes`) per upload, in order; ApiError 400/413/415 on the first bad one,
+        503 + Retry-After when no decoder frees up within `decode_wait_s`."""
         named = [(upload.filename or f"file{i}", await upload.read()) for i, upload in enumerate(uploads)]
         await run_in_threadpool(self._check_budget, named)
         wanted = tuple(sorted(set(sizes)))
-        return [(name, await run_in_threadpool(self._decode, name, data, wanted)) for name, data in named]
+        return [(name, await self._decode(name, data, wanted)) for name, data in named]
 
 
 def get_decoder(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> Decoder:
-    return Decoder(settings, request.app.state.decode_slots)
+    slots = getattr(request.app.state, "decode_slots", None)
+    if slots is None:
+        raise ApiError(503, "not_ready", "the service is not started yet")
+    return Decoder(settings, slots)
 
 
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from app.batching import BatchWorker, PredictFn, Prediction, WorkerClosed
+from app.batching import BatchWorker, PredictFn, Prediction, QueueFull, WorkerClosed
 from app.config import Settings
 from app.errors import ApiError
 from app.logs import fields
@@ -202,7 +202,7 @@ def load_model(folder: Path, settings: Settings, device: torch.device, index_kin
         images.inc(n)
 
     worker = BatchWorker(name, setup, max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000,
-                         on_batch=on_batch, on_queue=depth.set)
+                         max_queue=settings.max_queue_images, on_batch=on_batch, on_queue=depth.set)
     try:
         worker.start(timeout=SETUP_TIMEOUT_S)
     except BaseException:
@@ -289,9 +289,14 @@ def batch_tensor(pixels: list[np.ndarray]) -> Tensor:
 
 
 async def predict(model: ServedModel, x: Tensor, timeout_s: float) -> Prediction:
-    """Through the model's batching worker; ApiError 503 if it does not answer within timeout_s."""
+    """Through the model's batching worker; ApiError 429 when its queue is full, 503 if it does not
+    answer within timeout_s (the queued job is then cancelled: the worker skips it)."""
     try:
-        return await asyncio.wait_for(asyncio.wrap_future(model.worker.submit(x)), timeout_s)
+        future = model.worker.submit(x)
+    except QueueFull as e:
+        raise ApiError(429, "queue_full", f"{e}; retry later", headers={"Retry-After": str(e.retry_after_s)}) from e
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
     except TimeoutError as e:
         raise ApiError(503, "inference_timeout", f"no answer from model {model.name!r} within {timeout_s:g} s",
                        headers={"Retry-After": "1"}) from e

@@ -7,9 +7,9 @@ and the attack pool, and keeps them on `app.state` (the only store); at shutdown
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -25,7 +25,7 @@ from app.engine import load_registry
 from app.errors import install_error_handlers
 from app.logs import fields
 from app.metrics import Metrics
-from app.middleware import REQUEST_ID_HEADER, BodyLimitMiddleware, RequestContextMiddleware
+from app.middleware import REQUEST_ID_HEADER, AdmissionMiddleware, BodyLimitMiddleware, RequestContextMiddleware
 from app.routes import ROUTERS
 from app.routes.pages import STATIC_DIR
 
@@ -51,6 +51,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # created on the serving loop (asyncio primitives bind to the loop they first wait on)
+        app.state.decode_slots = asyncio.Semaphore(settings.decode_slots or max(2, os.cpu_count() or 2))
         registry = await run_in_threadpool(load_registry, settings, metrics)
         attacks = AttackService(settings.attack_concurrency, settings.attack_queue, settings.attack_timeout_s,
                                 metrics)
@@ -67,7 +69,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="Robust SSL classifier", version=_version(), description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.decode_slots = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
@@ -75,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     # added last = outermost: request context sees every response, including 413s and CORS preflights
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(AdmissionMiddleware, max_requests=settings.max_concurrent_requests)  # before any body is read
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Content-Type", "X-API-Key", REQUEST_ID_HEADER],

@@ -123,3 +123,25 @@ class BodyLimitMiddleware:
 
 class _BodyTooLarge(Exception):
     pass
+
+
+class AdmissionMiddleware:
+    """At most `max_requests` POST requests (the routes that decode and infer) in progress; more get 503
+    with Retry-After at once, before their body is read. GETs (probes, metrics, pages) always pass."""
+
+    def __init__(self, app: ASGIApp, max_requests: int) -> None:
+        self.app, self.max_requests, self.active = app, max_requests, 0  # one event loop: no lock needed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.max_requests:
+            message = f"{self.active} requests in progress (limit {self.max_requests}); retry later"
+            await error_response(503, "overloaded", message, headers={"Retry-After": "1"})(scope, receive, send)
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1

@@ -66,7 +66,7 @@ def test_decoder_keeps_only_the_model_input(good_root: Path) -> None:
     application = create_app(make_settings(good_root))
 
     async def scenario() -> list:
-        decoder = Decoder(application.state.settings, application.state.decode_slots)
+        decoder = Decoder(application.state.settings, asyncio.Semaphore(2))
         uploads = [UploadFile(io.BytesIO(bilevel_png(640, 480)), filename="big.png"),
                    UploadFile(io.BytesIO(GOOD), filename="small.png")]
         return await decoder.images(uploads, [SIZE, 16])
