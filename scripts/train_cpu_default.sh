@@ -12,7 +12,7 @@
 set -euo pipefail
 RUNS=${RUNS:-runs/cpu}
 TEACHER_EPOCHS=${TEACHER_EPOCHS:-15}
-STUDENT_EPOCHS=${STUDENT_EPOCHS:-18}
+STUDENT_EPOCHS=${STUDENT_EPOCHS:-16}
 ARCH=(--arch cnn8 --width 16)
 COMMON=(--data data --batch-size 256 --workers-threads 2 --no-progress)
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # sleep, not spin, when a core is shared
@@ -21,7 +21,7 @@ done_ "$RUNS/teacher" || satml train --method ssl --run-dir "$RUNS/teacher" --ep
   --warmup-epochs 0.5 --eval-every 5 "${ARCH[@]}" "${COMMON[@]}"
 done_ "$RUNS/student" || satml train --method distill --run-dir "$RUNS/student" --epochs "$STUDENT_EPOCHS" \
   --teacher "$RUNS/teacher/checkpoint.pt" --init "$RUNS/teacher/checkpoint.pt" --lr 0.05 --warmup-epochs 0.5 \
-  --eps 0.0313725 --alpha 0.0156863 --attack-steps 3 --adv-weight 2.0 --ema-decay 0.995 --eval-every 3 \
+  --eps 0.0313725 --alpha 0.0156863 --attack-steps 3 --adv-weight 2.0 --ema-decay 0.995 --eval-every 4 --eval-robust 500 \
   "${ARCH[@]}" "${COMMON[@]}"
 [ -n "${NO_EXPORT:-}" ] && exit 0
 satml export --checkpoint "$RUNS/student/checkpoint.pt" --out artifacts/default --name default --trained-on "2-core CPU" \
