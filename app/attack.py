@@ -73,10 +73,21 @@ class AttackService:
         wait = self._mean_s * max(self._active, 1) / self.concurrency
         return int(min(max(math.ceil(wait), 1), math.ceil(self.timeout_s)))
 
-    def _release(self, _: Future) -> None:
+    def _release(self, _: Future | None = None) -> None:
         with self._lock:
             self._active -= 1
             self._metrics.attack_queue_depth.set(self._active)
+
+    def admit(self) -> Slot:
+        """Take a place (running or waiting) now, before the request's image is decoded; 429 when full."""
+        with self._lock:
+            if self._active >= self.capacity:
+                raise ApiError(429, "attack_queue_full",
+                               f"{self._active} attacks running or waiting (limit {self.capacity}); retry later",
+                               headers={"Retry-After": str(self.retry_after())})
+            self._active += 1
+            self._metrics.attack_queue_depth.set(self._active)
+        return Slot(self)
 
     def _timed(self, job: Callable[[float], T], deadline: float) -> T:
         t0 = time.monotonic()
@@ -87,22 +98,17 @@ class AttackService:
         finally:
             self._mean_s = 0.8 * self._mean_s + 0.2 * (time.monotonic() - t0)
 
-    async def run(self, job: Callable[[float], T]) -> T:
-        """Run `job(deadline)` on the pool; ApiError 429 when full, 504 when the deadline passes."""
-        with self._lock:
-            if self._active >= self.capacity:
-                raise ApiError(429, "attack_queue_full",
-                               f"{self._active} attacks running or waiting (limit {self.capacity}); retry later",
-                               headers={"Retry-After": str(self.retry_after())})
-            self._active += 1
-            self._metrics.attack_queue_depth.set(self._active)
+    async def run(self, job: Callable[[float], T], slot: Slot | None = None) -> T:
+        """Run `job(deadline)` on the pool in `slot` (from `admit`; taken here when None); ApiError 429 when
+        full, 504 when the deadline passes. The slot is given back when the job's thread is done."""
+        slot = slot or self.admit()
         deadline = time.monotonic() + self.timeout_s
         try:
             fut = self._executor.submit(self._timed, job, deadline)
         except RuntimeError as e:  # pool shut down
-            self._release(Future())
+            slot.release()
             raise ApiError(503, "shutting_down", "the server is shutting down") from e
-        fut.add_done_callback(self._release)
+        fut.add_done_callback(lambda _: slot.release())
         try:
             return await asyncio.wait_for(asyncio.wrap_future(fut), self.timeout_s)
         except (TimeoutError, DeadlinePassed) as e:
@@ -114,6 +120,19 @@ class AttackService:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class Slot:
+    """One place in an AttackService, held from admission until the job ends; `release` is idempotent."""
+
+    def __init__(self, service: AttackService) -> None:
+        self._service, self._held, self._lock = service, True, threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            held, self._held = self._held, False
+        if held:
+            self._service._release()
 
 
 # --- the job (runs on an attack thread) ------------------------------------------------------------

@@ -8,6 +8,7 @@ and the attack pool, and keeps them on `app.state` (the only store); at shutdown
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -44,6 +45,16 @@ def _version() -> str:
         return "0.0.0"
 
 
+def is_loopback(host: str) -> bool:
+    """True for `localhost` and loopback addresses (127.0.0.0/8, ::1); False for 0.0.0.0, :: and anything else."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app for `settings` (default: from `SATML_*` environment variables)."""
     settings = settings or Settings()
@@ -57,6 +68,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         attacks = AttackService(settings.attack_concurrency, settings.attack_queue, settings.attack_timeout_s,
                                 metrics)
         app.state.registry, app.state.attacks = registry, attacks
+        if settings.api_key is None and not is_loopback(settings.host):
+            log.warning("/attack is open to anyone who can reach this address: set SATML_API_KEY to guard it",
+                        extra=fields(event="attack_open", host=settings.host, port=settings.port))
         log.info("service started", extra=fields(event="started", models=sorted(registry.models),
                                                  skipped=sorted(registry.skipped), default_model=registry.default))
         try:

@@ -74,11 +74,20 @@ async def attack(
         target_ref = ClassRef(label=served.classes[tid], class_id=tid)
     k = resolve_top_k(served, top_k)  # compared models get min(k, their classes)
     steps = 1 if method == "fgsm" else steps
-    [(_, image)] = await decoder.images([file], [m.input_size for m in (served, *others)])
+    try:
+        slot = attacks.admit()  # capacity first: a full queue costs no decoding
+    except ApiError:
+        metrics.attacks.labels(served.name, method, "rejected").inc()
+        raise
+    try:
+        [(_, image)] = await decoder.images([file], [m.input_size for m in (served, *others)])
+    except BaseException:
+        slot.release()
+        raise
     spec = AttackSpec(method=method, eps=eps, steps=steps, top_k=k, target=target)
     job = AttackJob(served, image, spec, others, settings.request_timeout_s)
     try:
-        outcome, comparisons = await attacks.run(job)
+        outcome, comparisons = await attacks.run(job, slot)
     except ApiError as e:
         outcome_label = {429: "rejected", 504: "timeout"}.get(e.status, "error")
         metrics.attacks.labels(served.name, method, outcome_label).inc()
