@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from training.evaluate import KnnModel
 
 log = logging.getLogger("app.engine")
 
+_CLASS_ID = re.compile(r"[0-9]{1,9}")
 SETUP_TIMEOUT_S = 300.0  # building one model's runtime + index (ONNX session, faiss GPU upload)
 
 
@@ -157,11 +159,14 @@ class ServedModel:
         """A class given by name or by id -> id; ApiError 422 when it is neither."""
         if target in self.classes:
             return self.classes.index(target)
-        if target.strip().lstrip("-").isdigit():
-            i = int(target)
+        digits = target.strip()
+        # ASCII digits only, and few: str.isdigit() also takes "\u00b2" and 5,000-digit numbers, which int() refuses
+        if _CLASS_ID.fullmatch(digits):
+            i = int(digits)
             if 0 <= i < len(self.classes):
                 return i
-        raise ApiError(422, "invalid_parameters", f"target {target!r} is not a class of model {self.name!r} "
+        shown = target if len(target) <= 64 else f"{target[:64]}..."
+        raise ApiError(422, "invalid_parameters", f"target {shown!r} is not a class of model {self.name!r} "
                        f"(names {self.classes} or ids 0..{len(self.classes) - 1})")
 
 
