@@ -170,10 +170,34 @@ class ServedModel:
                        f"(names {self.classes} or ids 0..{len(self.classes) - 1})")
 
 
+MAX_INPUT_SIZE = 1024  # pixels per side: far above any shipped model, low enough to bound decode output
+
+
+def check_served_fields(art: Artifact) -> None:
+    """The manifest fields serving reads, checked once at load: ArtifactError instead of a KeyError/TypeError
+    on the first request (or at start-up, outside the caught exceptions)."""
+    where = art.path / MANIFEST
+    try:
+        size, k, metric = art.input_size, art.k, art.metric
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ArtifactError(f"{where}: missing or invalid input.size / knn.k / knn.metric ({e!r})") from e
+    if not 1 <= size <= MAX_INPUT_SIZE:
+        raise ArtifactError(f"{where}: input.size must be in [1, {MAX_INPUT_SIZE}], got {size}")
+    if not 1 <= k <= art.bank.shape[0]:
+        raise ArtifactError(f"{where}: knn.k must be in [1, {art.bank.shape[0]}] (bank size), got {k}")
+    if metric not in ("l2", "cosine"):
+        raise ArtifactError(f"{where}: knn.metric must be 'l2' or 'cosine', got {metric!r}")
+    classes = art.manifest.get("classes")
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) and c for c in classes)
+            and len(set(classes)) == len(classes)):
+        raise ArtifactError(f"{where}: classes must be a list of distinct non-empty names")
+
+
 def load_model(folder: Path, settings: Settings, device: torch.device, index_kind: str,
                metrics: Metrics) -> ServedModel:
     """Verify + load one artifact and start its batching worker; ArtifactError/RuntimeError when it cannot serve."""
     art = load_artifact(folder, device)
+    check_served_fields(art)
     name = folder.name
     if settings.runtime == "onnxruntime" and not (folder / ENCODER_ONNX).is_file():
         raise ArtifactError(f"{folder}: runtime onnxruntime requested but the artifact has no {ENCODER_ONNX}")
@@ -259,10 +283,11 @@ def load_registry(settings: Settings, metrics: Metrics) -> Registry:
             continue
         try:
             model = load_model(folder, settings, device, index_kind, metrics)
-        except (ArtifactError, RuntimeError, ValueError, OSError, TimeoutError) as e:
-            reg.skipped[folder.name] = str(e)
+        except Exception as e:  # any fault of one artifact (corrupt safetensors, odd manifest) skips only it
+            reason = str(e) if isinstance(e, ArtifactError) else f"{type(e).__name__}: {e}"
+            reg.skipped[folder.name] = reason
             log.error("artifact skipped", extra=fields(event="artifact_skipped", model=folder.name,
-                                                       path=str(folder), reason=str(e)))
+                                                       path=str(folder), reason=reason))
             continue
         reg.models[model.name] = model
         log.info("model loaded", extra=fields(event="model_loaded", model=model.name, device=model.device,
