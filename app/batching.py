@@ -61,6 +61,8 @@ class BatchWorker:
         self._lock = threading.Lock()  # guards _closed, _waiting and the order of put(job) vs put(None)
         self._waiting = 0  # images submitted and not yet taken into a batch
         self._batch_s = 0.0  # running mean of one batch's time, for Retry-After
+        self._busy_since: float | None = None  # monotonic start of the batch in progress (None: idle)
+        self._died = False  # the thread ended on an unexpected BaseException
         self._setup, self._on_batch, self._on_queue = setup, on_batch, on_queue
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._carry: _Job | None = None  # a job that did not fit the previous batch
@@ -84,8 +86,9 @@ class BatchWorker:
             raise ValueError(f"expected images [n>=1, 3, H, W], got {tuple(images.shape)}")
         job, n = _Job(images), images.shape[0]
         with self._lock:
-            if self._closed:
-                job.future.set_exception(WorkerClosed(f"batch worker {self.name} is closed"))
+            if self._closed or self._died:
+                state = "closed" if self._closed else "dead"
+                job.future.set_exception(WorkerClosed(f"batch worker {self.name} is {state}"))
                 return job.future
             if self.max_queue is not None and self._waiting > 0 and self._waiting + n > self.max_queue:
                 raise QueueFull(f"model {self.name!r} has {self._waiting} images waiting (limit {self.max_queue})",
@@ -113,6 +116,17 @@ class BatchWorker:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    def state(self, stuck_after_s: float) -> str:
+        """'ok', 'stuck' (a batch running longer than stuck_after_s), 'dead' (thread gone) or 'closed'."""
+        if self._closed:
+            return "closed"
+        if self._died or (self._ready.is_set() and not self._thread.is_alive()):
+            return "dead"
+        busy = self._busy_since
+        if busy is not None and time.monotonic() - busy > stuck_after_s:
+            return "stuck"
+        return "ok"
+
     @property
     def depth(self) -> int:
         return self._queue.qsize() + (self._carry is not None)
@@ -130,18 +144,34 @@ class BatchWorker:
             return
         self._ready.set()
         stop = False
-        while not stop:
-            jobs, stop = self._collect()
-            if jobs:
-                self._process(predict, jobs)
-        # fail whatever is left rather than leave callers waiting forever
+        try:
+            while not stop:
+                jobs, stop = self._collect()
+                if jobs:
+                    self._process(predict, jobs)
+        except BaseException:  # not an Exception of predict (those fail their batch only): the thread ends
+            log.critical("batch worker died", exc_info=True, extra=fields(event="worker_died", model=self.name))
+            with self._lock:
+                self._died = True
+            self._fail_waiting("dead")
+            return
+        self._fail_waiting("closed")
+
+    def _fail_waiting(self, state: str) -> None:
+        """Fail whatever is left rather than leave callers waiting forever."""
+        jobs = [self._carry] if self._carry is not None else []
+        self._carry = None
         while True:
             try:
                 job = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if job is not None and job.future.set_running_or_notify_cancel():
-                job.future.set_exception(WorkerClosed(f"batch worker {self.name} is closed"))
+            if job is not None:
+                jobs.append(job)
+        for job in jobs:
+            self._taken(job)
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(WorkerClosed(f"batch worker {self.name} is {state}"))
 
     def _collect(self) -> tuple[list[_Job], bool]:
         """Block for a first job, then gather until max_batch images or max_wait_s. Returns (jobs, stop)."""
@@ -179,6 +209,7 @@ class BatchWorker:
 
     def _process(self, predict: PredictFn, jobs: list[_Job]) -> None:
         t0 = time.perf_counter()
+        self._busy_since = time.monotonic()
         try:
             x = torch.cat([j.images for j in jobs])  # N x 3 x H x W
             parts = [predict(chunk) for chunk in x.split(self.max_batch)]  # a lone oversized job is chunked
@@ -189,6 +220,12 @@ class BatchWorker:
             for j in jobs:
                 j.future.set_exception(e)
             return
+        except BaseException:
+            for j in jobs:
+                j.future.set_exception(WorkerClosed(f"batch worker {self.name} died"))
+            raise
+        finally:
+            self._busy_since = None
         seconds = time.perf_counter() - t0
         self._batch_s = seconds if self._batch_s == 0 else 0.8 * self._batch_s + 0.2 * seconds
         if self._on_batch is not None:

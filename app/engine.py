@@ -265,6 +265,14 @@ class Registry:
         for m in self.models.values():
             m.worker.close()
 
+    def worker_states(self, stuck_after_s: float, metrics: Metrics | None = None) -> dict[str, str]:
+        """Each model's batch worker state (see `BatchWorker.state`), also set in the metrics when given."""
+        states = {name: m.worker.state(stuck_after_s) for name, m in self.models.items()}
+        if metrics is not None:
+            for name, state in states.items():
+                metrics.worker_healthy.labels(name).set(1 if state == "ok" else 0)
+        return states
+
 
 def load_registry(settings: Settings, metrics: Metrics) -> Registry:
     """Load every artifact folder; a bad one is logged and skipped, the others serve."""

@@ -109,6 +109,7 @@ class ModelReadiness(BaseModel):
     index: str
     classes: int
     bank_size: int
+    worker: str = Field("ok", description="batch worker: 'ok', 'stuck' (a batch past its deadline), 'dead' or 'closed'")
 
 
 class Ready(BaseModel):

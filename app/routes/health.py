@@ -17,19 +17,30 @@ async def live() -> Live:
     return Live(status="ok")
 
 
-@router.get("/ready", response_model=Ready, responses={503: {"model": NotReady, "description": "No model loaded"}})
+@router.get("/ready", response_model=Ready,
+            responses={503: {"model": NotReady, "description": "Not serving: no model, the configured default "
+                                                                "model missing, or a batch worker dead or stuck"}})
 async def ready(request: Request) -> Ready | JSONResponse:
-    """200 once at least one model serves, with each model's device, runtime and index backend; else 503."""
+    """200 when the configured default model serves and every batch worker is alive and making progress
+    (no batch past the request deadline), with each model's device, runtime, index backend and worker; else 503."""
     registry = getattr(request.app.state, "registry", None)
+    settings = request.app.state.settings
+    states = {} if registry is None else registry.worker_states(settings.request_timeout_s, request.app.state.metrics)
     models = {} if registry is None else {
         name: ModelReadiness(device=m.device, runtime=m.runtime, index=m.index, classes=len(m.classes),
-                             bank_size=int(m.artifact.bank.shape[0]))
+                             bank_size=int(m.artifact.bank.shape[0]), worker=states[name])
         for name, m in registry.models.items()}
-    body = Ready(status="ready" if models else "not_ready", models=models,
+    problems = []
+    if models and settings.default_model not in models:
+        problems.append(f"the configured default model {settings.default_model!r} is not loaded")
+    if bad := {name: state for name, state in states.items() if state != "ok"}:
+        problems.append("batch worker " + ", ".join(f"{name} {state}" for name, state in sorted(bad.items())))
+    body = Ready(status="ready" if models and not problems else "not_ready", models=models,
                  default_model=None if registry is None else registry.default,
                  skipped={} if registry is None else dict(registry.skipped))
-    if models:
+    if models and not problems:
         return body
-    message = "no model loaded" + (f"; skipped: {', '.join(body.skipped)}" if body.skipped else "")
+    message = "; ".join(problems) if models else "no model loaded"
+    message += f"; skipped: {', '.join(body.skipped)}" if body.skipped else ""
     not_ready = NotReady(**body.model_dump(), error=ErrorBody(code="not_ready", message=message))
     return JSONResponse(not_ready.model_dump(), status_code=503)

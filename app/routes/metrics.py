@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -13,6 +13,10 @@ router = APIRouter(tags=["metrics"])
 
 @router.get("/metrics", response_class=Response,
             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus exposition format"}})
-def metrics(m: MetricsDep) -> Response:
-    """Requests by route and status, latency histograms, batch sizes, queue depths, attack outcomes."""
+def metrics(m: MetricsDep, request: Request) -> Response:
+    """Requests by route and status, latency histograms, batch sizes, queue depths, attack outcomes,
+    batch worker health."""
+    registry = getattr(request.app.state, "registry", None)
+    if registry is not None:
+        registry.worker_states(request.app.state.settings.request_timeout_s, m)
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
