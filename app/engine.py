@@ -274,6 +274,15 @@ class Registry:
         return states
 
 
+def public_reason(reason: str, folder: Path) -> str:
+    """A skip reason fit for /health/ready: server paths shown relative to the artifacts folder, at most
+    one line of 200 characters (the full text goes to the log)."""
+    for prefix in {str(folder.resolve()), str(folder.absolute()), str(folder)}:
+        reason = reason.replace(prefix, folder.name)
+    reason = reason.splitlines()[0] if reason else "refused"
+    return reason if len(reason) <= 200 else f"{reason[:200]}..."
+
+
 def load_registry(settings: Settings, metrics: Metrics) -> Registry:
     """Load every artifact folder; a bad one is logged and skipped, the others serve."""
     device = resolve_device(settings.device)
@@ -293,7 +302,7 @@ def load_registry(settings: Settings, metrics: Metrics) -> Registry:
             model = load_model(folder, settings, device, index_kind, metrics)
         except Exception as e:  # any fault of one artifact (corrupt safetensors, odd manifest) skips only it
             reason = str(e) if isinstance(e, ArtifactError) else f"{type(e).__name__}: {e}"
-            reg.skipped[folder.name] = reason
+            reg.skipped[folder.name] = public_reason(reason, folder)
             log.error("artifact skipped", extra=fields(event="artifact_skipped", model=folder.name,
                                                        path=str(folder), reason=reason))
             continue

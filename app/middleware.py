@@ -18,6 +18,22 @@ REQUEST_ID_HEADER = "X-Request-ID"
 # the method label of the metrics: one of these, else "other" (a raw label would let clients grow the series forever)
 METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# on every response; the CSP by path: the demo page is same-origin only (its previews are data:/blob: images),
+# the Swagger/ReDoc pages load their bundle from a CDN so they only forbid framing, everything else is data
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"}
+PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+            "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+DOCS_CSP = "frame-ancestors 'none'"
+API_CSP = "default-src 'none'; frame-ancestors 'none'"
+DOCS_PATHS = ("/docs", "/redoc", "/docs/oauth2-redirect")
+
+
+def content_security_policy(path: str) -> str:
+    if path == "/" or path.startswith("/static/"):
+        return PAGE_CSP
+    return DOCS_CSP if path in DOCS_PATHS else API_CSP
+
+
 access_log = logging.getLogger("app.access")
 error_log = logging.getLogger("app.errors")
 
@@ -44,7 +60,11 @@ class RequestContextMiddleware:
             nonlocal status, started
             if message["type"] == "http.response.start":
                 started, status = True, message["status"]
-                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+                headers = MutableHeaders(scope=message)
+                headers[REQUEST_ID_HEADER] = request_id
+                for name, value in SECURITY_HEADERS.items():
+                    headers.setdefault(name, value)
+                headers.setdefault("Content-Security-Policy", content_security_policy(scope["path"]))
             await send(message)
 
         try:
@@ -57,7 +77,8 @@ class RequestContextMiddleware:
             if not started:
                 response = error_response(500, "internal_error",
                                           f"internal server error (request id {request_id})",
-                                          headers={REQUEST_ID_HEADER: request_id})
+                                          headers={REQUEST_ID_HEADER: request_id, **SECURITY_HEADERS,
+                                                   "Content-Security-Policy": API_CSP})
                 await response(scope, receive, send)
         finally:
             seconds = time.perf_counter() - t0
