@@ -92,7 +92,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
     if im.mode.startswith("I") or im.mode == "F":
         im = _scale_grey(im)
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
-        rgba = im.convert("RGBA")
+        rgba = im if im.mode == "RGBA" else im.convert("RGBA")  # RGBA is only read: no copy
         bg = Image.new("RGBA", rgba.size, _WHITE)
         bg.alpha_composite(rgba)
         return bg.convert("RGB")
@@ -104,7 +104,7 @@ def load_image(im: Image.Image, filename: str = "image") -> Image.Image:
     try:
         im.seek(0)
         im.load()
-        im = ImageOps.exif_transpose(im)
+        ImageOps.exif_transpose(im, in_place=True)  # in place: the default copies the whole image when upright
     except Image.DecompressionBombError as e:
         raise ApiError(413, "image_too_large", f"{filename}: {e}") from e
     except Exception as e:  # truncated or corrupt data: OSError, SyntaxError, ValueError, EOFError, ...
