@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 import torch
@@ -63,6 +63,7 @@ class BatchWorker:
         self._batch_s = 0.0  # running mean of one batch's time, for Retry-After
         self._busy_since: float | None = None  # monotonic start of the batch in progress (None: idle)
         self._died = False  # the thread ended on an unexpected BaseException
+        self._current: list[_Job] = []  # the batch in progress
         self._setup, self._on_batch, self._on_queue = setup, on_batch, on_queue
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._carry: _Job | None = None  # a job that did not fit the previous batch
@@ -106,15 +107,26 @@ class BatchWorker:
         batches = self._waiting / self.max_batch + 1
         return int(min(max(math.ceil(batches * self._batch_s), 1), 30))
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Stop after the jobs already queued; jobs submitted later fail at once."""
+    def stop(self) -> None:
+        """Refuse new jobs; the thread finishes those already queued, then ends (does not wait)."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             self._queue.put(None)  # under the lock: no job can be queued behind the stop marker
+
+    def close(self, timeout: float = 10.0) -> None:
+        """`stop`, then wait up to `timeout` for the thread; if it is still busy (a stuck predict), every
+        caller still waiting - the running batch included - gets WorkerClosed now, so none hangs."""
+        self.stop()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error("batch worker did not stop in time; failing its callers",
+                      extra=fields(event="worker_stop_timeout", model=self.name, timeout_s=timeout))
+            for job in self._current:
+                _fail(job, WorkerClosed(f"batch worker {self.name} is closed"))
+            self._fail_waiting("closed")
 
     def state(self, stuck_after_s: float) -> str:
         """'ok', 'stuck' (a batch running longer than stuck_after_s), 'dead' (thread gone) or 'closed'."""
@@ -170,8 +182,7 @@ class BatchWorker:
                 jobs.append(job)
         for job in jobs:
             self._taken(job)
-            if job.future.set_running_or_notify_cancel():
-                job.future.set_exception(WorkerClosed(f"batch worker {self.name} is {state}"))
+            _fail(job, WorkerClosed(f"batch worker {self.name} is {state}"))
 
     def _collect(self) -> tuple[list[_Job], bool]:
         """Block for a first job, then gather until max_batch images or max_wait_s. Returns (jobs, stop)."""
@@ -209,7 +220,7 @@ class BatchWorker:
 
     def _process(self, predict: PredictFn, jobs: list[_Job]) -> None:
         t0 = time.perf_counter()
-        self._busy_since = time.monotonic()
+        self._busy_since, self._current = time.monotonic(), jobs
         try:
             x = torch.cat([j.images for j in jobs])  # N x 3 x H x W
             parts = [predict(chunk) for chunk in x.split(self.max_batch)]  # a lone oversized job is chunked
@@ -218,14 +229,14 @@ class BatchWorker:
         except Exception as e:
             log.exception("batch failed", extra=fields(event="batch_failed", model=self.name, jobs=len(jobs)))
             for j in jobs:
-                j.future.set_exception(e)
+                _fail(j, e)
             return
         except BaseException:
             for j in jobs:
-                j.future.set_exception(WorkerClosed(f"batch worker {self.name} died"))
+                _fail(j, WorkerClosed(f"batch worker {self.name} died"))
             raise
         finally:
-            self._busy_since = None
+            self._busy_since, self._current = None, []
         seconds = time.perf_counter() - t0
         self._batch_s = seconds if self._batch_s == 0 else 0.8 * self._batch_s + 0.2 * seconds
         if self._on_batch is not None:
@@ -233,5 +244,17 @@ class BatchWorker:
         i = 0
         for j in jobs:
             n = j.images.shape[0]
-            j.future.set_result((pred[i:i + n], counts[i:i + n]))
+            if not j.future.done():  # close() may have failed it already
+                j.future.set_result((pred[i:i + n], counts[i:i + n]))
             i += n
+
+
+def _fail(job: _Job, error: BaseException) -> None:
+    """Fail a job that is running or queued; a no-op when it is already done (a race with close)."""
+    if job.future.done():
+        return
+    try:
+        if job.future.running() or job.future.set_running_or_notify_cancel():
+            job.future.set_exception(error)
+    except InvalidStateError:
+        pass

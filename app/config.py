@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8000  # 0: any free port
     log_level: LogLevel = "info"
+    # SIGTERM: in-flight requests get this long, then are cut and the process exits; keep it below the
+    # orchestrator's kill timeout (compose stop_grace_period: 20 s)
+    shutdown_grace_s: Annotated[float, Field(gt=0, le=300)] = 15.0
 
     @field_validator("log_level", mode="before")
     @classmethod

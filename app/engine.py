@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,9 +262,13 @@ class Registry:
                            f"unknown model {shown!r}; available: {', '.join(sorted(self.models))}")
         return self.models[key]
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop every worker at once, then wait for them all within one `timeout` (not one per model)."""
         for m in self.models.values():
-            m.worker.close()
+            m.worker.stop()
+        deadline = time.monotonic() + timeout
+        for m in self.models.values():
+            m.worker.close(max(deadline - time.monotonic(), 0.0))
 
     def worker_states(self, stuck_after_s: float, metrics: Metrics | None = None) -> dict[str, str]:
         """Each model's batch worker state (see `BatchWorker.state`), also set in the metrics when given."""

@@ -77,7 +77,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             attacks.close()
-            await run_in_threadpool(registry.close)
+            # within the grace period uvicorn already spent on in-flight requests: a stuck batch cannot hold exit
+            await run_in_threadpool(registry.close, min(5.0, settings.shutdown_grace_s / 3))
             log.info("service stopped", extra=fields(event="stopped"))
 
     app = FastAPI(title="Robust SSL classifier", version=_version(), description=DESCRIPTION, lifespan=lifespan)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -69,6 +70,17 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            # uvicorn cancels what is still running when its graceful-shutdown timeout passes: answer
+            # 503 + Retry-After (retry elsewhere) rather than let the server send a bare 500
+            if not started:
+                status = 503
+                response = error_response(503, "shutting_down", "the server is shutting down; retry",
+                                          headers={REQUEST_ID_HEADER: request_id, "Retry-After": "1",
+                                                   "Connection": "close", **SECURITY_HEADERS,
+                                                   "Content-Security-Policy": API_CSP})
+                await response(scope, receive, send)
+            raise
         except Exception:
             error_log.exception("unhandled error", extra=fields(event="unhandled_error", request_id=request_id,
                                                                 method=scope["method"][:32],

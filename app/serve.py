@@ -7,6 +7,7 @@ given here wins over the environment.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -30,6 +31,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def graceful_timeout(settings: Settings) -> int:
+    """uvicorn's timeout_graceful_shutdown (whole seconds): how long SIGTERM waits for in-flight requests."""
+    return max(1, math.ceil(settings.shutdown_grace_s))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse flags, build the settings, start uvicorn with the app factory's app."""
     args = parse_args(argv)
@@ -49,7 +55,8 @@ def main(argv: list[str] | None = None) -> None:
 
     configure_logging(settings.log_level)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                log_config=None, access_log=False, proxy_headers=False)
+                log_config=None, access_log=False, proxy_headers=False,
+                timeout_graceful_shutdown=graceful_timeout(settings))
 
 
 if __name__ == "__main__":
