@@ -12,7 +12,7 @@
 set -euo pipefail
 RUNS=${RUNS:-runs/cpu}
 TEACHER_EPOCHS=${TEACHER_EPOCHS:-15}
-STUDENT_EPOCHS=${STUDENT_EPOCHS:-16}
+STUDENT_EPOCHS=${STUDENT_EPOCHS:-14}
 ARCH=(--arch cnn8 --width 16)
 COMMON=(--data data --batch-size 256 --workers-threads 2 --no-progress)
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # sleep, not spin, when a core is shared
