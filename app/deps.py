@@ -77,6 +77,11 @@ class Decoder:
         """(filename, Decoded at each of `sizes`) per upload, in order; ApiError 400/413/415 on the first bad one,
         503 + Retry-After when no decoder frees up within `decode_wait_s`."""
         named = [(upload.filename or f"file{i}", await upload.read()) for i, upload in enumerate(uploads)]
+        return await self.decode_named(named, sizes)
+
+    async def decode_named(self, named: list[tuple[str, bytes]], sizes: Iterable[int]) -> list[tuple[str, Decoded]]:
+        """Like `images`, for files already in memory as (name, bytes): the Open Inference Protocol's BYTES
+        tensors take the same budget check, decode slots and shrink-in-the-worker path as multipart uploads."""
         await run_in_threadpool(self._check_budget, named)
         wanted = tuple(sorted(set(sizes)))
         return [(name, await self._decode(name, data, wanted)) for name, data in named]

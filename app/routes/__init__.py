@@ -1,5 +1,5 @@
 """One APIRouter per resource; `ROUTERS` is what `create_app` includes."""
 
-from app.routes import attack, classify, health, metrics, models, pages
+from app.routes import attack, classify, health, metrics, models, pages, v2
 
-ROUTERS = (classify.router, attack.router, models.router, health.router, metrics.router, pages.router)
+ROUTERS = (classify.router, attack.router, models.router, health.router, metrics.router, pages.router, v2.router)
