@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.app.test_serve import START_TIMEOUT_S, free_port
+from tests.app.test_serve import free_port, wait_ready
 from tests.app.toy import SIZE, png, toy_images
 
 tritonhttp = pytest.importorskip("tritonclient.http")
@@ -32,16 +31,7 @@ def server(good_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     proc = subprocess.Popen([sys.executable, "-m", "app.serve", "--port", str(port), "--artifacts-dir", str(good_root)],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, f"server exited with {proc.returncode}"
-            assert time.monotonic() < deadline, "server did not become ready"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_ready(proc, f"http://127.0.0.1:{port}/v2/health/ready")
         yield f"127.0.0.1:{port}"
     finally:
         proc.terminate()
