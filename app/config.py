@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if available, else cpu
     runtime: Literal["torch", "onnxruntime"] = "torch"  # encoder runtime for /classify (attacks use torch)
     index: Literal["auto", "faiss-cpu", "faiss-gpu", "torch"] = "auto"  # k-NN backend; auto: best available
+    # abstain (answer "abstained": true) below this conformal credibility; 0: never. Models without calibration
+    # scores never abstain and report credibility null. Per request: /classify field min_credibility.
+    min_credibility: Annotated[float, Field(ge=0, le=1)] = 0.0
 
     # dynamic batching (one worker per model)
     max_batch: Annotated[int, Field(ge=1, le=4096)] = 64  # images per forward pass

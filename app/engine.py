@@ -27,7 +27,7 @@ from app.logs import fields
 from app.metrics import Metrics
 from app.schemas import Prediction as PredictionBody
 from app.schemas import Vote
-from training import knn
+from training import conformal, knn
 from training.artifact import ENCODER_ONNX, MANIFEST, Artifact, ArtifactError, load_artifact
 from training.evaluate import KnnModel
 
@@ -326,12 +326,20 @@ def load_registry(settings: Settings, metrics: Metrics) -> Registry:
     return reg
 
 
-def to_prediction(model: ServedModel, pred: int, counts: Tensor, top_k: int) -> PredictionBody:
-    """One row of (pred, counts [C]) -> label, id and the top_k vote shares (predicted class first)."""
+def to_prediction(model: ServedModel, pred: int, counts: Tensor, top_k: int,
+                  min_credibility: float = 0.0) -> PredictionBody:
+    """One row of (pred, counts [C]) -> label, id, the top_k vote shares (predicted class first) and, when the
+    artifact carries calibration scores, conformal credibility/confidence and abstention below `min_credibility`."""
     k = max(int(counts.sum()), 1)
     order = sorted(range(len(model.classes)), key=lambda c: (c != pred, -int(counts[c]), c))[:top_k]
     votes = [Vote(label=model.classes[c], class_id=c, share=int(counts[c]) / k) for c in order]
-    return PredictionBody(label=model.classes[pred], class_id=pred, votes=votes)
+    cal = model.artifact.calibration
+    if cal is None:
+        return PredictionBody(label=model.classes[pred], class_id=pred, votes=votes)
+    t = conformal.trust(counts.view(1, -1).cpu(), torch.tensor([pred]), cal, k)
+    cred = float(t.credibility[0])
+    return PredictionBody(label=model.classes[pred], class_id=pred, votes=votes, credibility=cred,
+                          confidence=float(t.confidence[0]), abstained=cred < min_credibility)
 
 
 def batch_tensor(pixels: list[np.ndarray]) -> Tensor:

@@ -24,6 +24,12 @@ class Prediction(BaseModel):
     label: str = Field(description="the k-NN majority vote")
     class_id: int
     votes: list[Vote] = Field(description="top classes by vote share, highest first (the predicted class first)")
+    credibility: float | None = Field(None, description="conformal p-value of the predicted class (Deep k-NN, "
+                                      "calibrated on held-out data): low means unlike correctly classified inputs; "
+                                      "null when the model has no calibration")
+    confidence: float | None = Field(None, description="1 - the second-highest class p-value; null without calibration")
+    abstained: bool = Field(False, description="credibility below the threshold (min_credibility): the service "
+                                               "declines to answer; label is kept for information")
 
 
 class ClassifyResult(Prediction):

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
+from training.conformal import CALIBRATION  # optional file: conformal calibration scores
 from training.models import Encoder, EncoderConfig
 
 FORMAT_VERSION = 1
@@ -92,6 +93,7 @@ class Artifact:
     encoder: Encoder
     bank: Tensor  # [N, D] float32
     bank_labels: Tensor  # [N] int64
+    calibration: Tensor | None = None  # [M] sorted conformal scores (training.conformal); None: no credibility
 
     @property
     def name(self) -> str:
@@ -142,4 +144,12 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artif
                             f"embed_dim {cfg.embed_dim}")
     if labels.numel() and (labels.min() < 0 or labels.max() >= len(manifest["classes"])):
         raise ArtifactError(f"{path}: bank labels outside [0, {len(manifest['classes'])})")
-    return Artifact(path, manifest, encoder.to(device).eval(), emb.to(device), labels.to(device))
+    calibration = None
+    if CALIBRATION in manifest["files"]:
+        try:
+            calibration = load_file(path / CALIBRATION)["scores"].long().sort().values
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise ArtifactError(f"{path}: cannot load {CALIBRATION} ({e})") from e
+        if calibration.dim() != 1 or calibration.numel() == 0 or calibration.min() < 0:
+            raise ArtifactError(f"{path}: {CALIBRATION} must hold a non-empty 1-d tensor of scores >= 0")
+    return Artifact(path, manifest, encoder.to(device).eval(), emb.to(device), labels.to(device), calibration)

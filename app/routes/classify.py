@@ -40,12 +40,15 @@ async def classify(
                                             json_schema_extra=BINARY)] = None,
     model: Annotated[str | None, Form(description="model name (GET /models); default: the default model")] = None,
     top_k: Annotated[int | None, Form(ge=1, description="vote shares to return per image (default 3)")] = None,
+    min_credibility: Annotated[float | None, Form(ge=0, le=1, description="abstain below this conformal credibility "
+                                                  "(default: the server's SATML_MIN_CREDIBILITY)")] = None,
 ) -> ClassifyResponse:
     """Classify images by the k-nearest-neighbour vote of a model's embedding bank.
 
     Send the images as multipart field `files` (repeat it for several) or `file`. All images of
     one request go through the model as one batch. Each result has the predicted label and the
-    top-k classes by share of the k neighbours' votes. Images are squashed to the model's input
+    top-k classes by share of the k neighbours' votes and, for calibrated models, the conformal
+    credibility and confidence, with `abstained: true` below `min_credibility`. Images are squashed to the model's input
     size (bilinear); the format is read from the bytes, not the declared content type.
     """
     t0 = time.perf_counter()
@@ -57,13 +60,17 @@ async def classify(
         raise ApiError(413, "too_many_files",
                        f"{len(uploads)} files in one request; the limit is {settings.max_files_per_request}")
     k = resolve_top_k(served, top_k)
+    threshold = settings.min_credibility if min_credibility is None else min_credibility
+    if min_credibility and served.artifact.calibration is None:
+        raise ApiError(422, "invalid_parameters", f"model {served.name!r} has no calibration scores, so it cannot "
+                                                  "abstain by credibility (satml calibrate adds them)")
     size = served.input_size
     images = await decoder.images(uploads, [size])
     x = batch_tensor([d.pixels[size] for _, d in images])
     pred, counts = await predict(served, x, settings.request_timeout_s)
     results = [
         ClassifyResult(filename=name, width=d.width, height=d.height,
-                       **to_prediction(served, int(pred[i]), counts[i], k).model_dump())
+                       **to_prediction(served, int(pred[i]), counts[i], k, threshold).model_dump())
         for i, (name, d) in enumerate(images)
     ]
     return ClassifyResponse(model=served.name, results=results, latency_ms=(time.perf_counter() - t0) * 1000)

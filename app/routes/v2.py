@@ -6,7 +6,8 @@ the same batching. Inputs (one per request):
   `image_files` BYTES [N] holding encoded image files (PNG, JPEG, ...; base64 strings in the JSON
   encoding, raw bytes with the binary tensor extension), decoded and resized as `/classify` does.
 Outputs: `label_id` INT64 [N], `label` BYTES [N] (class names), `vote_share` FP32 [N, C] (share of the
-k neighbours' votes per class). Errors use the protocol's shape `{"error": "<message>"}`.
+k neighbours' votes per class) and, for calibrated models, `credibility` FP32 [N] (conformal p-value).
+Errors use the protocol's shape `{"error": "<message>"}`.
 
 The JSON tensor encoding and Triton's binary tensor data extension (`Inference-Header-Content-Length`,
 `binary_data_size`) are both accepted; outputs are returned as JSON unless the request asks for binary.
@@ -29,6 +30,7 @@ from pydantic import BaseModel
 from app.deps import get_decoder
 from app.engine import ServedModel, predict
 from app.errors import ApiError
+from training import conformal
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
 
@@ -72,7 +74,9 @@ def _io_metadata(m: ServedModel) -> dict[str, Any]:
                    {"name": "image_files", "datatype": "BYTES", "shape": [-1]}],
         "outputs": [{"name": "label_id", "datatype": "INT64", "shape": [-1]},
                     {"name": "label", "datatype": "BYTES", "shape": [-1]},
-                    {"name": "vote_share", "datatype": "FP32", "shape": [-1, c]}],
+                    {"name": "vote_share", "datatype": "FP32", "shape": [-1, c]},
+                    *([{"name": "credibility", "datatype": "FP32", "shape": [-1]}]
+                      if m.artifact.calibration is not None else [])],
     }
 
 
@@ -239,6 +243,9 @@ def _outputs(m: ServedModel, pred: torch.Tensor, counts: torch.Tensor, wanted: l
         "vote_share": {"datatype": "FP32", "shape": [n, shares.shape[1]],
                        "data": [float(v) for v in shares.reshape(-1)]},
     }
+    if m.artifact.calibration is not None:
+        t = conformal.trust(counts.cpu(), pred.cpu(), m.artifact.calibration, max(1, int(counts[0].sum())))
+        every["credibility"] = {"datatype": "FP32", "shape": [n], "data": [float(c) for c in t.credibility]}
     names = wanted or list(every)
     unknown = [o for o in names if o not in every]
     if unknown:

@@ -67,3 +67,19 @@ def tiny_cifar(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_encoder() -> Encoder:
     torch.manual_seed(0)
     return Encoder(EncoderConfig(**TINY_ENCODER)).eval()
+
+
+@pytest.fixture
+def tiny_artifact(tiny_cifar: Path, tmp_path: Path) -> Path:
+    """A resnet10-width-4 artifact over the first 64 of the tiny training images (16 held out)."""
+    from training import knn
+    from training.data import load_dataset
+    from training.export import export_artifact
+
+    torch.manual_seed(0)
+    encoder = Encoder(EncoderConfig(arch="resnet10", width=4, proj_dim=16)).eval()
+    train = load_dataset(str(tiny_cifar), "train")
+    bank = knn.embed(encoder, train.images[:64])
+    training = {"method": "ssl", "hyperparameters": {}, "epochs": 0, "seed": 0, "code_version": "test"}
+    return export_artifact(tmp_path / "art", encoder, bank, torch.as_tensor(train.labels[:64]), name="tiny",
+                           classes=list(train.classes), dataset="cifar10", training=training, k=5, onnx=False)

@@ -239,22 +239,6 @@ def test_config_validation() -> None:
 # --- end to end: a real (tiny) artifact through the CLI, with card update --------------------------------------
 
 
-@pytest.fixture
-def tiny_artifact(tiny_cifar: Path, tmp_path: Path) -> Path:
-    """A resnet10-width-4 artifact over the first 64 of the tiny training images (16 held out)."""
-    from training.data import load_dataset
-    from training.export import export_artifact
-    from training.models import Encoder, EncoderConfig
-
-    torch.manual_seed(0)
-    encoder = Encoder(EncoderConfig(arch="resnet10", width=4, proj_dim=16)).eval()
-    train = load_dataset(str(tiny_cifar), "train")
-    bank = knn.embed(encoder, train.images[:64])
-    training = {"method": "ssl", "hyperparameters": {}, "epochs": 0, "seed": 0, "code_version": "test"}
-    return export_artifact(tmp_path / "art", encoder, bank, torch.as_tensor(train.labels[:64]), name="tiny",
-                           classes=list(train.classes), dataset="cifar10", training=training, k=5, onnx=False)
-
-
 def test_cli_quick_run_updates_the_card(tiny_artifact: Path, tiny_cifar: Path, tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from training.cli import main
