@@ -236,6 +236,13 @@ function votesList(votes, winner) {
     el("span", { class: "vote-share", text: pct(v.share) }))));
 }
 
+// conformal credibility (calibrated models only) and whether the service declined to answer
+function trustLine(r) {
+  if (r.credibility === null || r.credibility === undefined) return null;
+  return el("p", { class: `meta trust${r.abstained ? " abstained" : ""}`, "data-abstained": String(r.abstained),
+    text: `${r.abstained ? "abstained · " : ""}credibility ${pct(r.credibility)} · confidence ${pct(r.confidence)}` });
+}
+
 function renderClassify(body) {
   const header = el("p", { class: "meta", text: `Model ${body.model} · ${body.results.length} image(s) · ${ms(body.latency_ms)}` });
   const cards = body.results.map((r, i) => {
@@ -248,6 +255,7 @@ function renderClassify(body) {
         el("h3", {}, el("span", { class: "prediction", text: r.label }),
           verdict ? el("span", { class: `badge ${verdict === "correct" ? "good" : "bad"}`, text: verdict === "correct" ? "correct" : `true: ${truth}` }) : null),
         el("p", { class: "meta", text: `${r.filename} · ${r.width}×${r.height} px · class ${r.class_id}` }),
+        trustLine(r),
         votesList(r.votes, r.label)));
   });
   $("#classify-results").replaceChildren(header, ...cards);
