@@ -43,7 +43,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from training import attacks, knn
+from training import attacks, conformal, knn
 from training.artifact import CARD, MANIFEST, load_artifact, sha256_file
 from training.data import ImageDataset, load_dataset
 from training.evaluate import AttackFn, KnnModel, guided_attack, predictions, robust_mask
@@ -91,6 +91,8 @@ class SuiteConfig:
     cw_steps: int = 50  # PGD on the surrogate's CW margin (the /attack "adaptive" method)
     alt_surrogates: int = 2  # APGD-CE again with the next-best surrogates of the temperature sweep
     square_queries: int = 1000  # score-based black-box Square attack on the vote margin
+    abstain_coverage: float = 0.9  # abstention: credibility threshold answering this share of the clean images
+    abstain_steps: int = 100  # APGD steps of the abstention attacks (per target for the adaptive one)
     validate_n: int = 200  # images for the torchattacks cross-check (0: skip)
     validate_eps: float = 1 / 255  # small enough that the supervised model keeps part of its accuracy (informative)
     batch_size: int = 250
@@ -114,7 +116,8 @@ class SuiteConfig:
         base = dict(n_robust=32, n_clean=256, temperatures=(0.01, 0.05, 0.2), n_sweep=32, sweep_steps=5,
                     pgd_steps=(5, 10), apgd_steps=10, embedding_steps=10, guides=50, transfer_steps=10,
                     large_eps_steps=5, validate_n=32, batch_size=64, targets=2, targeted_steps=10, sw_guides=20,
-                    sw_steps=10, cw_steps=10, alt_surrogates=1, square_queries=50, quick=True)
+                    sw_steps=10, cw_steps=10, alt_surrogates=1, square_queries=50, abstain_steps=10,
+                    quick=True)
         return cls(**{**base, **overrides})
 
 
@@ -217,12 +220,14 @@ def _top_other_classes(sur: torch.nn.Module, m: KnnModel, x: Tensor, y: Tensor, 
 
 
 def _each_target(m: KnnModel, x: Tensor, y: Tensor, targets: Tensor,
-                 attack_one: Callable[[Tensor], Tensor]) -> Tensor:
-    """Run `attack_one(target [B])` per target column; keep, per image, the first result that flips the vote."""
+                 attack_one: Callable[[Tensor], Tensor], broken: attacks.SuccessFn | None = None) -> Tensor:
+    """Run `attack_one(target [B])` per target column; keep, per image, the first result that breaks it
+    (`broken`, default: the hard vote no longer says y)."""
+    broken = broken or m.fooled(y)
     out, done = x.clone(), torch.zeros(len(y), dtype=torch.bool, device=x.device)
     for j in range(targets.shape[1]):
         x_adv = attack_one(targets[:, j])
-        hit = (m.predict(x_adv) != y) & ~done
+        hit = broken(x_adv).to(done.device) & ~done
         out[hit], done = x_adv[hit], done | hit
     return out
 
@@ -271,6 +276,34 @@ def vote_margin_score(m: KnnModel, t: Surrogate, y: Tensor) -> attacks.IndexedSc
         below = vote_margin - 1 + 0.49 * torch.tanh(soft_margin.float())
         return torch.where(pred != yy, torch.ones_like(below), torch.minimum(below, torch.full_like(below, -0.5)))
     return score
+
+
+@torch.no_grad()
+def credibility(m: KnnModel, calibration: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(hard-vote prediction [B], conformal credibility of it [B]) for images in [0, 1]."""
+    pred, counts = m.predict_votes(x)
+    return pred, conformal.trust(counts.cpu(), pred.cpu(), calibration, m.k).credibility.to(pred.device)
+
+
+def abstention_attack(m: KnnModel, t: Surrogate, calibration: Tensor, threshold: float, eps: float, steps: int,
+                      targets: int) -> AttackFn:
+    """Adaptive to the detector: for each top other class, APGD on the targeted margin run to its best point
+    (no early stop, so the wrong class's share of the vote keeps growing, which is what raises credibility);
+    per image, keep the first result that is wrong AND credible enough to be answered."""
+    def run(x: Tensor, y: Tensor, g: torch.Generator) -> Tensor:
+        sur = t.build(m)
+
+        def undefended(xa: Tensor) -> Tensor:
+            pred, cred = credibility(m, calibration, xa)
+            return (pred != y) & (cred >= threshold)
+
+        def one(target: Tensor) -> Tensor:
+            def objective(xa: Tensor) -> Tensor:
+                logits = sur(xa)
+                return (logits.gather(1, target[:, None]) - logits.gather(1, y[:, None])).squeeze(1)
+            return attacks.apgd(objective, x, eps=eps, steps=steps, model=m.encoder, generator=g)
+        return _each_target(m, x, y, _top_other_classes(sur, m, x, y, targets), one, broken=undefended)
+    return run
 
 
 def _square(m: KnnModel, s: AttackSpec, eps: float, t: Surrogate, cfg: SuiteConfig) -> AttackFn:
@@ -356,6 +389,7 @@ class ModelUnderTest:
     model_sha256: str
     surrogate: Surrogate = Surrogate()
     runners_up: list[Surrogate] = field(default_factory=list)  # next-best surrogates of the sweep, best first
+    calibration: Tensor | None = None  # conformal calibration scores of the artifact (None: no abstention stage)
     result: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -366,7 +400,8 @@ class ModelUnderTest:
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> ModelUnderTest:
     """A verified artifact as a model under test."""
     art = load_artifact(path, device)
-    return ModelUnderTest(art.name, Path(path), art.manifest, KnnModel.from_artifact(art), model_sha256(art.manifest))
+    return ModelUnderTest(art.name, Path(path), art.manifest, KnnModel.from_artifact(art), model_sha256(art.manifest),
+                          calibration=art.calibration)
 
 
 def model_sha256(manifest: dict[str, Any]) -> str:
@@ -665,7 +700,76 @@ class Suite:
                             "worst_case": _bits(worst), "noise": _bits(noise_mask)}
         res["paper_protocol"] = self.paper_table(m, res["eps_sweep"], correct)
         res["masking_checks"] = self.masking_checks(m, res, idx)
+        if m.calibration is not None:
+            res["abstention"] = self.abstention(m, correct)
         return res
+
+    def _trust_all(self, m: ModelUnderTest, images: np.ndarray | Tensor) -> tuple[np.ndarray, np.ndarray]:
+        assert m.calibration is not None
+        preds, creds = [], []
+        for i in range(0, len(images), self.cfg.batch_size):
+            p, c = credibility(m.model, m.calibration, knn.to_float_images(images[i:i + self.cfg.batch_size],
+                                                                            self.device))
+            preds.append(p.cpu())
+            creds.append(c.cpu())
+        return torch.cat(preds).numpy(), torch.cat(creds).numpy()
+
+    def abstention(self, m: ModelUnderTest, correct: np.ndarray) -> dict[str, Any]:
+        """Conformal abstention (issue 14): clean accuracy vs coverage, the credibility threshold answering
+        `abstain_coverage` of the clean images, and robust accuracy with abstention under a non-adaptive attack
+        (APGD-CE, first flip) and one adaptive to the detector (`abstention_attack`). An attacked image counts
+        as defended when answered correctly or abstained on; a clean-wrong image only when abstained on."""
+        assert m.calibration is not None
+        cfg, n = self.cfg, len(self.labels)
+        _, cred = self._trust_all(m, self.images)
+        threshold = conformal.threshold_for_coverage(torch.as_tensor(cred), cfg.abstain_coverage)
+        answered = cred >= threshold
+        idx = np.flatnonzero(correct)
+        rows = []
+        tracked = AttackSpec("abstain_apgd_ce", "apgd_ce", cfg.abstain_steps)
+        attacks_ = {
+            "apgd_ce (first flip; not adaptive to the detector)": (
+                ATTACKS["apgd_ce"](m.model, tracked, cfg.eps, m.surrogate, cfg), {"spec": asdict(tracked)}),
+            "targeted APGD to a credible wrong answer (adaptive)": (
+                abstention_attack(m.model, m.surrogate, m.calibration, threshold, cfg.eps, cfg.abstain_steps,
+                                  cfg.targets), {"steps": cfg.abstain_steps, "targets": cfg.targets}),
+        }
+        for name, (attack, spec) in attacks_.items():
+            key = self._key(m, stage="abstention", attack=name, eps=cfg.eps, threshold=threshold,
+                            surrogate=asdict(m.surrogate), **spec)
+            hit = self.cache.get(m.model_sha256, f"abstain-{len(rows)}", key)
+            if hit is None:
+                t0 = time.time()
+                _, x_adv = robust_mask(m.model, self.images[idx], self.labels[idx], attack,
+                                       batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress,
+                                       desc=f"{m.name[:16]} abstention", keep_adversarial=True)
+                assert x_adv is not None
+                p_adv, c_adv = self._trust_all(m, x_adv)
+                hit = {"pred": p_adv.tolist(), "cred": c_adv.tolist(), "seconds": time.time() - t0}
+                self.cache.put(m.model_sha256, f"abstain-{len(rows)}", key, hit)
+            p_adv, c_adv = np.asarray(hit["pred"]), np.asarray(hit["cred"])
+            defended = ~answered.copy()  # clean-wrong images: defended only when abstained on
+            defended[idx] = (p_adv == self.labels[idx]) | (c_adv < threshold)
+            flipped = p_adv != self.labels[idx]
+            rows.append({
+                "attack": name, "eps": cfg.eps, "n": n,
+                "robust_acc_without_abstention": float(((p_adv == self.labels[idx]).sum()) / n),
+                "robust_acc_with_abstention": float(defended.mean()),
+                "abstained_on_adversarial": float((c_adv < threshold)[flipped].mean()) if flipped.any() else None,
+                "auroc_clean_vs_adversarial": _finite(conformal.auroc(torch.as_tensor(cred[idx]),
+                                                                      torch.as_tensor(c_adv[flipped]))),
+                "seconds": round(float(hit["seconds"]), 2)})
+        return {"threshold": threshold, "coverage": float(answered.mean()), "target_coverage": cfg.abstain_coverage,
+                "selective_clean_acc": float(correct[answered].mean()) if answered.any() else None,
+                "clean_acc": float(correct.mean()),
+                "coverage_curve": [{k: _finite(v) for k, v in r.items()} for r in conformal.coverage_curve(
+                    torch.as_tensor(cred), torch.as_tensor(correct))],
+                "attacks": rows,
+                "protocol": f"credibility = conformal p-value of the predicted class (calibration scores of the "
+                            f"artifact); threshold = the largest answering >= {cfg.abstain_coverage:.0%} of the "
+                            f"{n} clean test images; an attacked image is defended when answered correctly or "
+                            "abstained on, a clean-wrong one only when abstained on; AUROC of credibility, clean "
+                            "(correct) vs adversarial (vote flipped); claim only the adaptive row"}
 
     def eps_sweep(self, m: ModelUnderTest, correct: np.ndarray, masks: dict[str, np.ndarray],
                   at_eps: np.ndarray) -> list[dict[str, Any]]:
@@ -905,6 +1009,11 @@ def torchattacks_agreement(classifier: torch.nn.Module, images: np.ndarray, labe
 # --- reports ---------------------------------------------------------------------------------------------------
 
 
+def _finite(x: float) -> float | None:
+    """JSON has no NaN: undefined numbers (no image to measure on) are null."""
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
@@ -966,6 +1075,23 @@ def markdown_report(result: dict[str, Any]) -> str:
             lines.append(f"| {m['name']} | {m['method']} | {r['eps']:g} | {r['n_attacked']} | "
                          f"{r['defence_success_rate']:.2f} | {r['adaptive_defence_rate']:.2f} | "
                          f"{r['paper_reported'] or '-'} |")
+    with_abst = [m for m in models if m.get("abstention")]
+    if with_abst:
+        lines += ["", f"## Abstention (conformal credibility) at eps {eps}", "",
+                  "| model | threshold | clean coverage | selective clean acc | attack | robust acc, no abstention | "
+                  "**robust acc with abstention** | adversarial abstained on | AUROC clean vs adv |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for m in with_abst:
+            a = m["abstention"]
+            for r in a["attacks"]:
+                abst = "-" if r["abstained_on_adversarial"] is None else _pct(r["abstained_on_adversarial"])
+                lines.append(f"| {m['name']} | {a['threshold']:.3f} | {_pct(a['coverage'])} % | "
+                             f"{_pct(a['selective_clean_acc'])} % | {r['attack']} | "
+                             f"{_pct(r['robust_acc_without_abstention'])} % | "
+                             f"**{_pct(r['robust_acc_with_abstention'])} %** | {abst} % | "
+                             + ("-" if r["auroc_clean_vs_adversarial"] is None else
+                                f"{r['auroc_clean_vs_adversarial']:.3f}") + " |")
+        lines += ["", with_abst[0]["abstention"]["protocol"] + "."]
     lines += ["", "## Gradient-masking checks", "", "| model | check | result | detail |", "|---|---|---|---|"]
     for m in models:
         for c in m["masking_checks"]:
@@ -1098,7 +1224,15 @@ def card_section(model: dict[str, Any], result: dict[str, Any]) -> str:
               "Gradient-masking checks: " + ", ".join(f"{c['check']}: {_verdict(c['passed'])}"
                                                       for c in model["masking_checks"] if c["passed"] is not None)
               + ".", "",
-              "![accuracy vs eps](robustness_eps.png)", "", CARD_END, ""]
+              "![accuracy vs eps](robustness_eps.png)", ""]
+    if a := model.get("abstention"):
+        lines += [f"Abstention (conformal credibility, threshold {a['threshold']:.3f} answering "
+                  f"{_pct(a['coverage'])} % of the clean images, selective clean accuracy "
+                  f"{_pct(a['selective_clean_acc'])} %), robust accuracy with abstention at eps {eps}: "
+                  + "; ".join(f"{r['attack']}: {_pct(r['robust_acc_with_abstention'])} % (without abstention "
+                              f"{_pct(r['robust_acc_without_abstention'])} %)" for r in a["attacks"])
+                  + ". Claim only the adaptive figure.", ""]
+    lines += [CARD_END, ""]
     return "\n".join(lines)
 
 

@@ -165,6 +165,34 @@ def test_vote_margin_score_is_positive_exactly_when_the_vote_flips() -> None:
         assert (score[score <= 0] <= -0.5).all()
 
 
+def test_abstention_stage_with_calibrated_models(tmp_path: Path) -> None:
+    """Calibrated on the held-out toy images: coverage near the target, abstention never lowers robust
+    accuracy, and the attack adaptive to the detector is at least as strong as the non-adaptive one."""
+    from training import conformal
+
+    train, test = toy_dataset(N_TRAIN, seed=0), toy_dataset(48, seed=1)
+    models = [model_under_test("colour", ColourEncoder(), "sat", train),
+              model_under_test("pattern", PatternEncoder(), "supervised", train)]
+    for m in models:
+        held = knn.to_float_images(train.images[BANK_SIZE:])
+        counts = m.model.predict_votes(held)[1]
+        m.calibration = conformal.calibration_scores(counts, torch.as_tensor(train.labels[BANK_SIZE:]), m.model.k)
+    cfg = toy_config(tmp_path, eps_sweep=(0.0, 8 / 255), paper_eps=(), temperatures=(0.5,))
+    result = rb.Suite(cfg, models, test, source=None, train=train).run()
+    for m in result["models"]:
+        a = m["abstention"]
+        json.dumps(a, allow_nan=False)  # strict JSON: undefined numbers are null, never NaN
+        assert a["coverage"] >= 0.9 and 0 <= a["threshold"] <= 1
+        non_adaptive, adaptive = a["attacks"]
+        for r in (non_adaptive, adaptive):
+            assert r["robust_acc_with_abstention"] >= r["robust_acc_without_abstention"]
+        assert adaptive["robust_acc_with_abstention"] <= non_adaptive["robust_acc_with_abstention"] + 1 / 24
+    colour, pattern = by_name(result)["colour"]["abstention"], by_name(result)["pattern"]["abstention"]
+    assert colour["attacks"][1]["robust_acc_with_abstention"] >= 0.85
+    assert pattern["attacks"][1]["robust_acc_without_abstention"] <= 0.1
+    assert "Abstention (conformal credibility)" in rb.markdown_report(result)
+
+
 def test_attack_success_increases_with_eps(toy_result: dict) -> None:
     pattern = by_name(toy_result)["pattern"]
     accs = {r["eps"]: r["worst_case_acc"] for r in pattern["eps_sweep"]}
