@@ -152,7 +152,7 @@ AttackMethod = str  # one of ATTACK_METHODS
 
 def craft(model: KnnModel, x: Tensor, y: Tensor, *, method: AttackMethod = "pgd", eps: float = 8 / 255,
           steps: int = 10, target: Tensor | None = None, temperature: float = 0.1, guides: int = 32,
-          generator: torch.Generator | None = None) -> Tensor:
+          generator: torch.Generator | None = None, surrogate_k: int | None = None) -> Tensor:
     """Adversarial images against a k-NN model by named method; shared by evaluation and the API.
 
     fgsm      one signed step on the soft-kNN surrogate's cross-entropy
@@ -162,11 +162,12 @@ def craft(model: KnnModel, x: Tensor, y: Tensor, *, method: AttackMethod = "pgd"
     apgd_ce   APGD (Croce & Hein 2020) on the surrogate's cross-entropy, step size self-tuned
     apgd_dlr  APGD on the surrogate's DLR loss (untargeted; targeted uses the cross-entropy)
     embedding label-free PGD pushing the embedding away from the clean one (ignores `target`)
-    x [B, 3, H, W] in [0, 1]; y [B] the labels to move away from; target [B] makes it targeted.
+    x [B, 3, H, W] in [0, 1]; y [B] the labels to move away from; target [B] makes it targeted. The
+    surrogate is the soft-kNN at `temperature` over the whole bank, or over the `surrogate_k` nearest.
     """
     if method not in ATTACK_METHODS:
         raise ValueError(f"unknown attack method {method!r}; expected one of {sorted(ATTACK_METHODS)}")
-    surrogate = model.surrogate(temperature)
+    surrogate = model.surrogate(temperature, surrogate_k)
     alpha = step_size(eps, steps)
     if method == "knn_pgd":
         return guided_attack(model, x, y, eps=eps, alpha=alpha, steps=steps, guides=guides, target=target,

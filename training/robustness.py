@@ -1261,6 +1261,9 @@ def update_card(artifact: str | Path, model: dict[str, Any], result: dict[str, A
                        "acc": r["acc"], "n": r["n"], "suite": "robustness", "code_version": result["code_version"],
                        "quick": result["quick"]})
     metrics["robust"] = robust
+    sur = model["temperature"]
+    manifest.setdefault("knn", {})["surrogate"] = {  # what /attack differentiates: the suite's strongest
+        "temperature": sur["selected"], "k": sur["selected_k"], "chosen_by": "robustness suite temperature sweep"}
     tmp = path / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, path / MANIFEST)

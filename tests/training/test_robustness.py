@@ -288,6 +288,9 @@ def test_cli_quick_run_updates_the_card(tiny_artifact: Path, tiny_cifar: Path, t
     manifest = verify_artifact(tiny_artifact)  # card.md and the plot re-hashed: still verifies
     assert "robustness_eps.png" in manifest["files"]
     assert any(r.get("suite") == "robustness" and r["attack"] == "worst_case" for r in manifest["metrics"]["robust"])
+    sweep = result["models"][0]["temperature"]
+    assert manifest["knn"]["surrogate"]["temperature"] == sweep["selected"]  # what /attack will differentiate
+    assert manifest["knn"]["surrogate"]["k"] == sweep["selected_k"]
     assert main(argv) == 0  # again (from the cache): the card keeps one suite section
     card = (tiny_artifact / "card.md").read_text()
     assert card.count(rb.CARD_BEGIN) == 1 and card.startswith("# Model card: tiny")

@@ -142,3 +142,30 @@ def test_timeout_answers_504(good_root: Path) -> None:
         r = post(c, steps=100)
         assert r.status_code == 504 and r.json()["error"]["code"] == "attack_timeout"
         assert c.get("/health/live").status_code == 200
+
+
+def test_attack_uses_the_surrogate_recorded_by_the_suite(good_root: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """manifest knn.surrogate (written by `satml robustness --update-cards`) steers /attack's soft-kNN."""
+    import json
+    import shutil
+
+    import app.attack as attack_module
+    from training.artifact import MANIFEST
+
+    root = tmp_path / "artifacts"
+    shutil.copytree(good_root / "default", root / "default")
+    manifest = json.loads((root / "default" / MANIFEST).read_text())
+    manifest["knn"]["surrogate"] = {"temperature": 0.5, "k": 3, "chosen_by": "test"}
+    (root / "default" / MANIFEST).write_text(json.dumps(manifest))
+    seen: list[tuple[float, int | None]] = []
+    real = attack_module.craft
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["temperature"], kwargs["surrogate_k"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attack_module, "craft", spy)
+    with TestClient(create_app(make_settings(root)), raise_server_exceptions=False) as c:
+        assert post(c, method="pgd", eps=8 / 255, steps=2).status_code == 200
+    assert seen == [(0.5, 3)]
