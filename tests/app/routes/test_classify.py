@@ -25,7 +25,9 @@ def test_several_files_known_labels(client: TestClient) -> None:
     assert [res["label"] for res in body["results"]] == [CLASSES[c] for c in labels]
     assert [res["filename"] for res in body["results"]] == [f"img{i}.png" for i in range(len(images))]
     for res in body["results"]:
-        assert set(res) == {"filename", "label", "class_id", "votes", "width", "height"}
+        assert set(res) == {"filename", "label", "class_id", "votes", "width", "height", "credibility", "confidence",
+                            "abstained"}
+        assert res["credibility"] is None and res["abstained"] is False  # the toy model has no calibration
         assert (res["width"], res["height"]) == (32, 32)
         shares = [v["share"] for v in res["votes"]]
         assert len(shares) == 3 and shares == sorted(shares, reverse=True) and abs(sum(shares) - 1) < 1e-9
