@@ -6,7 +6,7 @@
 #   2. robust student: DeACL-style distillation from the frozen teacher (match its clean embedding, keep
 #      the student's embedding of a PGD-3 point at 8/255 close to its clean one, beta 2), weight average
 #      (EMA) served; no labels anywhere in encoder training (labels only in the k-NN bank);
-#   3. bank + export with the manifest/card, then the adaptive robustness suite.
+#   3. bank + export with the manifest/card, calibration (credibility), then the adaptive robustness suite.
 # Every step is resumable (rerun the script after an interruption: finished steps are skipped, a
 # stopped run continues from its checkpoint). Sizes: TEACHER_EPOCHS, STUDENT_EPOCHS (env).
 set -euo pipefail
@@ -28,4 +28,5 @@ satml export --checkpoint "$RUNS/student/checkpoint.pt" --out artifacts/default 
   --description "Robust self-supervised cnn8 width 16 + k-NN (k=75), CPU-trained: SimCLR teacher, then DeACL-style robust distillation (PGD-3 at 8/255, beta 2, EMA); no labels in encoder training"
 satml export --checkpoint "$RUNS/teacher/checkpoint.pt" --out artifacts/ssl --name ssl --trained-on "2-core CPU" \
   --description "SimCLR cnn8 width 16 + k-NN (k=75), CPU-trained: the clean teacher of the default model"
+satml calibrate artifacts/default --data data  # conformal credibility scores from the validation split
 satml robustness artifacts/default artifacts/ssl artifacts/supervised --update-cards
