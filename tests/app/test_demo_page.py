@@ -17,13 +17,14 @@ import shutil
 import socket
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
+
+from tests.app.servers import wait_ready
 
 pytestmark = pytest.mark.browser
 
@@ -85,16 +86,7 @@ def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert thread.is_alive(), "uvicorn exited during start-up"
-        assert time.monotonic() < deadline, "server not ready after 60 s"
-        time.sleep(0.1)
+    wait_ready(thread.is_alive, f"{url}/health/ready", timeout_s=60)
     try:
         yield url
     finally:

@@ -21,6 +21,7 @@ from PIL import Image
 
 from app.routes.attack import compare_models
 from tests.app.conftest import make_settings
+from tests.app.servers import wait_ready
 from tests.app.toy import png, toy_images
 
 GOOD = png(toy_images(1, 3)[0][0])
@@ -87,15 +88,7 @@ def server(good_root: Path) -> Iterator[SimpleNamespace]:
     server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="uvicorn-loop")
     thread.start()
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
+    wait_ready(thread.is_alive, f"{url}/health/ready", timeout_s=60, poll_s=0.05)
     try:
         yield SimpleNamespace(url=url, loop_thread=thread.name)
     finally:

@@ -7,7 +7,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,9 +14,9 @@ import httpx
 import pytest
 
 from tests.app.corpus import CORPUS, streamed_multipart
+from tests.app.servers import wait_ready
 from tests.app.toy import png, toy_images
 
-START_TIMEOUT_S = 90  # importing torch on a loaded 2-core machine is slow
 REQUEST_TIMEOUT_S = 30
 
 
@@ -25,20 +24,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_ready(proc: subprocess.Popen, ready_url: str, timeout_s: float = START_TIMEOUT_S) -> None:
-    """Poll `ready_url` until it answers 200; fail if the server process exits or the time runs out."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        assert proc.poll() is None, f"server exited with {proc.returncode}"
-        assert time.monotonic() < deadline, "server did not become ready"
-        try:
-            if httpx.get(ready_url, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +36,7 @@ def server(good_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                              "--log-level", "info"], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(proc, f"{url}/health/ready")
+        wait_ready(lambda: proc.poll() is None, f"{url}/health/ready", poll_s=0.2)
         yield url
     finally:
         proc.terminate()

@@ -18,6 +18,7 @@ import app.serve
 from app.config import Settings
 from app.main import create_app
 from tests.app.conftest import make_settings
+from tests.app.servers import wait_ready
 from tests.app.toy import png, toy_images
 
 GOOD = png(toy_images(1, 3)[0][0])
@@ -50,15 +51,7 @@ def test_exit_within_grace_with_a_stuck_batch(good_root: Path, monkeypatch: pyte
                                            timeout_graceful_shutdown=app.serve.graceful_timeout(settings)))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert thread.is_alive() and time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_ready(thread.is_alive, f"{url}/health/ready", timeout_s=60, poll_s=0.05)
 
     outcomes: list[str] = []
 

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.app.test_serve import free_port, wait_ready
+from tests.app.servers import wait_ready
+from tests.app.test_serve import free_port
 from tests.app.toy import SIZE, png, toy_images
 
 tritonhttp = pytest.importorskip("tritonclient.http")
@@ -31,7 +32,7 @@ def server(good_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     proc = subprocess.Popen([sys.executable, "-m", "app.serve", "--port", str(port), "--artifacts-dir", str(good_root)],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_ready(proc, f"http://127.0.0.1:{port}/v2/health/ready")
+        wait_ready(lambda: proc.poll() is None, f"http://127.0.0.1:{port}/v2/health/ready", poll_s=0.2)
         yield f"127.0.0.1:{port}"
     finally:
         proc.terminate()
