@@ -30,6 +30,7 @@ from pydantic import BaseModel
 from app.deps import get_decoder
 from app.engine import ServedModel, predict
 from app.errors import ApiError
+from app.routes import health
 from training import conformal
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
@@ -102,12 +103,9 @@ async def server_live() -> dict[str, bool]:
 
 @router.get("/health/ready", summary="server ready", responses={503: {"description": "not ready"}})
 async def server_ready(request: Request) -> Response:
-    """Ready when the configured default model is loaded and every batch worker is healthy (as /health/ready)."""
-    registry = getattr(request.app.state, "registry", None)
-    settings = request.app.state.settings
-    ok = registry is not None and settings.default_model in registry.models and all(
-        state == "ok" for state in registry.worker_states(settings.request_timeout_s).values())
-    return JSONResponse({"ready": bool(ok)}, status_code=200 if ok else 503)
+    """Ready exactly when /health/ready is (the configured default serves, every batch worker healthy)."""
+    ok = not isinstance(await health.ready(request), JSONResponse)  # /health/ready answers 503 as a JSONResponse
+    return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
 
 @router.get("/models/{name}", summary="model metadata", responses=_errors(404, 503))
