@@ -34,7 +34,9 @@ class Settings(BaseSettings):
 
     # dynamic batching (one worker per model)
     max_batch: Annotated[int, Field(ge=1, le=4096)] = 64  # images per forward pass
-    max_wait_ms: Annotated[float, Field(ge=0, le=1000)] = 5.0  # how long the first request of a batch waits for company
+    # how long the first request of a batch waits for company; 0 (default): continuous batching, an idle
+    # worker runs at once and the next batch takes whatever queued while it was busy (as Triton, vLLM)
+    max_wait_ms: Annotated[float, Field(ge=0, le=1000)] = 0.0
     request_timeout_s: Annotated[float, Field(gt=0)] = 30.0  # a /classify request waiting longer for its batch gets 503
     max_queue_images: Annotated[int, Field(ge=1)] = 256  # images waiting for a model's batch; more: 429 + Retry-After
 

@@ -43,12 +43,23 @@ def _distances(query: Tensor, bank: Tensor, metric: Metric) -> Tensor:
     return (query.pow(2).sum(1, keepdim=True) - 2 * query @ bank.t() + bank.pow(2).sum(1)[None]).clamp_min(0)
 
 
-def knn_search(query: Tensor, bank: Tensor, k: int, metric: Metric = "l2", chunk: int = 1024) -> Tensor:
-    """Indices [B, k] of the k nearest bank rows, nearest first (exact, chunked over the queries)."""
+def knn_search(query: Tensor, bank: Tensor, k: int, metric: Metric = "l2", chunk: int = 1024,
+               bank_sq: Tensor | None = None) -> Tensor:
+    """Indices [B, k] of the k nearest bank rows, nearest first (exact, chunked over the queries).
+
+    Ranks by ||b||^2 - 2 q.b (l2; the query's own norm does not change the order) or by q.b of the
+    normalised vectors (cosine): one matmul and a top-k, the cheapest exact search on a CPU at the batch
+    sizes a server sees (benchmarks/knn_backends.py). `bank_sq` caches ||b||^2 (TorchKnn keeps it).
+    """
     if not 1 <= k <= bank.shape[0]:
         raise ValueError(f"k must be in [1, {bank.shape[0]}] (bank size), got {k}")
     bank = bank.to(query.dtype)
-    out = [_distances(q, bank, metric).topk(k, dim=1, largest=False).indices for q in query.split(chunk)]
+    if metric == "cosine":
+        bank_n = F.normalize(bank, dim=1)
+        out = [(F.normalize(q, dim=1) @ bank_n.t()).topk(k, dim=1).indices for q in query.split(chunk)]
+        return torch.cat(out)
+    sq = (bank.pow(2).sum(1) if bank_sq is None else bank_sq.to(query.dtype))[None]
+    out = [torch.addmm(sq, q, bank.t(), alpha=-2).topk(k, dim=1, largest=False).indices for q in query.split(chunk)]
     return torch.cat(out)
 
 
@@ -152,6 +163,28 @@ def to_float_images(images: np.ndarray | Tensor, device: torch.device | str = "c
     if t.dtype == torch.uint8:
         return t.to(device).permute(0, 3, 1, 2).float().div_(255)
     return t.to(device).float()
+
+
+class TorchKnn:
+    """Exact k-NN with torch over a bank held once (its squared norms cached): the same search as
+    `knn_predict`, bit for bit, without recomputing the bank's norms per call."""
+
+    def __init__(self, bank: Tensor, bank_labels: Tensor, num_classes: int, k: int = 75,
+                 metric: Metric = "l2") -> None:
+        if not 1 <= k <= bank.shape[0]:
+            raise ValueError(f"k must be in [1, {bank.shape[0]}] (bank size), got {k}")
+        self.bank = bank.float().contiguous()
+        self.bank_sq = self.bank.pow(2).sum(1)
+        self.labels = bank_labels.long().to(bank.device)
+        self.num_classes, self.k, self.metric = num_classes, k, metric
+
+    def search(self, query: Tensor) -> Tensor:
+        """Neighbour indices [B, k], nearest first."""
+        return knn_search(query.to(self.bank.device).float(), self.bank, self.k, self.metric, bank_sq=self.bank_sq)
+
+    def predict(self, query: Tensor) -> tuple[Tensor, Tensor]:
+        """(pred [B], counts [B, C]) exactly as `knn_predict`."""
+        return vote(self.labels[self.search(query)], self.num_classes)
 
 
 class FaissKnn:

@@ -71,6 +71,35 @@ def test_zero_wait_takes_only_what_is_queued() -> None:
     w.close()
 
 
+def test_zero_wait_batches_what_arrived_while_busy() -> None:
+    """Continuous batching (the default, max_wait 0): an idle worker runs a lone job at once, and the
+    jobs that queue up while it is busy go through together in the next batch."""
+    release, started, calls = threading.Event(), threading.Event(), []
+
+    def setup():
+        def predict(x: Tensor) -> Prediction:
+            calls.append(x.shape[0])
+            started.set()
+            release.wait(5)  # the first batch holds the worker until the others are queued
+            pred = (x[:, 0, 0, 0] * 100).round().long()
+            return pred, torch.nn.functional.one_hot(pred, 100)
+        return predict
+
+    w = BatchWorker("t", setup, max_batch=64, max_wait_s=0)
+    w.start()
+    release.set()
+    w.submit(images(0)).result(5)  # the warm-up: nothing else queued
+    release.clear()
+    started.clear()
+    first = w.submit(images(1))
+    assert started.wait(5)  # dispatched without waiting for company
+    rest = [w.submit(images(i)) for i in range(2, 7)]
+    release.set()
+    assert [int(f.result(5)[0][0]) for f in (first, *rest)] == list(range(1, 7))
+    assert calls == [1, 1, 5]
+    w.close()
+
+
 def test_predict_error_reaches_every_caller() -> None:
     w, _, _ = recording_worker(max_batch=64, fail=True)
     futures = [w.submit(images(i)) for i in range(3)]

@@ -44,7 +44,7 @@ def test_runtimes_and_indexes_agree_with_training_library(good_root: Path, runti
     reg = load_registry(make_settings(good_root, runtime=runtime, index=index, device="cpu"), Metrics())
     try:
         m = reg.get("default")
-        assert m.runtime.startswith(runtime) and m.index == ("faiss-cpu" if index == "auto" else index)
+        assert m.runtime.startswith(runtime) and m.index == ("torch" if index == "auto" else index)
         images, labels = toy_images(4, seed=11)
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
         pred, counts = m.worker.submit(x).result(30)
@@ -83,7 +83,7 @@ def test_explicit_gpu_choices_fail_loudly_without_a_gpu() -> None:
         resolve_device("cuda")
     with pytest.raises(RuntimeError, match="faiss-gpu"):
         resolve_index("faiss-gpu", torch.device("cpu"))
-    assert resolve_index("auto", torch.device("cpu")) in ("faiss-cpu", "torch")
+    assert resolve_index("auto", torch.device("cpu")) == "torch"  # faster than faiss flat on a CPU
 
 
 def test_vote_order_puts_prediction_first(good_root: Path) -> None:
