@@ -1,13 +1,18 @@
-"""The artifact contract (DESIGN section 3): read and verify `artifacts/<name>/`.
+"""The artifact contract (DESIGN section 3): write, verify, load and update `artifacts/<name>/`.
 
-Training writes artifacts (`training.export`); the server and the evaluation suite read them with
-`load_artifact`, which checks the format version and every file's sha256 before touching weights.
+The folder's manifest is a `training.manifest.Manifest` and its card comes from `training.card`; this
+module owns the files around them. `write_artifact` finishes a new folder (`training.export`),
+`load_artifact` checks the format version and every file's sha256 before touching weights (the server,
+the suite), and `update_artifact` is the one way to change a shipped artifact afterwards (calibration,
+the suite's card section) so that it still verifies.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,10 +21,11 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
+from training.card import render_card
 from training.conformal import CALIBRATION  # optional file: conformal calibration scores
+from training.manifest import FORMAT_VERSION, Manifest
 from training.models import Encoder, EncoderConfig
 
-FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 ENCODER_WEIGHTS = "encoder.safetensors"
 ENCODER_ONNX = "encoder.onnx"
@@ -41,6 +47,7 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest's JSON object, unchecked (ArtifactError when there is none or it is not JSON)."""
     path = Path(path)
     try:
         manifest = json.loads((path / MANIFEST).read_text())
@@ -53,29 +60,24 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def verify_artifact(path: str | Path) -> dict[str, Any]:
-    """Manifest of a verified artifact; ArtifactError naming the problem otherwise."""
+def verify_artifact(path: str | Path) -> Manifest:
+    """The typed manifest of a verified artifact (known format, well-formed, every listed file present with
+    its recorded sha256); ArtifactError naming the problem otherwise."""
     path = Path(path)
-    manifest = read_manifest(path)
-    version = manifest.get("format_version")
+    raw = read_manifest(path)
+    version = raw.get("format_version")
     if version != FORMAT_VERSION:
         raise ArtifactError(f"{path}: unsupported format_version {version!r} (this code reads {FORMAT_VERSION})")
-    for key in ("name", "classes", "input", "encoder", "knn", "files"):
-        if key not in manifest:
-            raise ArtifactError(f"{path / MANIFEST}: missing key {key!r}")
-    files = manifest["files"]
-    # a list or null digests would otherwise escape as AttributeError/TypeError, not as a refusal
-    if not isinstance(files, dict) or not all(isinstance(d, str) for d in files.values()):
-        raise ArtifactError(f"{path / MANIFEST}: files must map each file name to its sha256 hex digest")
-    if not isinstance(manifest["classes"], list) or not manifest["classes"]:
-        raise ArtifactError(f"{path / MANIFEST}: classes must be a non-empty list of names")
+    try:
+        manifest = Manifest.from_dict(raw)
+    except (ValueError, TypeError) as e:  # TypeError: int([1, 2]) and the like
+        raise ArtifactError(f"{path / MANIFEST}: {e}") from e
     for required in REQUIRED_FILES:
-        if required not in files:
+        if required not in manifest.files:
             raise ArtifactError(f"{path / MANIFEST}: files lacks {required}")
-    for name, digest in files.items():
+    for name, digest in manifest.files.items():
+        _check_file_name(path, name)
         f = path / name
-        if Path(name).name != name:
-            raise ArtifactError(f"{path / MANIFEST}: file name {name!r} must be a plain name inside the folder")
         if not f.is_file():
             raise ArtifactError(f"{path}: listed file {name} is missing")
         actual = sha256_file(f)
@@ -84,47 +86,108 @@ def verify_artifact(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def _check_file_name(path: Path, name: str) -> None:
+    if Path(name).name != name or name in ("", ".", ".."):
+        raise ArtifactError(f"{path / MANIFEST}: file name {name!r} must be a plain name inside the folder")
+
+
+def _write_atomic(target: Path, data: bytes) -> None:
+    """Replace `target` in one step, so a reader (a server starting up) never sees half a file."""
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
+
+
+def _write_manifest(path: Path, manifest: Manifest) -> None:
+    _write_atomic(path / MANIFEST, (json.dumps(manifest.to_dict(), indent=2) + "\n").encode())
+
+
+def write_artifact(path: str | Path, manifest: Manifest, payload: Iterable[str]) -> Manifest:
+    """Finish an artifact whose `payload` files (weights, bank, ONNX) are already in the folder: render
+    card.md from the manifest, hash payload + card into `manifest.files` and write manifest.json last, so a
+    folder is only ever servable once complete. Returns the manifest as written."""
+    path = Path(path)
+    names = list(payload)
+    missing = [f for f in REQUIRED_FILES if f not in names]
+    if missing:
+        raise ArtifactError(f"{path}: an artifact needs {missing}")
+    (path / CARD).write_text(render_card(manifest))
+    for name in names:
+        _check_file_name(path, name)
+    manifest.files = {f: sha256_file(path / f) for f in [*names, CARD]}
+    _write_manifest(path, manifest)
+    return manifest
+
+
+def update_artifact(path: str | Path, edit: Callable[[Manifest], None] | None = None,
+                    files: Mapping[str, bytes] | None = None) -> Manifest:
+    """Rewrite part of a verified artifact in place and keep it verifying: write `files` (name -> content)
+    into the folder and list them, apply `edit` to the manifest (in place), re-hash every listed file, then replace
+    manifest.json atomically. The artifact is verified first, so an update never blesses a file that had
+    been tampered with, and an `edit` that raises leaves the folder as it was. Returns the manifest written."""
+    path = Path(path)
+    manifest = verify_artifact(path)
+    if edit is not None:
+        edit(manifest)  # first: an edit that refuses (raises) leaves the folder untouched
+    for name, data in (files or {}).items():
+        _check_file_name(path, name)
+        _write_atomic(path / name, data)
+        manifest.files[name] = ""  # hashed below with the rest
+    for name in manifest.files:
+        _check_file_name(path, name)
+        if not (path / name).is_file():
+            raise ArtifactError(f"{path}: listed file {name} is missing")
+    manifest.files = {name: sha256_file(path / name) for name in manifest.files}
+    _write_manifest(path, manifest)
+    return manifest
+
+
 @dataclass
 class Artifact:
     """A verified, loaded model: encoder (eval mode) + k-NN bank, as the manifest describes them."""
 
     path: Path
-    manifest: dict[str, Any]
+    spec: Manifest  # the manifest, typed
     encoder: Encoder
     bank: Tensor  # [N, D] float32
     bank_labels: Tensor  # [N] int64
     calibration: Tensor | None = None  # [M] sorted conformal scores (training.conformal); None: no credibility
 
     @property
+    def manifest(self) -> dict[str, Any]:
+        """The manifest as JSON: what GET /models/{name} returns (and what app/engine.py still reads)."""
+        return self.spec.to_dict()
+
+    @property
     def name(self) -> str:
-        return str(self.manifest["name"])
+        return self.spec.name
 
     @property
     def classes(self) -> list[str]:
-        return list(self.manifest["classes"])
+        return list(self.spec.classes)
 
     @property
     def num_classes(self) -> int:
-        return len(self.manifest["classes"])
+        return len(self.spec.classes)
 
     @property
     def k(self) -> int:
-        return int(self.manifest["knn"]["k"])
+        return self.spec.knn.k
 
     @property
     def metric(self) -> str:
-        return str(self.manifest["knn"].get("metric", "l2"))
+        return self.spec.knn.metric
 
     @property
     def input_size(self) -> int:
-        return int(self.manifest["input"]["size"])
+        return self.spec.input.size
 
 
-def encoder_config(manifest: dict[str, Any]) -> EncoderConfig:
-    enc = manifest["encoder"]
-    inp = manifest["input"]
-    return EncoderConfig(arch=enc["arch"], width=int(enc["width"]), proj_dim=int(enc.get("proj_dim", 128)),
-                         mean=tuple(inp["mean"]), std=tuple(inp["std"]))
+def encoder_config(manifest: Manifest) -> EncoderConfig:
+    """The EncoderConfig to rebuild before loading the weights (normalisation constants from `input`)."""
+    enc, inp = manifest.encoder, manifest.input
+    return EncoderConfig(arch=enc.arch, width=enc.width, proj_dim=enc.proj_dim, mean=tuple(inp.mean),  # type: ignore[arg-type]
+                         std=tuple(inp.std))  # type: ignore[arg-type]
 
 
 def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artifact:
@@ -142,10 +205,10 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artif
     if emb.shape[0] != labels.shape[0] or emb.shape[1] != cfg.embed_dim:
         raise ArtifactError(f"{path}: bank shape {tuple(emb.shape)} / labels {tuple(labels.shape)} do not match "
                             f"embed_dim {cfg.embed_dim}")
-    if labels.numel() and (labels.min() < 0 or labels.max() >= len(manifest["classes"])):
-        raise ArtifactError(f"{path}: bank labels outside [0, {len(manifest['classes'])})")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= len(manifest.classes)):
+        raise ArtifactError(f"{path}: bank labels outside [0, {len(manifest.classes)})")
     calibration = None
-    if CALIBRATION in manifest["files"]:
+    if CALIBRATION in manifest.files:
         try:
             calibration = load_file(path / CALIBRATION)["scores"].long().sort().values
         except (KeyError, RuntimeError, ValueError) as e:

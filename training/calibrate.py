@@ -10,18 +10,17 @@ report no credibility.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from training import conformal, knn
-from training.artifact import MANIFEST, load_artifact, sha256_file
+from training.artifact import load_artifact, update_artifact
 from training.data import load_dataset
 from training.evaluate import KnnModel
+from training.manifest import Calibration, Manifest
 
 
 @torch.no_grad()
@@ -37,7 +36,7 @@ def calibrate_artifact(path: str | Path, data: str | Path, n: int | None = None,
     """Compute, write and hash the calibration scores of the artifact at `path`; returns the manifest entry."""
     path = Path(path)
     art = load_artifact(path, device)
-    bank_size = int(art.manifest.get("bank_size", art.bank.shape[0]))
+    bank_size = art.spec.bank_size if art.spec.bank_size is not None else int(art.bank.shape[0])
     full = load_dataset(data, "train")
     stop = len(full) if n is None else min(len(full), bank_size + n)
     held = full.subset(slice(bank_size, stop))
@@ -56,16 +55,14 @@ def calibrate_artifact(path: str | Path, data: str | Path, n: int | None = None,
 
 def write_calibration(path: str | Path, scores: torch.Tensor, entry: dict[str, Any]) -> dict[str, Any]:
     """Write `calibration.safetensors`, record `entry` as the manifest's `calibration` and re-hash (atomic)."""
-    path = Path(path)
-    save_file({"scores": scores.to(torch.int32).contiguous()}, path / conformal.CALIBRATION)
-    entry = {"file": conformal.CALIBRATION, "nonconformity": "k - votes for the label (Deep k-NN)", **entry}
-    manifest = json.loads((path / MANIFEST).read_text())
-    manifest["calibration"] = entry
-    manifest["files"][conformal.CALIBRATION] = sha256_file(path / conformal.CALIBRATION)
-    tmp = path / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, path / MANIFEST)
-    return entry
+    calibration = Calibration.from_dict(
+        {"file": conformal.CALIBRATION, "nonconformity": "k - votes for the label (Deep k-NN)", **entry})
+
+    def record(manifest: Manifest) -> None:
+        manifest.calibration = calibration
+
+    update_artifact(path, record, {conformal.CALIBRATION: save({"scores": scores.to(torch.int32).contiguous()})})
+    return calibration.to_dict()
 
 
 def cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:

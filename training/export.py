@@ -1,13 +1,13 @@
 """Write an artifact exactly as DESIGN section 3 says, and the `bank` / `export` / `evaluate` CLI.
 
 encoder.safetensors + encoder.onnx (checked against torch with onnxruntime) + bank.safetensors +
-manifest.json (sha256 of every file) + card.md. `training.artifact` reads what this writes.
+manifest.json (sha256 of every file) + card.md. The manifest is a `training.manifest.Manifest`;
+`training.artifact.write_artifact` renders the card, hashes the files and writes it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import subprocess
 import time
@@ -20,16 +20,16 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from training import knn
-from training.artifact import BANK, CARD, ENCODER_ONNX, ENCODER_WEIGHTS, FORMAT_VERSION, MANIFEST, sha256_file
+from training.artifact import BANK, ENCODER_ONNX, ENCODER_WEIGHTS, write_artifact
 from training.data import load_dataset, train_val_split
 from training.evaluate import KnnModel, clean_accuracy, pgd_accuracy, step_size
+from training.manifest import EncoderSpec, InputSpec, KnnSpec, Manifest, Metrics, TrainingInfo
 from training.models import Encoder
 from training.train import TrainConfig, encoder_from_checkpoint, load_checkpoint, resolve_device
 
 log = logging.getLogger(__name__)
 
 ONNX_ATOL = 1e-4  # max |onnxruntime - torch| allowed on L2-normalised embeddings (float32)
-TRAINING_KEYS = ("method", "hyperparameters", "epochs", "seed", "code_version")  # read by the card
 
 
 def code_version() -> str:
@@ -61,35 +61,6 @@ def export_onnx(encoder: Encoder, path: Path, size: int, atol: float = ONNX_ATOL
     return diff
 
 
-def write_card(manifest: dict[str, Any]) -> str:
-    """Markdown model card from the manifest: data, method, measured metrics, provenance."""
-    t, m, enc = manifest["training"], manifest.get("metrics", {}), manifest["encoder"]
-    lines = [
-        f"# Model card: {manifest['name']}", "", manifest.get("description", ""), "",
-        "## Model",
-        f"- Encoder: {enc['arch']} width {enc['width']} (CIFAR stem), {enc['embed_dim']}-d L2-normalised embedding; "
-        "inputs RGB in [0, 1], normalisation inside the model.",
-        f"- Classifier: k-NN, k = {manifest['knn']['k']}, {manifest['knn']['metric']} distance, "
-        f"unweighted majority vote over a bank of {manifest['bank_size']} training embeddings.",
-        f"- Dataset: {manifest['dataset']} ({len(manifest['classes'])} classes: {', '.join(manifest['classes'])}).",
-        "", "## Training",
-        f"- Method: `{t['method']}`; epochs {t['epochs']}; seed {t['seed']}; code {t['code_version']}.",
-        f"- Wall time: {t.get('train_seconds', 0) / 60:.1f} min on {t.get('device', 'unknown')}.",
-        f"- Hyper-parameters: `{json.dumps(t['hyperparameters'])}`",
-        "", "## Measured accuracy", "",
-        "| evaluation | images | accuracy |", "|---|---|---|",
-    ]
-    if "clean_acc" in m:
-        lines.append(f"| clean k-NN | {m.get('clean_n', '?')} test | {100 * m['clean_acc']:.2f} % |")
-    for r in m.get("robust", []):
-        lines.append(f"| {r['attack']} {r['norm']} eps {r['eps'] * 255:.0f}/255, {r['steps']} steps | {r['n']} test | "
-                     f"{100 * r['acc']:.2f} % |")
-    lines += ["", "Robust accuracy is the hard k-NN vote on adversarial images crafted on the differentiable "
-              "soft-kNN surrogate (PGD with random start). It is an upper bound on true robustness: see the "
-              "evaluation suite in `benchmarks/` for stronger adaptive attacks.", ""]
-    return "\n".join(lines)
-
-
 def export_artifact(
     out_dir: str | Path,
     encoder: Encoder,
@@ -111,14 +82,15 @@ def export_artifact(
     """Write the artifact folder; returns it. Existing files of the same names are replaced."""
     cfg = encoder.cfg
     # refuse up front what `load_artifact` would refuse, so no half-written or unloadable folder is left
-    missing = [key for key in TRAINING_KEYS if key not in training]
+    missing = [key for key in TrainingInfo.REQUIRED if key not in training]
     if missing:
-        raise ValueError(f"training lacks {missing}; the manifest needs {list(TRAINING_KEYS)}")
+        raise ValueError(f"training lacks {missing}; the manifest needs {list(TrainingInfo.REQUIRED)}")
     if bank.dim() != 2 or bank.shape[1] != cfg.embed_dim or bank_labels.shape != (bank.shape[0],):
         raise ValueError(f"bank {tuple(bank.shape)} and labels {tuple(bank_labels.shape)} must be [N, "
                          f"{cfg.embed_dim}] and [N]")
     if bank_labels.numel() and not 0 <= int(bank_labels.min()) <= int(bank_labels.max()) < len(classes):
         raise ValueError(f"bank labels must be in [0, {len(classes)}) (one per class name)")
+    training_info, measured = TrainingInfo.from_dict(training), Metrics.from_dict(metrics or {})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     encoder = encoder.cpu().eval()
@@ -130,24 +102,15 @@ def export_artifact(
     if onnx:
         onnx_diff = export_onnx(encoder, out / ENCODER_ONNX, input_size)
         files.append(ENCODER_ONNX)
-    manifest: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
-        "name": name,
-        "description": description,
-        "dataset": dataset,
-        "classes": list(classes),
-        "input": {"size": input_size, "channels": 3, "mean": list(cfg.mean), "std": list(cfg.std),
-                  "value_range": [0.0, 1.0], "resize": "bilinear to size x size, RGB"},
-        "encoder": {**cfg.to_dict(), "normalize": True, "onnx_max_abs_diff": onnx_diff},
-        "knn": {"k": k, "metric": metric, "vote": "majority"},
-        "bank_size": int(bank.shape[0]),
-        "training": training,
-        "metrics": metrics or {},
-    }
-    (out / CARD).write_text(write_card(manifest))
-    files.append(CARD)
-    manifest["files"] = {f: sha256_file(out / f) for f in files}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    manifest = Manifest(
+        name=name, description=description, dataset=dataset, classes=list(classes),
+        input=InputSpec(size=input_size, channels=3, mean=cfg.mean, std=cfg.std, value_range=(0.0, 1.0),
+                        resize="bilinear to size x size, RGB"),
+        encoder=EncoderSpec(arch=cfg.arch, width=cfg.width, proj_dim=cfg.proj_dim, mean=cfg.mean, std=cfg.std,
+                            embed_dim=cfg.embed_dim, normalize=True, extra={"onnx_max_abs_diff": onnx_diff}),
+        knn=KnnSpec(k=k, metric=metric, vote="majority"), bank_size=int(bank.shape[0]),
+        training=training_info, metrics=measured)
+    write_artifact(out, manifest, files)
     return out
 
 

@@ -44,9 +44,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from training import attacks, conformal, knn
-from training.artifact import CARD, MANIFEST, load_artifact, sha256_file
+from training.artifact import CARD, load_artifact, update_artifact
+from training.card import fmt_eps, suite_section, with_suite_section
+from training.card import pct as _pct
+from training.card import verdict as _verdict
 from training.data import ImageDataset, load_dataset
 from training.evaluate import AttackFn, KnnModel, guided_attack, predictions, robust_mask
+from training.manifest import KnnSurrogate, Manifest, Metrics, RobustResult
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +60,6 @@ EPS_SWEEP = (0.0, 2 / 255, 4 / 255, 8 / 255, 12 / 255, 16 / 255, 0.03, 0.06)
 PAPER_EPS = (0.03, 0.06)
 # defence success rate at eps 0.03 that the paper reports, by training method (DESIGN section 1)
 PAPER_REPORTED = {"supervised": "~0.19", "ssl": "~0.52", "sat": "~0.63-0.85"}
-CARD_BEGIN, CARD_END = "<!-- robustness-suite:begin -->", "<!-- robustness-suite:end -->"
 
 
 @dataclass(frozen=True)
@@ -369,12 +372,6 @@ def describe(kind: str, steps: int, eps: float, surrogate: Surrogate | None, cfg
     return "; ".join(parts) + (f"; {extra}" if extra else "")
 
 
-def fmt_eps(eps: float) -> str:
-    """8/255-style when eps is a whole number of 255ths, else the decimal."""
-    q = eps * 255
-    return f"{round(q)}/255" if abs(q - round(q)) < 1e-6 else f"{eps:g}"
-
-
 # --- per-model state, cache ------------------------------------------------------------------------------------
 
 
@@ -384,7 +381,7 @@ class ModelUnderTest:
 
     name: str
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     model: KnnModel
     model_sha256: str
     surrogate: Surrogate = Surrogate()
@@ -394,20 +391,14 @@ class ModelUnderTest:
 
     @property
     def method(self) -> str:
-        return str(self.manifest.get("training", {}).get("method", "unknown"))
+        return self.manifest.method
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> ModelUnderTest:
     """A verified artifact as a model under test."""
     art = load_artifact(path, device)
-    return ModelUnderTest(art.name, Path(path), art.manifest, KnnModel.from_artifact(art), model_sha256(art.manifest),
+    return ModelUnderTest(art.name, Path(path), art.spec, KnnModel.from_artifact(art), art.spec.model_sha256,
                           calibration=art.calibration)
-
-
-def model_sha256(manifest: dict[str, Any]) -> str:
-    """Identity of the served model: sha256 over the encoder and bank hashes recorded in the manifest."""
-    files = manifest["files"]
-    return hashlib.sha256(f"{files['encoder.safetensors']}:{files['bank.safetensors']}".encode()).hexdigest()
 
 
 class Cache:
@@ -573,7 +564,7 @@ class Suite:
     def temperature_sweep(self, m: ModelUnderTest) -> dict[str, Any]:
         """Pick the surrogate whose PGD leaves the lowest hard-vote accuracy on held-out images (sets m.surrogate)."""
         cfg = self.cfg
-        bank_size = int(m.manifest.get("bank_size", len(m.model.bank)))
+        bank_size = m.manifest.bank_size if m.manifest.bank_size is not None else len(m.model.bank)
         if bank_size < len(self.train_set):
             held = self.train_set.subset(slice(bank_size, bank_size + cfg.n_sweep))
             where = f"training images {bank_size}..{bank_size + len(held) - 1} (held out of the bank)"
@@ -878,8 +869,8 @@ class Suite:
         for m in self.models:
             t_model = time.time()
             res = {"name": m.name, "path": str(m.path), "model_sha256": m.model_sha256,
-                   "files": m.manifest.get("files", {}), "method": m.method,
-                   "encoder": m.manifest.get("encoder", {}), "knn": m.manifest.get("knn", {}),
+                   "files": dict(m.manifest.files), "method": m.method,
+                   "encoder": m.manifest.encoder.to_dict(), "knn": m.manifest.knn.to_dict(),
                    "clean": self.clean(m), "temperature": m.result["temperature"]}
             res |= self.evaluate(m)
             res["seconds"] = round(time.time() - t_model, 1)
@@ -1012,14 +1003,6 @@ def torchattacks_agreement(classifier: torch.nn.Module, images: np.ndarray, labe
 def _finite(x: float) -> float | None:
     """JSON has no NaN: undefined numbers (no image to measure on) are null."""
     return None if isinstance(x, float) and math.isnan(x) else x
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
-
-
-def _verdict(passed: bool | None) -> str:
-    return "info" if passed is None else "pass" if passed else "**FAIL**"
 
 
 def markdown_report(result: dict[str, Any]) -> str:
@@ -1197,76 +1180,32 @@ def write_reports(result: dict[str, Any], out: str | Path, stem: str = "robustne
     return {k: str(v) for k, v in paths.items()}
 
 
-def card_section(model: dict[str, Any], result: dict[str, Any]) -> str:
-    """Markdown block for one model's card (between markers, replaced on every update)."""
-    eps = fmt_eps(result["config"]["eps"])
-    lines = [CARD_BEGIN, "## Robustness (evaluation suite)", "",
-             f"Suite run {result['created']}, code {result['code_version']}, seed {result['seed']}"
-             + (", **quick mode (not the full protocol)**" if result["quick"] else "") + ". Hard k-NN vote on "
-             f"adversarial images; attacks crafted on the soft-kNN surrogate "
-             f"({model['temperature']['surrogate']}, chosen on held-out training images).", "",
-             "| evaluation | images | accuracy |", "|---|---|---|",
-             f"| clean | {model['clean']['n']} test | {_pct(model['clean']['acc'])} % |",
-             f"| clean, exact test images | {model['clean']['exact_n']} | {_pct(model['clean']['exact_acc'])} % |",
-             f"| **worst case, eps {eps}** | {model['worst_case']['n']} test | "
-             f"**{_pct(model['worst_case']['acc'])} %** |"]
-    for r in model["attacks"]:
-        lines.append(f"| {r['attack']}, eps {eps}, {r['steps']} steps | {r['n']} test | {_pct(r['acc'])} % |")
-    lines.append(f"| random noise, eps {eps} | {model['noise']['n']} test | {_pct(model['noise']['acc'])} % |")
-    lines += ["", "Accuracy (%) vs eps, adaptive worst case / the paper's guided attack:", "",
-              "| " + " | ".join(fmt_eps(r["eps"]) for r in model["eps_sweep"]) + " |",
-              "|" + "---|" * len(model["eps_sweep"]),
-              "| " + " | ".join(f"{_pct(r['worst_case_acc'])} / {_pct(r['guided_acc'])}" for r in model["eps_sweep"])
-              + " |", "",
-              "Paper protocol (defence success rate, guided attack / adaptive): "
-              + "; ".join(f"eps {r['eps']:g}: {r['defence_success_rate']:.2f} / {r['adaptive_defence_rate']:.2f}"
-                          for r in model["paper_protocol"]) + ".", "",
-              "Gradient-masking checks: " + ", ".join(f"{c['check']}: {_verdict(c['passed'])}"
-                                                      for c in model["masking_checks"] if c["passed"] is not None)
-              + ".", "",
-              "![accuracy vs eps](robustness_eps.png)", ""]
-    if a := model.get("abstention"):
-        lines += [f"Abstention (conformal credibility, threshold {a['threshold']:.3f} answering "
-                  f"{_pct(a['coverage'])} % of the clean images, selective clean accuracy "
-                  f"{_pct(a['selective_clean_acc'])} %), robust accuracy with abstention at eps {eps}: "
-                  + "; ".join(f"{r['attack']}: {_pct(r['robust_acc_with_abstention'])} % (without abstention "
-                              f"{_pct(r['robust_acc_without_abstention'])} %)" for r in a["attacks"])
-                  + ". Claim only the adaptive figure.", ""]
-    lines += [CARD_END, ""]
-    return "\n".join(lines)
-
-
 def update_card(artifact: str | Path, model: dict[str, Any], result: dict[str, Any], plot: str | Path | None) -> None:
-    """Write the suite's section into card.md (replacing an earlier one), copy the plot, re-hash both in
-    manifest.json `files` and record the results in `metrics.robust`, so the artifact still verifies."""
+    """Write the suite's section into card.md (replacing an earlier one), copy the plot, record the results in
+    `metrics.robust` and the chosen surrogate in `knn.surrogate`; `update_artifact` re-hashes, so the artifact
+    still verifies."""
     path = Path(artifact)
-    manifest = json.loads((path / MANIFEST).read_text())
-    if manifest.get("files", {}).get("encoder.safetensors") is None or model_sha256(manifest) != model["model_sha256"]:
-        raise ValueError(f"{path}: encoder/bank differ from the evaluated model {model['model_sha256'][:12]}")
-    card = (path / CARD).read_text() if (path / CARD).is_file() else f"# Model card: {manifest['name']}\n"
-    if CARD_BEGIN in card and CARD_END in card:
-        head, rest = card.split(CARD_BEGIN, 1)
-        card = head + rest.split(CARD_END, 1)[1].lstrip("\n")
-    (path / CARD).write_text(card.rstrip("\n") + "\n\n" + card_section(model, result))
-    files = manifest.setdefault("files", {})
-    files[CARD] = sha256_file(path / CARD)
+    card = (path / CARD).read_text() if (path / CARD).is_file() else f"# Model card: {model['name']}\n"
+    files = {CARD: with_suite_section(card, suite_section(model, result)).encode()}
     if plot is not None:
-        (path / "robustness_eps.png").write_bytes(Path(plot).read_bytes())
-        files["robustness_eps.png"] = sha256_file(path / "robustness_eps.png")
-    metrics = manifest.setdefault("metrics", {})
-    robust = [r for r in metrics.get("robust", []) if r.get("suite") != "robustness"]
-    most = max((r["steps"] for r in model["attacks"]), default=0)  # the worst case's longest attack
-    for r in model["attacks"] + [{"attack": "worst_case", "steps": most, **model["worst_case"]}]:
-        robust.append({"attack": r["attack"], "norm": "linf", "eps": r["eps"], "steps": r.get("steps"),
-                       "acc": r["acc"], "n": r["n"], "suite": "robustness", "code_version": result["code_version"],
-                       "quick": result["quick"]})
-    metrics["robust"] = robust
-    sur = model["temperature"]
-    manifest.setdefault("knn", {})["surrogate"] = {  # what /attack differentiates: the suite's strongest
-        "temperature": sur["selected"], "k": sur["selected_k"], "chosen_by": "robustness suite temperature sweep"}
-    tmp = path / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, path / MANIFEST)
+        files["robustness_eps.png"] = Path(plot).read_bytes()
+
+    def record(manifest: Manifest) -> None:
+        if manifest.model_sha256 != model["model_sha256"]:
+            raise ValueError(f"{path}: encoder/bank differ from the evaluated model {model['model_sha256'][:12]}")
+        metrics = manifest.metrics = manifest.metrics or Metrics()
+        robust = [r for r in metrics.robust or [] if r.suite != "robustness"]
+        most = max((r["steps"] for r in model["attacks"]), default=0)  # the worst case's longest attack
+        for r in model["attacks"] + [{"attack": "worst_case", "steps": most, **model["worst_case"]}]:
+            robust.append(RobustResult(attack=r["attack"], norm="linf", eps=r["eps"], steps=r.get("steps"),
+                                       acc=r["acc"], n=r["n"], suite="robustness", code_version=result["code_version"],
+                                       quick=result["quick"]))
+        metrics.robust = robust
+        sur = model["temperature"]  # what /attack differentiates: the suite's strongest
+        manifest.knn.surrogate = KnnSurrogate(temperature=sur["selected"], k=sur["selected_k"],
+                                              chosen_by="robustness suite temperature sweep")
+
+    update_artifact(path, record, files)
 
 
 def run_suite(cfg: SuiteConfig, artifacts: Sequence[str | Path], transfer_source: str | Path | None = None,

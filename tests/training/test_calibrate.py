@@ -23,7 +23,8 @@ def test_artifact_without_calibration_loads_without_it(tiny_artifact: Path) -> N
 def test_calibrate_uses_the_held_out_split_and_is_verified(tiny_artifact: Path, tiny_cifar: Path) -> None:
     entry = calibrate_artifact(tiny_artifact, tiny_cifar)
     manifest = verify_artifact(tiny_artifact)
-    assert conformal.CALIBRATION in manifest["files"] and manifest["calibration"] == entry
+    assert conformal.CALIBRATION in manifest.files and manifest.calibration is not None
+    assert manifest.calibration.to_dict() == entry
     assert entry["n"] == 16 and "64..79" in entry["split"]  # the 16 training images after the 64-image bank
     art = load_artifact(tiny_artifact)
     assert art.calibration is not None and art.calibration.shape == (16,)

@@ -108,13 +108,14 @@ def test_train_bank_export_evaluate_smoke(tiny_cifar: Path, tmp_path: Path, caps
     exported = run_json(["export", "--checkpoint", trained["checkpoint"], "--out", str(art), "--name", "tiny",
                          "--val-size", "16", "--k", "5", "--n-robust", "4", "--steps", "2", *common])
     manifest = verify_artifact(art)
-    assert manifest["name"] == "tiny" and manifest["knn"]["k"] == 5 and manifest["bank_size"] == 64
-    assert manifest["training"]["method"] == "supervised" and manifest["training"]["steps"] == 4
-    assert manifest["metrics"]["clean_n"] == 16 and manifest["metrics"]["robust"][0]["n"] == 4
-    assert exported["metrics"]["clean_acc"] == manifest["metrics"]["clean_acc"]
+    assert manifest.training and manifest.metrics and manifest.metrics.robust
+    assert manifest.name == "tiny" and manifest.knn.k == 5 and manifest.bank_size == 64
+    assert manifest.training.method == "supervised" and manifest.training.steps == 4
+    assert manifest.metrics.clean_n == 16 and manifest.metrics.robust[0].n == 4
+    assert exported["metrics"]["clean_acc"] == manifest.metrics.clean_acc
     assert load_artifact(art).bank.shape == (64, bank["dim"])
 
     evaluated = run_json(["evaluate", "--artifact", str(art), "--n-robust", "4", "--steps", "2", *common])
     # the shipped (fp16) bank is what export evaluated: the same numbers come back
-    assert evaluated["clean_acc"] == manifest["metrics"]["clean_acc"]
-    assert evaluated["robust"][0]["acc"] == manifest["metrics"]["robust"][0]["acc"]
+    assert evaluated["clean_acc"] == manifest.metrics.clean_acc
+    assert evaluated["robust"][0]["acc"] == manifest.metrics.robust[0].acc

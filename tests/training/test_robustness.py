@@ -20,8 +20,10 @@ from torch import Tensor, nn
 from training import knn
 from training import robustness as rb
 from training.artifact import verify_artifact
+from training.card import CARD_BEGIN
 from training.data import ImageDataset
 from training.evaluate import KnnModel, robust_mask
+from training.manifest import EncoderSpec, InputSpec, KnnSpec, Manifest, TrainingInfo
 
 CLASSES = ("a", "b", "c", "d")
 PALETTE = np.array([[0.25, 0.25, 0.75], [0.75, 0.25, 0.25], [0.25, 0.75, 0.25], [0.75, 0.75, 0.75]])
@@ -69,7 +71,9 @@ BANK_SIZE, N_TRAIN = 160, 200
 def model_under_test(name: str, encoder: nn.Module, method: str, train: ImageDataset) -> rb.ModelUnderTest:
     bank = knn.embed(encoder, train.images[:BANK_SIZE])
     model = KnnModel(encoder.eval(), bank, torch.as_tensor(train.labels[:BANK_SIZE]), 4, k=5)
-    manifest = {"name": name, "bank_size": BANK_SIZE, "training": {"method": method}, "knn": {"k": 5}}
+    manifest = Manifest(name=name, classes=["0", "1", "2", "3"], input=InputSpec(size=8, mean=(0.0,) * 3,
+                        std=(1.0,) * 3), encoder=EncoderSpec(arch="pattern", width=1), knn=KnnSpec(k=5),
+                        bank_size=BANK_SIZE, training=TrainingInfo(method=method))
     return rb.ModelUnderTest(name, Path(name), manifest, model, f"{name}-sha")
 
 
@@ -281,11 +285,10 @@ def test_cli_quick_run_updates_the_card(tiny_artifact: Path, tiny_cifar: Path, t
             "--eps", "8/255", "--eps-sweep", "0", "8/255"]
     assert main(argv) == 0
     result = json.loads((out / "robustness.json").read_text())
-    assert result["models"][0]["model_sha256"] == rb.model_sha256(json.loads((tiny_artifact / "manifest.json")
-                                                                             .read_text()))
+    assert result["models"][0]["model_sha256"] == verify_artifact(tiny_artifact).model_sha256
     assert result["transfer_source"] is None
     assert (out / "robustness.md").is_file() and (out / "robustness_eps.png").is_file()
-    manifest = verify_artifact(tiny_artifact)  # card.md and the plot re-hashed: still verifies
+    manifest = verify_artifact(tiny_artifact).to_dict()  # card.md and the plot re-hashed: still verifies
     assert "robustness_eps.png" in manifest["files"]
     assert any(r.get("suite") == "robustness" and r["attack"] == "worst_case" for r in manifest["metrics"]["robust"])
     sweep = result["models"][0]["temperature"]
@@ -293,5 +296,5 @@ def test_cli_quick_run_updates_the_card(tiny_artifact: Path, tiny_cifar: Path, t
     assert manifest["knn"]["surrogate"]["k"] == sweep["selected_k"]
     assert main(argv) == 0  # again (from the cache): the card keeps one suite section
     card = (tiny_artifact / "card.md").read_text()
-    assert card.count(rb.CARD_BEGIN) == 1 and card.startswith("# Model card: tiny")
+    assert card.count(CARD_BEGIN) == 1 and card.startswith("# Model card: tiny")
     verify_artifact(tiny_artifact)
