@@ -188,10 +188,10 @@ class AttackJob:
         device = m.knn_model.bank.device
         target = None if self.spec.target is None else m.class_id(self.spec.target)
         # the surrogate the robustness suite found strongest for this model (manifest knn.surrogate), if any
-        sur = m.manifest.get("knn", {}).get("surrogate") or {}
+        sur = m.artifact.spec.knn.surrogate
         x_adv = craft(m.knn_model, x.to(device), torch.tensor([y], device=device), method=self.spec.method,
-                      eps=self.spec.eps, steps=self.spec.steps, temperature=float(sur.get("temperature", 0.1)),
-                      surrogate_k=sur.get("k"),
+                      eps=self.spec.eps, steps=self.spec.steps, temperature=sur.temperature if sur else 0.1,
+                      surrogate_k=sur.k if sur else None,
                       target=None if target is None else torch.tensor([target], device=device),
                       generator=torch.Generator(device=device).manual_seed(SEED)).cpu()
         x_adv = quantize(x, x_adv, self.spec.eps)

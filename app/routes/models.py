@@ -18,13 +18,12 @@ CARD_ASSETS = {".png": "image/png", ".jpg": "image/jpeg", ".svg": "image/svg+xml
 
 
 def summary(m: ServedModel, default: bool) -> ModelSummary:
-    man = m.manifest
+    spec = m.artifact.spec
     return ModelSummary(
-        name=m.name, artifact_name=str(man.get("name", m.name)), description=str(man.get("description", "")),
-        dataset=str(man.get("dataset", "")), classes=m.classes, input_size=m.input_size,
-        encoder=dict(man.get("encoder", {})), knn=dict(man.get("knn", {})),
-        training_method=str(man.get("training", {}).get("method", "unknown")),
-        metrics=dict(man.get("metrics", {})), default=default, device=m.device, runtime=m.runtime, index=m.index)
+        name=m.name, artifact_name=spec.name, description=spec.description, dataset=spec.dataset or "",
+        classes=m.classes, input_size=m.input_size, encoder=spec.encoder.to_dict(), knn=spec.knn.to_dict(),
+        training_method=spec.method, metrics=spec.metrics.to_dict() if spec.metrics else {}, default=default,
+        device=m.device, runtime=m.runtime, index=m.index)
 
 
 @router.get("", response_model=ModelList, responses=responses(503))
@@ -48,6 +47,6 @@ def get_model_file(name: str, filename: str, registry: RegistryDep) -> FileRespo
     """A file of the model card (plots, card.md): only files the manifest lists and hashes."""
     m = registry.get(name)
     suffix = Path(filename).suffix.lower()
-    if filename not in m.manifest.get("files", {}) or suffix not in CARD_ASSETS or Path(filename).name != filename:
+    if filename not in m.artifact.spec.files or suffix not in CARD_ASSETS or Path(filename).name != filename:
         raise ApiError(404, "not_found", f"model {name!r} has no card file {filename!r}")
     return FileResponse(m.artifact.path / filename, media_type=CARD_ASSETS[suffix])
