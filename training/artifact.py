@@ -127,10 +127,12 @@ def update_artifact(path: str | Path, edit: Callable[[Manifest], None] | None = 
     been tampered with, and an `edit` that raises leaves the folder as it was. Returns the manifest written."""
     path = Path(path)
     manifest = verify_artifact(path)
-    if edit is not None:
-        edit(manifest)  # first: an edit that refuses (raises) leaves the folder untouched
-    for name, data in (files or {}).items():
+    files = files or {}
+    for name in files:
         _check_file_name(path, name)
+    if edit is not None:
+        edit(manifest)  # before any write: an edit that refuses (raises) leaves the folder untouched
+    for name, data in files.items():
         _write_atomic(path / name, data)
         manifest.files[name] = ""  # hashed below with the rest
     for name in manifest.files:

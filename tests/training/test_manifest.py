@@ -125,8 +125,10 @@ def test_an_edit_that_refuses_leaves_the_folder_untouched(tiny_artifact: Path) -
 
 @pytest.mark.parametrize("name", ["../outside.txt", "sub/x.png", ".."])
 def test_update_artifact_writes_only_plain_names(tiny_artifact: Path, name: str) -> None:
+    card = (tiny_artifact / CARD).read_bytes()
     with pytest.raises(ArtifactError, match="plain name"):
-        update_artifact(tiny_artifact, files={name: b"x"})
+        update_artifact(tiny_artifact, files={CARD: b"# new card\n", name: b"x"})
+    assert (tiny_artifact / CARD).read_bytes() == card  # nothing written, not even the good name
     verify_artifact(tiny_artifact)
 
 
