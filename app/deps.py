@@ -61,7 +61,15 @@ class Decoder:
                            f"the {len(named)} images of this request have {total} pixels in all (width x height); "
                            f"the limit per request is {self.max_request_pixels}: send fewer or smaller images")
 
-    async def _decode(self, name: str, data: bytes, sizes: tuple[int, ...]) -> Decoded:
+    def _decode_one(self, named: list[tuple[str, bytes]], i: int, sizes: tuple[int, ...],
+                    check: bool) -> Decoded:
+        """In a worker thread: image i, shrunk at once; with `check`, first the request's budget (headers only)."""
+        if check:
+            self._check_budget(named)
+        name, data = named[i]
+        return decode_for_model(data, self.max_pixels, sizes, name)
+
+    async def _decode(self, named: list[tuple[str, bytes]], i: int, sizes: tuple[int, ...], check: bool) -> Decoded:
         """One image in a worker thread, once a slot is free (waited for on the event loop, with a deadline)."""
         try:
             await asyncio.wait_for(self.slots.acquire(), self.wait_s)
@@ -69,7 +77,7 @@ class Decoder:
             raise ApiError(503, "overloaded", f"all image decoders stayed busy for {self.wait_s:g} s; retry later",
                            headers={"Retry-After": "1"}) from e
         try:  # run_in_threadpool is not abandoned on cancellation: the slot is held until the thread is done
-            return await run_in_threadpool(decode_for_model, data, self.max_pixels, sizes, name)
+            return await run_in_threadpool(self._decode_one, named, i, sizes, check)
         finally:
             self.slots.release()
 
@@ -81,10 +89,11 @@ class Decoder:
 
     async def decode_named(self, named: list[tuple[str, bytes]], sizes: Iterable[int]) -> list[tuple[str, Decoded]]:
         """Like `images`, for files already in memory as (name, bytes): the Open Inference Protocol's BYTES
-        tensors take the same budget check, decode slots and shrink-in-the-worker path as multipart uploads."""
-        await run_in_threadpool(self._check_budget, named)
+        tensors take the same budget check, decode slots and shrink-in-the-worker path as multipart uploads.
+        One thread hop per image, the budget check riding with the first (a one-image request, the common
+        case, crosses threads once); between images the event loop gets the GIL back."""
         wanted = tuple(sorted(set(sizes)))
-        return [(name, await self._decode(name, data, wanted)) for name, data in named]
+        return [(name, await self._decode(named, i, wanted, check=i == 0)) for i, (name, _) in enumerate(named)]
 
 
 def get_decoder(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> Decoder:

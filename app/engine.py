@@ -323,20 +323,37 @@ def load_registry(settings: Settings, metrics: Metrics) -> Registry:
     return reg
 
 
+def to_predictions(model: ServedModel, pred: Tensor, counts: Tensor, top_k: int, min_credibility: float = 0.0,
+                   cls: type[PredictionBody] = PredictionBody, **per_row: list[Any]) -> list[Any]:
+    """Rows of (pred [B], counts [B, C]) -> `cls` objects: label, id, the top_k vote shares (predicted class
+    first) and, when the artifact carries calibration scores, conformal credibility/confidence and abstention
+    below `min_credibility`. One conformal call and plain ints for the whole batch: this runs on the event
+    loop, per request (`per_row`: extra fields per row, e.g. filename=[...])."""
+    classes, n_cls = model.classes, len(model.classes)
+    rows, preds = counts.tolist(), pred.tolist()
+    cal = model.artifact.calibration
+    cred = conf = None
+    if cal is not None and rows:
+        t = conformal.trust(counts.cpu(), pred.cpu(), cal, max(int(sum(rows[0])), 1), presorted=True)
+        cred, conf = t.credibility.tolist(), t.confidence.tolist()
+    out = []
+    for i, (p, row) in enumerate(zip(preds, rows, strict=True)):
+        k = max(sum(row), 1)
+        order = sorted(range(n_cls), key=lambda c: (c != p, -row[c], c))[:top_k]
+        votes = [Vote(label=classes[c], class_id=c, share=row[c] / k) for c in order]
+        extra = {name: values[i] for name, values in per_row.items()}
+        if cred is None or conf is None:
+            out.append(cls(label=classes[p], class_id=p, votes=votes, **extra))
+        else:
+            out.append(cls(label=classes[p], class_id=p, votes=votes, credibility=cred[i], confidence=conf[i],
+                           abstained=cred[i] < min_credibility, **extra))
+    return out
+
+
 def to_prediction(model: ServedModel, pred: int, counts: Tensor, top_k: int,
                   min_credibility: float = 0.0) -> PredictionBody:
-    """One row of (pred, counts [C]) -> label, id, the top_k vote shares (predicted class first) and, when the
-    artifact carries calibration scores, conformal credibility/confidence and abstention below `min_credibility`."""
-    k = max(int(counts.sum()), 1)
-    order = sorted(range(len(model.classes)), key=lambda c: (c != pred, -int(counts[c]), c))[:top_k]
-    votes = [Vote(label=model.classes[c], class_id=c, share=int(counts[c]) / k) for c in order]
-    cal = model.artifact.calibration
-    if cal is None:
-        return PredictionBody(label=model.classes[pred], class_id=pred, votes=votes)
-    t = conformal.trust(counts.view(1, -1).cpu(), torch.tensor([pred]), cal, k)
-    cred = float(t.credibility[0])
-    return PredictionBody(label=model.classes[pred], class_id=pred, votes=votes, credibility=cred,
-                          confidence=float(t.confidence[0]), abstained=cred < min_credibility)
+    """One row (pred, counts [C]) -> Prediction; see `to_predictions`."""
+    return to_predictions(model, torch.tensor([pred]), counts.view(1, -1), top_k, min_credibility)[0]
 
 
 def batch_tensor(pixels: list[np.ndarray]) -> Tensor:

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, UploadFile
 
 from app.deps import DecoderDep, RegistryDep, SettingsDep
-from app.engine import ServedModel, batch_tensor, predict, to_prediction
+from app.engine import ServedModel, batch_tensor, predict, to_predictions
 from app.errors import ApiError, responses
 from app.schemas import ClassifyResponse, ClassifyResult
 
@@ -68,9 +68,6 @@ async def classify(
     images = await decoder.images(uploads, [size])
     x = batch_tensor([d.pixels[size] for _, d in images])
     pred, counts = await predict(served, x, settings.request_timeout_s)
-    results = [
-        ClassifyResult(filename=name, width=d.width, height=d.height,
-                       **to_prediction(served, int(pred[i]), counts[i], k, threshold).model_dump())
-        for i, (name, d) in enumerate(images)
-    ]
+    results = to_predictions(served, pred, counts, k, threshold, ClassifyResult, filename=[n for n, _ in images],
+                             width=[d.width for _, d in images], height=[d.height for _, d in images])
     return ClassifyResponse(model=served.name, results=results, latency_ms=(time.perf_counter() - t0) * 1000)

@@ -242,7 +242,8 @@ def _outputs(m: ServedModel, pred: torch.Tensor, counts: torch.Tensor, wanted: l
                        "data": [float(v) for v in shares.reshape(-1)]},
     }
     if m.artifact.calibration is not None:
-        t = conformal.trust(counts.cpu(), pred.cpu(), m.artifact.calibration, max(1, int(counts[0].sum())))
+        t = conformal.trust(counts.cpu(), pred.cpu(), m.artifact.calibration, max(1, int(counts[0].sum())),
+                            presorted=True)
         every["credibility"] = {"datatype": "FP32", "shape": [n], "data": [float(c) for c in t.credibility]}
     names = wanted or list(every)
     unknown = [o for o in names if o not in every]
