@@ -1,4 +1,7 @@
-"""`Annotated` dependencies: everything a route needs comes from `app.state`, set by the lifespan."""
+"""`Annotated` dependencies: everything a route needs comes from `app.state`, set by the lifespan.
+
+All are `async def`: FastAPI runs a plain `def` dependency on its thread pool, one thread hop (and a
+wait for the GIL) per dependency per request, for what is an attribute lookup (issue 17's profile)."""
 
 from __future__ import annotations
 
@@ -19,22 +22,22 @@ from app.images import Decoded, decode_for_model, open_image
 from app.metrics import Metrics
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-def get_registry(request: Request) -> Registry:
+async def get_registry(request: Request) -> Registry:
     registry = getattr(request.app.state, "registry", None)
     if registry is None:
         raise ApiError(503, "not_ready", "models are not loaded yet")
     return registry
 
 
-def get_attacks(request: Request) -> AttackService:
+async def get_attacks(request: Request) -> AttackService:
     attacks = getattr(request.app.state, "attacks", None)
     if attacks is None:
         raise ApiError(503, "not_ready", "the attack service is not running")
@@ -96,7 +99,7 @@ class Decoder:
         return [(name, await self._decode(named, i, wanted, check=i == 0)) for i, (name, _) in enumerate(named)]
 
 
-def get_decoder(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> Decoder:
+async def get_decoder(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> Decoder:
     slots = getattr(request.app.state, "decode_slots", None)
     if slots is None:
         raise ApiError(503, "not_ready", "the service is not started yet")
@@ -107,7 +110,7 @@ api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
                               description="required for /attack when the server has an API key configured")
 
 
-def require_api_key(settings: Annotated[Settings, Depends(get_settings)],
+async def require_api_key(settings: Annotated[Settings, Depends(get_settings)],
                     key: Annotated[str | None, Security(api_key_header)] = None) -> None:
     """401 unless no key is configured or the header matches it (constant-time comparison)."""
     if settings.api_key is None:

@@ -140,6 +140,11 @@ class ServedModel:
     device: str
     runtime: str
     index: str
+    p_table: list[float] | None = None  # conformal p-value per nonconformity 0..k (None: no calibration)
+
+    def __post_init__(self) -> None:
+        if self.p_table is None and self.artifact.calibration is not None:
+            self.p_table = conformal.p_value_table(self.artifact.calibration, self.artifact.k)
 
     @property
     def classes(self) -> list[str]:
@@ -329,24 +334,23 @@ def to_predictions(model: ServedModel, pred: Tensor, counts: Tensor, top_k: int,
     first) and, when the artifact carries calibration scores, conformal credibility/confidence and abstention
     below `min_credibility`. One conformal call and plain ints for the whole batch: this runs on the event
     loop, per request (`per_row`: extra fields per row, e.g. filename=[...])."""
-    classes, n_cls = model.classes, len(model.classes)
-    rows, preds = counts.tolist(), pred.tolist()
-    cal = model.artifact.calibration
-    cred = conf = None
-    if cal is not None and rows:
-        t = conformal.trust(counts.cpu(), pred.cpu(), cal, max(int(sum(rows[0])), 1), presorted=True)
-        cred, conf = t.credibility.tolist(), t.confidence.tolist()
+    classes, n_cls, table = model.classes, len(model.classes), model.p_table
     out = []
-    for i, (p, row) in enumerate(zip(preds, rows, strict=True)):
+    for i, (p, row) in enumerate(zip(pred.tolist(), counts.tolist(), strict=True)):
         k = max(sum(row), 1)
         order = sorted(range(n_cls), key=lambda c: (c != p, -row[c], c))[:top_k]
         votes = [Vote(label=classes[c], class_id=c, share=row[c] / k) for c in order]
         extra = {name: values[i] for name, values in per_row.items()}
-        if cred is None or conf is None:
+        if table is None:
             out.append(cls(label=classes[p], class_id=p, votes=votes, **extra))
+            continue
+        if k == len(table) - 1:  # always, for real votes: conformal.p_values precomputed per nonconformity
+            pv = [table[k - v] for v in row]
         else:
-            out.append(cls(label=classes[p], class_id=p, votes=votes, credibility=cred[i], confidence=conf[i],
-                           abstained=cred[i] < min_credibility, **extra))
+            pv = conformal.p_values(torch.tensor([row]), cast(Tensor, model.artifact.calibration), k)[0].tolist()
+        second = sorted(pv)[-2] if n_cls > 1 else 0.0
+        out.append(cls(label=classes[p], class_id=p, votes=votes, credibility=pv[p], confidence=1 - second,
+                       abstained=pv[p] < min_credibility, **extra))
     return out
 
 

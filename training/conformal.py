@@ -49,6 +49,15 @@ def p_values(counts: Tensor, calibration: Tensor, k: int, presorted: bool = Fals
     return (1.0 - below.float() / cal.numel()).view_as(alpha)
 
 
+def p_value_table(calibration: Tensor, k: int) -> list[float]:
+    """p-value of every possible nonconformity 0..k: table[a] = share of calibration scores >= a, the same
+    numbers as `p_values` gives, as plain floats: a server reads p = table[k - votes] per class per request
+    without a tensor op."""
+    cal = calibration.long().sort().values
+    below = torch.searchsorted(cal, torch.arange(k + 1), right=False)
+    return (1.0 - below.float() / cal.numel()).tolist()
+
+
 @dataclass(frozen=True)
 class Trust:
     """Per-input conformal summary: credibility, confidence [B] and, with a threshold, who is abstained on."""

@@ -287,7 +287,7 @@ async def _infer(request: Request, name: str) -> Response:
         if len(files) > settings.max_files_per_request:
             raise ApiError(413, "too_many_files", f"{len(files)} images in one request; the limit is "
                                                   f"{settings.max_files_per_request}")
-        decoded = await get_decoder(request, settings).decode_named(
+        decoded = await (await get_decoder(request, settings)).decode_named(
             [(f"image_files[{i}]", f) for i, f in enumerate(files)], [m.input_size])
         x = torch.from_numpy(np.stack([d.pixels[m.input_size] for _, d in decoded])).permute(0, 3, 1, 2)
         x = x.float().div_(255)

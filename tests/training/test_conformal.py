@@ -23,6 +23,18 @@ def test_p_values_match_the_definition_by_brute_force() -> None:
     torch.testing.assert_close(p, brute)
 
 
+def test_p_value_table_and_presorted_give_the_same_numbers_as_p_values() -> None:
+    g = torch.Generator().manual_seed(1)
+    k = 9
+    cal = torch.randint(0, k + 1, (40,), generator=g)
+    counts = torch.stack([torch.bincount(torch.randint(0, 3, (k,), generator=g), minlength=3) for _ in range(15)])
+    p = conformal.p_values(counts, cal, k)
+    table = conformal.p_value_table(cal, k)
+    assert len(table) == k + 1 and table[0] == 1.0
+    assert [[table[k - v] for v in row] for row in counts.tolist()] == p.tolist()
+    assert torch.equal(conformal.p_values(counts, cal.sort().values, k, presorted=True), p)
+
+
 def test_calibration_scores_are_the_true_label_nonconformity_sorted() -> None:
     counts = _counts([[5, 0, 0], [1, 4, 0], [0, 0, 5], [2, 2, 1]])
     labels = torch.tensor([0, 0, 2, 1])
