@@ -114,6 +114,30 @@ def test_resize_never_runs_on_the_event_loop(server: SimpleNamespace, monkeypatc
     assert len(threads) == 2 and server.loop_thread not in threads, threads
 
 
+def test_thumbnails_decode_on_the_loop_and_big_images_do_not(server: SimpleNamespace,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request of a few tiny images skips the thread hop (it costs more than their decode); one image
+    above INLINE_MAX_PIXELS in the same small request sends every image of it to the decode threads."""
+    import app.deps
+
+    threads: list[tuple[int, str]] = []
+    real = app.deps.decode_for_model
+
+    def spy(data: bytes, *args, **kwargs):
+        out = real(data, *args, **kwargs)
+        threads.append((out.width, threading.current_thread().name))
+        return out
+
+    monkeypatch.setattr(app.deps, "decode_for_model", spy)
+    tiny = [("files", (f"{i}.png", bilevel_png(32), "image/png")) for i in range(3)]
+    assert httpx.post(f"{server.url}/classify", files=tiny, timeout=30).status_code == 200
+    assert threads == [(32, server.loop_thread)] * 3
+    threads.clear()
+    mixed = [*tiny[:1], ("files", ("big.png", bilevel_png(200), "image/png"))]
+    assert httpx.post(f"{server.url}/classify", files=mixed, timeout=30).status_code == 200
+    assert [w for w, _ in threads] == [32, 200] and all(t != server.loop_thread for _, t in threads), threads
+
+
 def test_live_answers_fast_while_a_heavy_request_runs(server: SimpleNamespace) -> None:
     """4 x 16 MP images in one request (a few KB on the wire); /health/live polled meanwhile."""
     files = [("files", (f"{i}.png", bilevel_png(4000), "image/png")) for i in range(4)]

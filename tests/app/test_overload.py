@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import numpy as np
 import torch
 
 import app.engine
@@ -24,6 +25,8 @@ from tests.app.conftest import make_settings
 from tests.app.toy import png, toy_images
 
 GOOD = png(toy_images(1, 3)[0][0])
+# above app.deps.INLINE_MAX_PIXELS: decoded on a decode thread (a slot), not inline on the event loop
+BIG = png(np.ascontiguousarray(np.broadcast_to(toy_images(1, 3)[0][0][:1, :1], (200, 200, 3))))
 
 
 def blocking_worker(max_queue: int) -> tuple[BatchWorker, threading.Event, threading.Event]:
@@ -141,7 +144,8 @@ def test_too_many_requests_in_progress_answer_503(good_root: Path, hanging_index
 
 
 def test_decode_slot_wait_has_a_deadline(good_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Decoders all busy (one slot, blocked): the next request gets 503 + Retry-After after decode_wait_s."""
+    """Decoders all busy (one slot, blocked): the next request gets 503 + Retry-After after decode_wait_s.
+    Images above the inline size, as only those take a decode slot."""
     gate, real = threading.Event(), app.images.load_image
 
     def slow_load(*args, **kwargs):
@@ -155,10 +159,10 @@ def test_decode_slot_wait_has_a_deadline(good_root: Path, monkeypatch: pytest.Mo
         async with application.router.lifespan_context(application):
             transport = httpx.ASGITransport(app=application)
             async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=10) as c:
-                first = asyncio.ensure_future(c.post("/classify", files={"file": ("a.png", GOOD, "image/png")}))
+                first = asyncio.ensure_future(c.post("/classify", files={"file": ("a.png", BIG, "image/png")}))
                 await asyncio.sleep(0.3)  # the first one holds the only slot
                 t0 = time.perf_counter()
-                second = await c.post("/classify", files={"file": ("b.png", GOOD, "image/png")})
+                second = await c.post("/classify", files={"file": ("b.png", BIG, "image/png")})
                 waited = time.perf_counter() - t0
                 gate.set()
                 return await first, second, waited
