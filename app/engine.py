@@ -98,7 +98,10 @@ class OnnxEmbed:
                                "install onnxruntime-gpu or choose SATML_RUNTIME=torch")
         providers: list[Any] = [want] if want == "CPUExecutionProvider" else [
             (want, {"device_id": device.index or 0}), "CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(path), providers=providers)
+        options = ort.SessionOptions()
+        # no busy-waiting between ops: on a CPU the event loop and the decoders need the same cores
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
         active = self.session.get_providers()
         if not active or active[0] != want:
             raise RuntimeError(f"onnxruntime session runs on {active}, not {want}: refusing a silent fallback")
