@@ -19,21 +19,55 @@ from torch import Tensor, nn
 Metric = Literal["l2", "cosine"]
 
 
-def vote(neighbor_labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
-    """Unweighted majority vote.
+Vote = Literal["majority", "capped"]
+VOTES: tuple[str, ...] = ("majority", "capped")
 
-    neighbor_labels: [B, k] int64. Returns (pred [B], counts [B, C]). Ties go to the class of the
-    nearest neighbour among the tied classes (deterministic, and what a 1-NN would say).
+
+def vote(neighbor_labels: Tensor, num_classes: int, cap: int | None = None) -> tuple[Tensor, Tensor]:
+    """Majority vote of the k neighbours; with `cap`, each class counts at most `cap` of them.
+
+    neighbor_labels: [B, k] int64. Returns (pred [B], counts [B, C]), counts after the cap. Ties go to the
+    class of the nearest neighbour among the tied classes (deterministic, and what a 1-NN would say).
+    `cap=None` (or cap >= k) is the paper's unweighted majority vote; see `capped_vote` for why a cap.
     """
     b, k = neighbor_labels.shape
     counts = torch.zeros(b, num_classes, dtype=torch.long, device=neighbor_labels.device)
     counts.scatter_add_(1, neighbor_labels, torch.ones_like(neighbor_labels))
+    if cap is not None and cap < k:
+        if cap < 1:
+            raise ValueError(f"cap must be >= 1, got {cap}")
+        counts = counts.clamp_max(cap)
     tied = counts == counts.amax(dim=1, keepdim=True)  # B x C
     # rank of each neighbour among the tied classes: first (nearest) tied neighbour wins
     is_tied = tied.gather(1, neighbor_labels)  # B x k
     first = torch.where(is_tied, torch.arange(k, device=neighbor_labels.device), k).argmin(dim=1)
     pred = neighbor_labels.gather(1, first[:, None]).squeeze(1)
     return pred, counts
+
+
+def class_cap(bank_labels: Tensor, num_classes: int, k: int) -> int:
+    """The cap of the `capped` vote for a bank: its smallest class (classes with no example left out), at
+    most k. A class of n examples can never hold more than n of the k votes, so no class may count more
+    than the smallest can reach: 10 examples of a new class then compete on equal terms with 4,500 of an old
+    one (ties by the nearest neighbour). A bank whose every class has >= k examples gets cap k: exactly the
+    majority vote."""
+    sizes = torch.bincount(bank_labels.long().cpu(), minlength=num_classes)
+    present = sizes[sizes > 0]
+    return int(min(k, int(present.min()) if len(present) else k))
+
+
+def capped_vote(neighbor_labels: Tensor, num_classes: int, bank_labels: Tensor) -> tuple[Tensor, Tensor]:
+    """The `capped` vote over a bank: `vote` with cap = `class_cap(bank_labels, ...)` (pure function)."""
+    return vote(neighbor_labels, num_classes, class_cap(bank_labels, num_classes, neighbor_labels.shape[1]))
+
+
+def vote_cap(kind: str, bank_labels: Tensor, num_classes: int, k: int) -> int | None:
+    """`vote`'s cap for a vote kind over a bank: None for `majority`, `class_cap` for `capped`."""
+    if kind == "majority":
+        return None
+    if kind == "capped":
+        return class_cap(bank_labels, num_classes, k)
+    raise ValueError(f"vote must be one of {VOTES}, got {kind!r}")
 
 
 def _distances(query: Tensor, bank: Tensor, metric: Metric) -> Tensor:
@@ -170,28 +204,28 @@ class TorchKnn:
     `knn_predict`, bit for bit, without recomputing the bank's norms per call."""
 
     def __init__(self, bank: Tensor, bank_labels: Tensor, num_classes: int, k: int = 75,
-                 metric: Metric = "l2") -> None:
+                 metric: Metric = "l2", cap: int | None = None) -> None:
         if not 1 <= k <= bank.shape[0]:
             raise ValueError(f"k must be in [1, {bank.shape[0]}] (bank size), got {k}")
         self.bank = bank.float().contiguous()
         self.bank_sq = self.bank.pow(2).sum(1)
         self.labels = bank_labels.long().to(bank.device)
-        self.num_classes, self.k, self.metric = num_classes, k, metric
+        self.num_classes, self.k, self.metric, self.cap = num_classes, k, metric, cap
 
     def search(self, query: Tensor) -> Tensor:
         """Neighbour indices [B, k], nearest first."""
         return knn_search(query.to(self.bank.device).float(), self.bank, self.k, self.metric, bank_sq=self.bank_sq)
 
     def predict(self, query: Tensor) -> tuple[Tensor, Tensor]:
-        """(pred [B], counts [B, C]) exactly as `knn_predict`."""
-        return vote(self.labels[self.search(query)], self.num_classes)
+        """(pred [B], counts [B, C]) exactly as `knn_predict` (with `cap`: `vote`'s per-class cap)."""
+        return vote(self.labels[self.search(query)], self.num_classes, self.cap)
 
 
 class FaissKnn:
     """Exact k-NN with faiss (flat index; GPU when requested and available), same vote as torch."""
 
     def __init__(self, bank: Tensor | np.ndarray, bank_labels: Tensor | np.ndarray, num_classes: int,
-                 k: int = 75, metric: Metric = "l2", use_gpu: bool = False) -> None:
+                 k: int = 75, metric: Metric = "l2", use_gpu: bool = False, cap: int | None = None) -> None:
         import faiss  # optional dependency: training works without it
 
         vecs = np.ascontiguousarray(torch.as_tensor(bank).float().numpy())
@@ -208,7 +242,7 @@ class FaissKnn:
             index = faiss.index_cpu_to_gpu(self._res, 0, index)
             self.on_gpu = True
         index.add(vecs)
-        self.index, self.metric, self.k, self.num_classes = index, metric, k, num_classes
+        self.index, self.metric, self.k, self.num_classes, self.cap = index, metric, k, num_classes, cap
         self.labels = torch.as_tensor(bank_labels).long()
 
     def search(self, query: Tensor | np.ndarray) -> Tensor:
@@ -220,5 +254,5 @@ class FaissKnn:
         return torch.from_numpy(idx).long()
 
     def predict(self, query: Tensor | np.ndarray) -> tuple[Tensor, Tensor]:
-        """(pred [B], counts [B, C]) exactly as `knn_predict`."""
-        return vote(self.labels[self.search(query)], self.num_classes)
+        """(pred [B], counts [B, C]) exactly as `knn_predict` (with `cap`: `vote`'s per-class cap)."""
+        return vote(self.labels[self.search(query)], self.num_classes, self.cap)

@@ -162,3 +162,57 @@ def test_embed_takes_uint8_nhwc_or_float_nchw_and_restores_mode(tiny_encoder: En
     b = knn.embed(tiny_encoder, as_float, batch_size=100)
     assert a.shape == (7, tiny_encoder.cfg.embed_dim) and a.dtype == torch.float32
     torch.testing.assert_close(a, b)  # eval mode inside: batching does not change the result
+
+
+# --- the capped vote (issue 15: a few examples of a new class can win) -------------------------------------
+
+
+def test_capped_vote_lets_a_small_class_win_where_the_majority_cannot() -> None:
+    # 10 neighbours of the new class 2 (the nearest ones), 65 spread over old classes 0 and 1
+    row = torch.tensor([[2] * 10 + [0] * 40 + [1] * 25])
+    bank_labels = torch.tensor([0] * 4500 + [1] * 4500 + [2] * 10)
+    assert knn.vote(row, 3)[0].item() == 0  # majority: 40 votes beat 10
+    pred, counts = knn.capped_vote(row, 3, bank_labels)
+    assert knn.class_cap(bank_labels, 3, 75) == 10
+    assert counts.tolist() == [[10, 10, 10]]  # each class counts at most 10 ...
+    assert pred.item() == 2  # ... and the tie goes to the nearest neighbour's class
+
+
+def test_capped_vote_keeps_the_old_classes_when_the_small_class_is_far() -> None:
+    row = torch.tensor([[0] * 40 + [1] * 33 + [2] * 2])  # the new class only among the farthest
+    bank_labels = torch.tensor([0] * 100 + [1] * 100 + [2] * 10)
+    pred, counts = knn.capped_vote(row, 3, bank_labels)
+    assert pred.item() == 0 and counts.tolist() == [[10, 10, 2]]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 3), min_size=9, max_size=9), min_size=1, max_size=8),
+       st.integers(9, 40))
+def test_capped_vote_is_the_majority_vote_when_every_class_has_k_examples(rows: list[list[int]], size: int) -> None:
+    labels = torch.tensor(rows)
+    bank_labels = torch.arange(4).repeat_interleave(size)
+    assert knn.class_cap(bank_labels, 4, 9) == 9
+    for a, b in zip(knn.capped_vote(labels, 4, bank_labels), knn.vote(labels, 4), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_class_cap_ignores_empty_classes_and_vote_cap_names() -> None:
+    bank_labels = torch.tensor([0] * 50 + [2] * 3)
+    assert knn.class_cap(bank_labels, 4, 75) == 3  # classes 1 and 3 have no example: not the smallest
+    assert knn.vote_cap("majority", bank_labels, 4, 75) is None
+    assert knn.vote_cap("capped", bank_labels, 4, 75) == 3
+    with pytest.raises(ValueError, match="vote must be one of"):
+        knn.vote_cap("weighted", bank_labels, 4, 75)
+    with pytest.raises(ValueError, match="cap must be >= 1"):
+        knn.vote(torch.tensor([[0, 1]]), 2, cap=0)
+
+
+def test_torch_knn_with_a_cap_equals_capped_vote_over_its_neighbours() -> None:
+    g = torch.Generator().manual_seed(0)
+    bank, labels = torch.randn(60, 8, generator=g), torch.tensor([0] * 30 + [1] * 25 + [2] * 5)
+    q = torch.randn(7, 8, generator=g)
+    cap = knn.class_cap(labels, 3, 20)
+    index = knn.TorchKnn(bank, labels, 3, 20, cap=cap)
+    want = knn.capped_vote(labels[index.search(q)], 3, labels)
+    for a, b in zip(index.predict(q), want, strict=True):
+        assert torch.equal(a, b)
