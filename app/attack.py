@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from app.batching import QueueFull, WorkerClosed
-from app.engine import ServedModel, batch_tensor, to_prediction
+from app.engine import ServedModel, batch_tensor, to_prediction, unpack_output
 from app.errors import ApiError
 from app.images import Decoded, encode_png
 from app.metrics import Metrics
@@ -172,8 +172,8 @@ class AttackJob:
 
     def _classify(self, m: ServedModel, x: Tensor, deadline: float) -> tuple[int, Prediction]:
         wait = max(min(deadline - time.monotonic(), self.request_timeout_s), 0.001)
-        pred, counts = m.worker.submit(x).result(timeout=wait)
-        p = int(pred[0])
+        pred, out = m.worker.submit(x).result(timeout=wait)
+        p, counts = int(pred[0]), unpack_output(m, out)[0]
         return p, to_prediction(m, p, counts[0], min(self.spec.top_k, len(m.classes)))
 
     @staticmethod

@@ -31,6 +31,16 @@ class Settings(BaseSettings):
     # abstain (answer "abstained": true) below this conformal credibility; 0: never. Models without calibration
     # scores never abstain and report credibility null. Per request: /classify field min_credibility.
     min_credibility: Annotated[float, Field(ge=0, le=1)] = 0.0
+    # k-NN vote of every model: majority (the paper's) or capped (no class counts more votes than the bank's
+    # smallest class has examples: a few examples added live can win); None: each manifest's knn.vote
+    vote: Literal["majority", "capped"] | None = None
+
+    # live bank updates (POST/GET/DELETE /models/{name}/examples)
+    state_dir: Path | None = None  # writable folder for the added examples (overlay per model); None: routes refused
+    # without an API key the examples routes are refused unless this opens them (local use only)
+    examples_open: bool = False
+    examples_max_per_request: Annotated[int, Field(ge=1, le=4096)] = 64  # images in one POST .../examples
+    examples_max_per_model: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000  # added examples per model in all
 
     # dynamic batching (one worker per model)
     max_batch: Annotated[int, Field(ge=1, le=4096)] = 64  # images per forward pass
@@ -60,7 +70,7 @@ class Settings(BaseSettings):
     attack_timeout_s: Annotated[float, Field(gt=0)] = 30.0  # queue wait + run time of one /attack request
 
     # access and process
-    api_key: SecretStr | None = None  # when set, header X-API-Key must match for /attack
+    api_key: SecretStr | None = None  # when set, header X-API-Key must match for /attack and .../examples
     cors_origins: list[str] = []  # allowed browser origins (JSON list in the env var); empty: CORS closed
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8000  # 0: any free port

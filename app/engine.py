@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from app.bank import BankState, LiveBank
 from app.batching import BatchWorker, PredictFn, Prediction, QueueFull, WorkerClosed
 from app.config import Settings
 from app.errors import ApiError
@@ -115,12 +116,16 @@ class OnnxEmbed:
 
 def build_index(kind: str, art: Artifact) -> Callable[[Tensor], Prediction]:
     """(pred [B], counts [B, C]) on the CPU from embeddings [B, D]; every backend ends in `knn.vote`."""
-    metric = cast(knn.Metric, art.metric)
+    return build_index_over(kind, art.bank, art.bank_labels, art.num_classes, art.k, cast(knn.Metric, art.metric))
+
+
+def build_index_over(kind: str, bank: Tensor, labels: Tensor, num_classes: int, k: int, metric: knn.Metric,
+                     cap: int | None = None) -> Callable[[Tensor], Prediction]:
+    """`build_index` over any bank (the shipped one plus live additions, app.bank), vote capped by `cap`."""
     if kind in ("faiss-cpu", "faiss-gpu"):
-        index = knn.FaissKnn(art.bank.cpu(), art.bank_labels.cpu(), art.num_classes, art.k, metric,
-                             use_gpu=kind == "faiss-gpu")
+        index = knn.FaissKnn(bank.cpu(), labels.cpu(), num_classes, k, metric, use_gpu=kind == "faiss-gpu", cap=cap)
         return index.predict
-    index_t = knn.TorchKnn(art.bank, art.bank_labels, art.num_classes, art.k, metric)  # ValueError on a bad k
+    index_t = knn.TorchKnn(bank, labels, num_classes, k, metric, cap=cap)  # ValueError on a bad k
 
     def torch_predict(z: Tensor) -> Prediction:
         pred, counts = index_t.predict(z)
@@ -144,6 +149,7 @@ class ServedModel:
     runtime: str
     index: str
     p_table: list[float] | None = None  # conformal p-value per nonconformity 0..k (None: no calibration)
+    live: LiveBank | None = None  # the bank as served now: shipped + added examples (app.bank)
 
     def __post_init__(self) -> None:
         if self.p_table is None and self.artifact.calibration is not None:
@@ -151,7 +157,15 @@ class ServedModel:
 
     @property
     def classes(self) -> list[str]:
-        return self.artifact.classes
+        return self.artifact.classes if self.live is None else list(self.live.state.classes)
+
+    @property
+    def bank_size(self) -> int:
+        return int(self.artifact.bank.shape[0]) if self.live is None else self.live.state.size
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.artifact.bank.shape[1])
 
     @property
     def input_size(self) -> int:
@@ -209,6 +223,11 @@ def load_model(folder: Path, settings: Settings, device: torch.device, index_kin
         raise ArtifactError(f"{folder}: runtime onnxruntime requested but the artifact has no {ENCODER_ONNX}")
     size = art.input_size
     described: dict[str, str] = {}
+    metric = cast(knn.Metric, art.metric)
+    live = LiveBank(name, art, index_kind, settings.vote or art.spec.knn.vote,
+                    lambda kind, bank, labels, n, cap: build_index_over(kind, bank, labels, n, art.k, metric, cap),
+                    settings.state_dir)
+    live.replay()  # the overlay of added examples, if any and sound (else logged, shipped bank only)
 
     def setup() -> PredictFn:  # runs on the worker thread: CUDA and faiss GPU state live there
         embed: Callable[[Tensor], Tensor]
@@ -218,10 +237,15 @@ def load_model(folder: Path, settings: Settings, device: torch.device, index_kin
         else:
             embed = TorchEmbed(art.encoder, device)
             described["runtime"] = "torch"
-        index = build_index(index_kind, art)
+        shipped = live.state
+        if not shipped.examples and shipped.cap is None:  # the bank as shipped: the index the artifact describes
+            shipped.index = build_index(index_kind, art)
+        live.index()  # built here, on the worker thread, if not yet (faiss GPU state lives on this thread)
 
         def predict(x: Tensor) -> Prediction:
-            return index(embed(x))
+            z = embed(x)
+            pred, counts = live.index()(z)  # one state per batch (app.bank: updates swap one reference)
+            return pred, pack_output(counts, z)  # the embeddings ride along for POST .../examples
 
         predict(torch.zeros(1, 3, size, size))  # warm-up: a broken runtime fails now, not on a request
         return predict
@@ -243,9 +267,15 @@ def load_model(folder: Path, settings: Settings, device: torch.device, index_kin
     except BaseException:
         worker.close(timeout=1)
         raise
-    knn_model = KnnModel(art.encoder, art.bank, art.bank_labels, art.num_classes, art.k,
-                         cast(knn.Metric, art.metric))
-    return ServedModel(name, art, knn_model, worker, str(device), described["runtime"], index_kind)
+    st = live.state
+    knn_model = KnnModel(art.encoder, st.bank, st.labels, len(st.classes), art.k, metric)
+    served = ServedModel(name, art, knn_model, worker, str(device), described["runtime"], index_kind, live=live)
+
+    def attack_bank(new: BankState) -> None:  # /attack differentiates the bank as served
+        served.knn_model = KnnModel(art.encoder, new.bank, new.labels, len(new.classes), art.k, metric)
+
+    live.on_swap.append(attack_bank)
+    return served
 
 
 @dataclass
@@ -319,7 +349,7 @@ def load_registry(settings: Settings, metrics: Metrics) -> Registry:
         reg.models[model.name] = model
         log.info("model loaded", extra=fields(event="model_loaded", model=model.name, device=model.device,
                                               runtime=model.runtime, index=model.index,
-                                              classes=len(model.classes), bank=int(model.artifact.bank.shape[0])))
+                                              classes=len(model.classes), bank=model.bank_size))
     if settings.default_model in reg.models:
         reg.default = settings.default_model
     elif reg.models:
@@ -337,7 +367,8 @@ def to_predictions(model: ServedModel, pred: Tensor, counts: Tensor, top_k: int,
     first) and, when the artifact carries calibration scores, conformal credibility/confidence and abstention
     below `min_credibility`. One conformal call and plain ints for the whole batch: this runs on the event
     loop, per request (`per_row`: extra fields per row, e.g. filename=[...])."""
-    classes, n_cls, table = model.classes, len(model.classes), model.p_table
+    # the width of counts, not len(classes): a batch voted before a class was added (app.bank) has fewer columns
+    classes, n_cls, table = model.classes, counts.shape[1], model.p_table
     out = []
     for i, (p, row) in enumerate(zip(pred.tolist(), counts.tolist(), strict=True)):
         k = max(sum(row), 1)
@@ -369,9 +400,33 @@ def batch_tensor(pixels: list[np.ndarray]) -> Tensor:
     return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float().div_(255)
 
 
+def pack_output(counts: Tensor, z: Tensor) -> Tensor:
+    """What the batch worker returns beside pred: [B, C + D] float, the votes then the embeddings (so that
+    POST .../examples embeds through the same worker and batches as /classify; see `unpack_output`)."""
+    return torch.cat([counts.to(z.dtype), z.cpu()], 1)
+
+
+def unpack_output(model: ServedModel, out: Tensor) -> tuple[Tensor, Tensor]:
+    """[B, C + D] from the worker -> (counts [B, C] int64, embeddings [B, D] float)."""
+    d = model.embed_dim
+    return out[:, :-d].round().long(), out[:, -d:]
+
+
 async def predict(model: ServedModel, x: Tensor, timeout_s: float) -> Prediction:
     """Through the model's batching worker; ApiError 429 when its queue is full, 503 if it does not
     answer within timeout_s (the queued job is then cancelled: the worker skips it)."""
+    pred, out = await predict_embed(model, x, timeout_s)
+    return pred, unpack_output(model, out)[0]
+
+
+async def embed(model: ServedModel, x: Tensor, timeout_s: float) -> Tensor:
+    """Embeddings [n, D] of images [n, 3, S, S], through the batching worker (same batches as /classify)."""
+    _, out = await predict_embed(model, x, timeout_s)
+    return unpack_output(model, out)[1]
+
+
+async def predict_embed(model: ServedModel, x: Tensor, timeout_s: float) -> Prediction:
+    """(pred [n], packed votes + embeddings [n, C + D]) from the worker; errors as `predict`."""
     try:
         future = model.worker.submit(x)
     except QueueFull as e:

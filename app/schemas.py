@@ -93,6 +93,8 @@ class ModelSummary(BaseModel):
     device: str
     runtime: str
     index: str
+    bank_size: int = Field(0, description="embeddings in the bank now (shipped + examples added live)")
+    bank_version: int = Field(0, description="0: the shipped bank; +1 per live update (POST/DELETE .../examples)")
 
 
 class ModelList(BaseModel):
@@ -127,3 +129,39 @@ class Ready(BaseModel):
 
 class NotReady(Ready):
     error: ErrorBody
+
+
+class ExampleInfo(BaseModel):
+    id: str
+    label: str
+    time: str = Field(description="when it was added, ISO 8601 UTC")
+    filename: str = Field(description="the uploaded file's name")
+    sha256: str = Field(description="sha256 of the uploaded file's bytes")
+
+
+class ExamplesAdded(BaseModel):
+    model: str
+    label: str
+    class_id: int
+    new_class: bool = Field(description="true when this request added the class")
+    ids: list[str] = Field(description="one per uploaded file, in upload order (DELETE .../examples/{id} undoes)")
+    version: int = Field(description="bank version: 0 is the shipped bank, +1 per update")
+    bank_size: int = Field(description="embeddings in the bank now (shipped + added)")
+    classes: int
+
+
+class ExamplesRemoved(BaseModel):
+    model: str
+    ids: list[str]
+    version: int
+    bank_size: int
+
+
+class ExampleList(BaseModel):
+    model: str
+    version: int
+    bank_size: int
+    shipped_size: int
+    classes: list[str]
+    persistent: bool = Field(description="false when the server has no SATML_STATE_DIR (nothing can be added)")
+    examples: list[ExampleInfo]

@@ -28,7 +28,7 @@ async def ready(request: Request) -> Ready | JSONResponse:
     states = {} if registry is None else registry.worker_states(settings.request_timeout_s, request.app.state.metrics)
     models = {} if registry is None else {
         name: ModelReadiness(device=m.device, runtime=m.runtime, index=m.index, classes=len(m.classes),
-                             bank_size=int(m.artifact.bank.shape[0]), worker=states[name])
+                             bank_size=m.bank_size, worker=states[name])
         for name, m in registry.models.items()}
     problems = []
     if models and settings.default_model not in models:

@@ -23,7 +23,8 @@ def summary(m: ServedModel, default: bool) -> ModelSummary:
         name=m.name, artifact_name=spec.name, description=spec.description, dataset=spec.dataset or "",
         classes=m.classes, input_size=m.input_size, encoder=spec.encoder.to_dict(), knn=spec.knn.to_dict(),
         training_method=spec.method, metrics=spec.metrics.to_dict() if spec.metrics else {}, default=default,
-        device=m.device, runtime=m.runtime, index=m.index)
+        device=m.device, runtime=m.runtime, index=m.index, bank_size=m.bank_size,
+        bank_version=m.live.state.version if m.live is not None else 0)
 
 
 @router.get("", response_model=ModelList, responses=responses(503))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.engine import load_registry, resolve_device, resolve_index, to_prediction
+from app.engine import load_registry, resolve_device, resolve_index, to_prediction, unpack_output
 from app.metrics import Metrics
 from tests.app.conftest import make_settings
 from tests.app.toy import CLASSES, K, export_toy, toy_images
@@ -47,7 +47,9 @@ def test_runtimes_and_indexes_agree_with_training_library(good_root: Path, runti
         assert m.runtime.startswith(runtime) and m.index == ("torch" if index == "auto" else index)
         images, labels = toy_images(4, seed=11)
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-        pred, counts = m.worker.submit(x).result(30)
+        pred, out = m.worker.submit(x).result(30)
+        counts, z = unpack_output(m, out)  # the worker returns the votes and the embeddings (issue 15)
+        assert torch.allclose(z, knn.embed(m.artifact.encoder, images), atol=1e-4)
         assert torch.equal(pred, reference(good_root, "default", x))
         assert pred.tolist() == labels.tolist()  # the toy problem is separable
         assert counts.shape == (len(x), len(CLASSES)) and (counts.sum(1) == K).all()
