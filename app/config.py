@@ -26,7 +26,9 @@ class Settings(BaseSettings):
     artifacts_dir: Path = Path("artifacts")  # every sub-folder with a manifest.json is one model
     default_model: str = "default"  # folder name used when a request names no model
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if available, else cpu
-    runtime: Literal["torch", "onnxruntime"] = "torch"  # encoder runtime for /classify (attacks use torch)
+    # encoder runtime for /classify (attacks use torch); auto: onnxruntime on a CPU when the artifact has
+    # encoder.onnx and onnxruntime imports (1.4x the img/s of torch under load, benchmarks/results), else torch
+    runtime: Literal["auto", "torch", "onnxruntime"] = "auto"
     index: Literal["auto", "faiss-cpu", "faiss-gpu", "torch"] = "auto"  # k-NN backend; auto: best available
     # abstain (answer "abstained": true) below this conformal credibility; 0: never. Models without calibration
     # scores never abstain and report credibility null. Per request: /classify field min_credibility.

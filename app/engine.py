@@ -74,6 +74,21 @@ def resolve_index(setting: str, device: torch.device) -> str:
     return setting
 
 
+def resolve_runtime(setting: str, folder: Path, device: torch.device) -> str:
+    """auto -> onnxruntime on a CPU when the artifact ships encoder.onnx and onnxruntime imports (one
+    GIL-free call per batch, fewer per-op costs: serve_bench measures it ahead of torch), else torch.
+    On CUDA auto stays torch (onnxruntime-gpu against torch is not measured here)."""
+    if setting != "auto":
+        return setting
+    if device.type != "cpu" or not (folder / ENCODER_ONNX).is_file():
+        return "torch"
+    try:
+        import onnxruntime  # noqa: F401 - availability check
+    except ImportError:
+        return "torch"
+    return "onnxruntime"
+
+
 class TorchEmbed:
     """Torch encoder forward under inference mode, on the model's device."""
 
@@ -219,7 +234,8 @@ def load_model(folder: Path, settings: Settings, device: torch.device, index_kin
     art = load_artifact(folder, device)
     check_served_fields(art)
     name = folder.name
-    if settings.runtime == "onnxruntime" and not (folder / ENCODER_ONNX).is_file():
+    runtime = resolve_runtime(settings.runtime, folder, device)
+    if runtime == "onnxruntime" and not (folder / ENCODER_ONNX).is_file():
         raise ArtifactError(f"{folder}: runtime onnxruntime requested but the artifact has no {ENCODER_ONNX}")
     size = art.input_size
     described: dict[str, str] = {}
@@ -231,7 +247,7 @@ def load_model(folder: Path, settings: Settings, device: torch.device, index_kin
 
     def setup() -> PredictFn:  # runs on the worker thread: CUDA and faiss GPU state live there
         embed: Callable[[Tensor], Tensor]
-        if settings.runtime == "onnxruntime":
+        if runtime == "onnxruntime":
             embed = OnnxEmbed(folder / ENCODER_ONNX, device)
             described["runtime"] = cast(OnnxEmbed, embed).name
         else:

@@ -10,7 +10,7 @@ from app.config import MAX_ATTACK_EPS, Settings
 
 def test_defaults() -> None:
     s = Settings()
-    assert (s.default_model, s.device, s.runtime, s.index) == ("default", "auto", "torch", "auto")
+    assert (s.default_model, s.device, s.runtime, s.index) == ("default", "auto", "auto", "auto")
     assert (s.max_batch, s.max_wait_ms, s.attack_max_steps, s.attack_concurrency, s.attack_queue) == (64, 0, 100, 1, 8)
     assert s.attack_max_eps == pytest.approx(16 / 255)
     assert s.api_key is None and s.cors_origins == [] and s.host == "127.0.0.1"

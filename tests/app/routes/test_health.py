@@ -22,7 +22,8 @@ def test_ready_reports_models_and_skipped(client: TestClient) -> None:
     assert body["status"] == "ready" and body["default_model"] == "default"
     assert set(body["models"]) == {"default", "other"}
     for m in body["models"].values():
-        assert m["device"] == "cpu" and m["runtime"] == "torch" and m["index"] in ("faiss-cpu", "torch")
+        # the default runtime auto serves the toy artifacts' encoder.onnx with onnxruntime on a CPU
+        assert m["device"] == "cpu" and m["runtime"] == "onnxruntime (CPUExecutionProvider)" and m["index"] == "torch"
         assert m["classes"] == 3 and m["bank_size"] == 192
     assert set(body["skipped"]) == {"bad_sha", "bad_version", "not_an_artifact"}
 

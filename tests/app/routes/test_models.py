@@ -17,7 +17,7 @@ def test_list(client: TestClient) -> None:
     assert d["artifact_name"] == "toy-sat" and d["classes"] == CLASSES and d["input_size"] == 32
     assert d["training_method"] == "sat" and by_name["other"]["training_method"] == "supervised"
     assert d["encoder"]["arch"] == "resnet10" and d["knn"]["k"] == 5 and d["metrics"]["clean_acc"] == 1.0
-    assert (d["device"], d["runtime"]) == ("cpu", "torch") and d["index"] in ("faiss-cpu", "torch")
+    assert (d["device"], d["runtime"], d["index"]) == ("cpu", "onnxruntime (CPUExecutionProvider)", "torch")
 
 
 def test_detail_with_manifest_and_card(client: TestClient) -> None:
