@@ -61,6 +61,22 @@ def capped_vote(neighbor_labels: Tensor, num_classes: int, bank_labels: Tensor) 
     return vote(neighbor_labels, num_classes, class_cap(bank_labels, num_classes, neighbor_labels.shape[1]))
 
 
+def balanced_vote(neighbor_labels: Tensor, num_classes: int, bank_labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Prior-corrected vote (measured in benchmarks/few_shot.py, not served): each class's neighbour count
+    divided by its number of bank examples, so every class has the same prior whatever its size (k-NN
+    estimates p(x | c) by count_c / n_c). Returns (pred [B], scores [B, C] float); classes without an example
+    score 0; ties as `vote` (the nearest tied neighbour's class)."""
+    b, k = neighbor_labels.shape
+    sizes = torch.bincount(bank_labels.long().cpu(), minlength=num_classes).to(neighbor_labels.device)
+    counts = torch.zeros(b, num_classes, dtype=torch.long, device=neighbor_labels.device)
+    counts.scatter_add_(1, neighbor_labels, torch.ones_like(neighbor_labels))
+    scores = counts.double() / sizes.clamp_min(1).double()
+    tied = scores == scores.amax(dim=1, keepdim=True)
+    is_tied = tied.gather(1, neighbor_labels)
+    first = torch.where(is_tied, torch.arange(k, device=neighbor_labels.device), k).argmin(dim=1)
+    return neighbor_labels.gather(1, first[:, None]).squeeze(1), scores
+
+
 def vote_cap(kind: str, bank_labels: Tensor, num_classes: int, k: int) -> int | None:
     """`vote`'s cap for a vote kind over a bank: None for `majority`, `class_cap` for `capped`."""
     if kind == "majority":

@@ -216,3 +216,13 @@ def test_torch_knn_with_a_cap_equals_capped_vote_over_its_neighbours() -> None:
     want = knn.capped_vote(labels[index.search(q)], 3, labels)
     for a, b in zip(index.predict(q), want, strict=True):
         assert torch.equal(a, b)
+
+
+def test_balanced_vote_divides_by_class_size() -> None:
+    bank_labels = torch.tensor([0] * 4500 + [1] * 4500 + [2] * 10)
+    row = torch.tensor([[0] * 40 + [1] * 33 + [2] * 2])  # 2 of 10 beat 40 of 4,500
+    pred, scores = knn.balanced_vote(row, 3, bank_labels)
+    assert pred.item() == 2 and torch.allclose(scores, torch.tensor([[40 / 4500, 33 / 4500, 0.2]], dtype=torch.float64))
+    balanced = torch.arange(3).repeat_interleave(20)  # equal sizes: the majority vote
+    rows = torch.randint(0, 3, (30, 9), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(knn.balanced_vote(rows, 3, balanced)[0], knn.vote(rows, 3)[0])
