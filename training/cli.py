@@ -100,11 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_train_args(p)
     p.set_defaults(func=cmd_train)
-    from training import calibrate, export, robustness  # subcommands that live with their implementation
+    from training import calibrate, certify, export, robustness  # subcommands that live with their implementation
 
     export.add_cli(sub)
     robustness.add_cli(sub)
     calibrate.add_cli(sub)
+    certify.add_cli(sub)
     return parser
 
 
