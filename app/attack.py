@@ -23,6 +23,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 import torch.nn.functional as F
+from prometheus_client import Gauge
 from torch import Tensor
 
 from app.batching import QueueFull, WorkerClosed
@@ -56,10 +57,14 @@ class AttackSpec:
 class AttackService:
     """Admission control + thread pool + timeout for attack jobs."""
 
-    def __init__(self, concurrency: int, queue_size: int, timeout_s: float, metrics: Metrics) -> None:
+    def __init__(self, concurrency: int, queue_size: int, timeout_s: float, metrics: Metrics, *,
+                 kind: str = "attack", depth: Gauge | None = None) -> None:
+        """`kind` names the jobs in error codes and messages ("certify" for POST /certify, which reuses this
+        admission control on a pool of its own); `depth` is the gauge of jobs running or waiting."""
         self.concurrency, self.capacity, self.timeout_s = concurrency, concurrency + queue_size, timeout_s
-        self._metrics = metrics
-        self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="attack")
+        self.kind = kind
+        self._depth = depth if depth is not None else metrics.attack_queue_depth
+        self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=kind)
         self._lock = threading.Lock()
         self._active = 0  # running + waiting
         self._mean_s = 1.0  # running mean of job time, for Retry-After
@@ -76,17 +81,18 @@ class AttackService:
     def _release(self, _: Future | None = None) -> None:
         with self._lock:
             self._active -= 1
-            self._metrics.attack_queue_depth.set(self._active)
+            self._depth.set(self._active)
 
     def admit(self) -> Slot:
         """Take a place (running or waiting) now, before the request's image is decoded; 429 when full."""
         with self._lock:
             if self._active >= self.capacity:
-                raise ApiError(429, "attack_queue_full",
-                               f"{self._active} attacks running or waiting (limit {self.capacity}); retry later",
+                raise ApiError(429, f"{self.kind}_queue_full",
+                               f"{self._active} {self.kind} jobs running or waiting (limit {self.capacity}); "
+                               "retry later",
                                headers={"Retry-After": str(self.retry_after())})
             self._active += 1
-            self._metrics.attack_queue_depth.set(self._active)
+            self._depth.set(self._active)
         return Slot(self)
 
     def _timed(self, job: Callable[[float], T], deadline: float) -> T:
@@ -112,7 +118,8 @@ class AttackService:
         try:
             return await asyncio.wait_for(asyncio.wrap_future(fut), self.timeout_s)
         except (TimeoutError, DeadlinePassed) as e:
-            raise ApiError(504, "attack_timeout", f"the attack did not finish within {self.timeout_s:g} s") from e
+            raise ApiError(504, f"{self.kind}_timeout",
+                           f"the {self.kind} job did not finish within {self.timeout_s:g} s") from e
         except WorkerClosed as e:
             raise ApiError(503, "shutting_down", "the server is shutting down") from e
         except QueueFull as e:

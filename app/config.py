@@ -71,8 +71,17 @@ class Settings(BaseSettings):
     attack_queue: Annotated[int, Field(ge=0, le=1024)] = 8  # attacks waiting beyond those; more get 429
     attack_timeout_s: Annotated[float, Field(gt=0)] = 30.0  # queue wait + run time of one /attack request
 
+    # /certify (randomized smoothing, Cohen et al. 2019): n0 + n noisy copies go through the model's batching
+    # worker in chunks of max_batch, interleaved with /classify batches, on a pool of their own
+    certify_max_n: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000  # estimation samples per request
+    certify_max_n0: Annotated[int, Field(ge=1, le=100_000)] = 1_000  # selection samples per request
+    certify_max_sigma: Annotated[float, Field(gt=0, le=4)] = 1.0  # noise std, [0, 1] pixel units
+    certify_concurrency: Annotated[int, Field(ge=1, le=64)] = 1  # certifications running at once
+    certify_queue: Annotated[int, Field(ge=0, le=1024)] = 4  # certifications waiting beyond those; more get 429
+    certify_timeout_s: Annotated[float, Field(gt=0)] = 60.0  # queue wait + run time of one /certify request
+
     # access and process
-    api_key: SecretStr | None = None  # when set, header X-API-Key must match for /attack and .../examples
+    api_key: SecretStr | None = None  # when set, header X-API-Key must match for /attack, /certify, .../examples
     cors_origins: list[str] = []  # allowed browser origins (JSON list in the env var); empty: CORS closed
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8000  # 0: any free port

@@ -67,7 +67,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         registry = await run_in_threadpool(load_registry, settings, metrics)
         attacks = AttackService(settings.attack_concurrency, settings.attack_queue, settings.attack_timeout_s,
                                 metrics)
-        app.state.registry, app.state.attacks = registry, attacks
+        certifier = AttackService(settings.certify_concurrency, settings.certify_queue, settings.certify_timeout_s,
+                                  metrics, kind="certify", depth=metrics.certify_queue_depth)  # POST /certify
+        app.state.registry, app.state.attacks, app.state.certifier = registry, attacks, certifier
         if settings.api_key is None and not is_loopback(settings.host):
             log.warning("/attack is open to anyone who can reach this address: set SATML_API_KEY to guard it",
                         extra=fields(event="attack_open", host=settings.host, port=settings.port))
@@ -77,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             attacks.close()
+            certifier.close()
             # within the grace period uvicorn already spent on in-flight requests: a stuck batch cannot hold exit
             await run_in_threadpool(registry.close, min(5.0, settings.shutdown_grace_s / 3))
             log.info("service stopped", extra=fields(event="stopped"))

@@ -29,6 +29,10 @@ class Metrics:
                                registry=r)
         self.attack_latency = Histogram("satml_attack_duration_seconds", "Run time of one /attack job",
                                         ["method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.certify_queue_depth = Gauge("satml_certify_queue_depth", "Certifications running or waiting", registry=r)
+        self.certifications = Counter("satml_certifications", "POST /certify requests by model and outcome "
+                                      "(certified, abstained, rejected, timeout, error)", ["model", "outcome"],
+                                      registry=r)
         self.worker_healthy = Gauge("satml_batch_worker_healthy", "1 while a model's batch worker is alive and "
                                     "no batch runs past its deadline, else 0", ["model"], registry=r)
         self.models_loaded = Gauge("satml_models_loaded", "Models serving", registry=r)
