@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 import numpy as np
+import pytest
 import torch
 
 import app.engine
