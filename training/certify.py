@@ -55,6 +55,11 @@ def certified_radius(p_lower: float, sigma: float) -> float:
     return sigma * float(norm.ppf(p_lower)) if p_lower > 0.5 else 0.0
 
 
+def max_radius(n: int, alpha: float, sigma: float) -> float:
+    """The largest radius n samples can certify at alpha (all n votes for one class): sigma * Phi^-1(alpha^(1/n))."""
+    return certified_radius(lower_confidence_bound(n, n, alpha), sigma)
+
+
 def sample_counts(classify: Classifier, x: Tensor, num: int, sigma: float, generator: torch.Generator,
                   num_classes: int, batch_size: int = 256) -> Tensor:
     """Counts [C] (int64, C >= num_classes) of f's predictions on `num` copies of x [C, H, W] + N(0, sigma^2 I).
@@ -152,7 +157,6 @@ class CertifyReport:
     base_accuracy: float  # the hard k-NN vote on the clean images
     seconds_per_image: float
     per_image: list[dict[str, Any]] = field(default_factory=list)
-    meta: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -196,42 +200,53 @@ def certify_images(classify: Classifier, images: Tensor, labels: Sequence[int], 
         seconds_per_image=total / m, per_image=rows)
 
 
-def render_markdown(report: CertifyReport) -> str:
-    """The report as markdown: the certified-accuracy row beside Cohen et al.'s, the cost, and what it claims."""
-    meta, r = report.meta, report
-    radii = list(r.certified_accuracy)
-    cohen = ["" if r.sigma != 0.25 else
-             (f"{COHEN_SIGMA_025[float(k)]:.0%}" if float(k) in COHEN_SIGMA_025 else "") for k in radii]
+def render_markdown(reports: Sequence[CertifyReport], meta: dict[str, Any]) -> str:
+    """The reports (one per sigma) as markdown: certified accuracy vs L2 radius beside Cohen et al.'s, the cost,
+    and what an L2 certificate does and does not claim."""
+    radii = list(reports[0].certified_accuracy) if reports else [f"{r:g}" for r in RADII]
+    first = reports[0] if reports else None
     lines = [
         f"# Certified accuracy (randomized smoothing, Cohen et al. 2019): {meta.get('artifact', '')}",
         "",
-        f"Smoothed hard k-NN vote, sigma = {r.sigma:g}, n0 = {r.n0}, n = {r.n:,}, alpha = {r.alpha:g}, "
-        f"first {r.images} test images{meta.get('data_note', '')}. Noise in [0, 1] pixel space, not clipped "
-        "(as in the paper). Certified accuracy at r = share of images predicted correctly, not abstained, "
-        "and certified at L2 radius >= r.",
+        "Smoothed hard k-NN vote of the artifact's classifier (encoder + bank + k, torch, as `satml evaluate` "
+        "scores it). Noise N(0, sigma^2 I) in [0, 1] pixel space, not clipped (as in the paper). Certified accuracy "
+        "at r = share of images predicted correctly, not abstained, and certified at L2 radius >= r "
+        "(CERTIFY: Clopper-Pearson lower bound on pA, abstain when it is <= 1/2).",
         "",
-        "| model | " + " | ".join(f"r = {k}" for k in radii) + " | abstained | base k-NN clean | s / image |",
-        "|---|" + "---:|" * (len(radii) + 3),
-        f"| {meta.get('artifact', 'this model')} | " + " | ".join(f"{v:.1%}" for v in r.certified_accuracy.values())
-        + f" | {r.abstention_rate:.1%} | {r.base_accuracy:.1%} | {r.seconds_per_image:.2f} |",
     ]
-    if r.sigma == 0.25:
-        lines.append("| Cohen et al. ResNet-110 (n = 100,000, 500 images) | " + " | ".join(c or "-" for c in cohen)
-                     + " | - | - | - |")
+    if first is not None:
+        lines += [f"n0 = {first.n0}, n = {first.n:,}, alpha = {first.alpha:g}, first {first.images} test images "
+                  f"seed {meta.get('seed', 0)} (image i: seed + i).", ""]
     lines += [
-        "",
-        f"n = {r.n:,} estimation samples (the paper certifies with n = 100,000 and predicts with 10,000): a smaller "
-        "n lowers the Clopper-Pearson bound, so these radii are conservative next to the paper's; the largest "
-        f"radius n = {r.n:,} can certify at alpha = {r.alpha:g} is "
-        f"{certified_radius(lower_confidence_bound(r.n, r.n, r.alpha), r.sigma):.2f}.",
+        "| model | sigma | " + " | ".join(f"r = {k}" for k in radii) + " | abstained | base k-NN clean | s / image |",
+        "|---|---:|" + "---:|" * (len(radii) + 3),
+    ]
+    for r in reports:
+        lines.append(f"| {meta.get('artifact', 'this model')} | {r.sigma:g} | "
+                     + " | ".join(f"{v:.0%}" for v in r.certified_accuracy.values())
+                     + f" | {r.abstention_rate:.0%} | {r.base_accuracy:.0%} | {r.seconds_per_image:.2f} |")
+    cohen = [f"{COHEN_SIGMA_025[float(k)]:.0%}" if float(k) in COHEN_SIGMA_025 else "-" for k in radii]
+    lines.append("| Cohen et al. ResNet-110 (n = 100,000, 500 images) | 0.25 | " + " | ".join(cohen) + " | - | - | - |")
+    if first is not None:
+        top = ", ".join(f"{max_radius(r.n, r.alpha, r.sigma):.2f} (sigma {r.sigma:g})" for r in reports)
+        lines += [
+            "",
+            f"n = {first.n:,} estimation samples, not the paper's (Cohen et al. certify with n = 100,000 and predict "
+            "with 10,000): a smaller n lowers the Clopper-Pearson bound, so these radii are conservative next to "
+            f"the paper's. The largest radius n = {first.n:,} can certify at alpha = {first.alpha:g} (all n votes "
+            f"for one class) is {top}: a column beyond it is 0 % by construction.",
+        ]
+    lines += [
         "",
         f"An L2 certificate is its own claim: the L-inf 8/255 box of the robustness suite reaches L2 "
         f"{LINF_8_255_AS_L2:.2f} at its corners (sqrt(3 * 32 * 32) * 8/255), far beyond these radii, so a radius "
         "here says nothing about the 8/255 numbers, and the other way round.",
         "",
-        f"Machine: {meta.get('machine', '')}; load average before / after: {meta.get('load_before', '')} / "
-        f"{meta.get('load_after', '')}; torch threads {meta.get('threads', '')}; wall {meta.get('wall_s', 0):.0f} s.",
+        f"Machine: {meta.get('machine', '')}; `uptime` load average (1, 5, 15 min) before / after: "
+        f"{meta.get('load_before', '')} / {meta.get('load_after', '')}; torch threads {meta.get('threads', '')}; "
+        f"wall {meta.get('wall_s', 0):.0f} s.",
         "",
+        *([meta["note"], ""] if meta.get("note") else []),
         f"Command: `{meta.get('command', '')}`",
         "",
     ]
@@ -271,22 +286,24 @@ def cmd_certify(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"dataset classes {test.classes} differ from the artifact's {art.classes}")
     count = min(args.n_images, len(test))
     model = KnnModel.from_artifact(art)
-    report = certify_images(model.predict, to_float_images(test.images[:count], device), test.labels[:count].tolist(),
-                            sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha, num_classes=art.num_classes,
-                            batch_size=args.batch_size, seed=args.seed, progress=args.progress)
-    report.meta = {"artifact": art.name,
-                   "path": str(args.artifact), "device": str(device), "threads": torch.get_num_threads(),
-                   "machine": _machine(), "load_before": load_before, "load_after": _load(),
-                   "wall_s": time.perf_counter() - t0, "seed": args.seed,
-                   "command": f"satml certify {args.artifact} --sigma {args.sigma:g} --n {args.n} --n0 {args.n0} "
-                              f"--alpha {args.alpha:g} --n-images {args.n_images} --threads {args.threads}"}
+    images, labels = to_float_images(test.images[:count], device), test.labels[:count].tolist()
+    reports = [certify_images(model.predict, images, labels, sigma=sigma, n0=args.n0, n=args.n, alpha=args.alpha,
+                              num_classes=art.num_classes, batch_size=args.batch_size, seed=args.seed,
+                              progress=args.progress) for sigma in args.sigma]
+    sigmas = " ".join(f"{s:g}" for s in args.sigma)
+    meta = {"artifact": art.name, "path": str(args.artifact), "device": str(device), "threads": torch.get_num_threads(),
+            "machine": _machine(), "load_before": load_before, "load_after": _load(),
+            "wall_s": time.perf_counter() - t0, "seed": args.seed, "note": args.note,
+            "command": f"satml certify {args.artifact} --sigma {sigmas} --n {args.n} --n0 {args.n0} "
+                       f"--alpha {args.alpha:g} --n-images {args.n_images} --threads {args.threads}"}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = args.name or "certify"
-    (out / f"{stem}.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    (out / f"{stem}.md").write_text(render_markdown(report))
-    summary = {k: v for k, v in report.to_dict().items() if k != "per_image"}
-    return {**summary, "files": [str(out / f"{stem}.json"), str(out / f"{stem}.md")]}
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "reports": [r.to_dict() for r in reports]},
+                                                 indent=2) + "\n")
+    (out / f"{stem}.md").write_text(render_markdown(reports, meta))
+    summary = [{k: v for k, v in r.to_dict().items() if k not in ("per_image", "meta")} for r in reports]
+    return {"meta": meta, "reports": summary, "files": [str(out / f"{stem}.json"), str(out / f"{stem}.md")]}
 
 
 def _positive(kind: type) -> Callable[[str], Any]:
@@ -311,7 +328,8 @@ def add_cli(sub: Any) -> None:
                        "(Cohen et al. 2019); JSON + markdown", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("artifact", help="artifact folder, e.g. artifacts/default")
     p.add_argument("--data", default="data", help="dataset path (its test split; CIFAR-10 python layout)")
-    p.add_argument("--sigma", type=_positive(float), default=0.25, help="noise std in [0, 1] pixel units")
+    p.add_argument("--sigma", type=_positive(float), nargs="+", default=[0.25],
+                   help="noise std in [0, 1] pixel units; several: one report each")
     p.add_argument("--n", type=_positive(int), default=1000, help="estimation samples per image (paper: 100,000)")
     p.add_argument("--n0", type=_positive(int), default=100, help="selection samples per image (paper: 100)")
     p.add_argument("--alpha", type=_alpha, default=0.001, help="failure probability of each certificate")
@@ -322,5 +340,6 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
     p.add_argument("--out", default="test-output/certify", help="folder for <name>.json and <name>.md")
     p.add_argument("--name", default=None, help="file stem (default: certify)")
+    p.add_argument("--note", default="", help="a paragraph for the markdown (e.g. what else ran on the machine)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False, help="progress bar")
     p.set_defaults(func=cmd_certify)

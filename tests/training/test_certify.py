@@ -51,6 +51,11 @@ def test_clopper_pearson_is_a_valid_bound() -> None:
         cert.lower_confidence_bound(5, 10, 0.0)
 
 
+def test_max_radius_is_the_unanimous_bound() -> None:
+    assert cert.max_radius(1000, 0.001, 0.25) == pytest.approx(0.25 * norm.ppf(0.001 ** (1 / 1000)))
+    assert cert.max_radius(5, 0.01, 0.25) == 0.0  # 0.01^(1/5) = 0.40: five votes never certify
+
+
 def test_radius_of_the_exact_probability_is_the_distance_to_the_boundary() -> None:
     sigma = 0.25
     for dist in (0.05, 0.3, 0.6):
@@ -137,12 +142,29 @@ def test_cli_certify_writes_json_and_markdown(tiny_artifact: Path, tiny_cifar: P
     assert main(["certify", str(tiny_artifact), "--data", str(tiny_cifar), "--sigma", "0.25", "--n", "64",
                  "--n0", "16", "--alpha", "0.01", "--n-images", "3", "--out", str(out), "--threads", "1"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    report = json.loads((out / "certify.json").read_text())
-    assert summary["images"] == report["images"] == 3 and len(report["per_image"]) == 3
+    [report] = json.loads((out / "certify.json").read_text())["reports"]
+    assert summary["reports"][0]["images"] == report["images"] == 3 and len(report["per_image"]) == 3
     assert set(report["certified_accuracy"]) == {"0", "0.25", "0.5", "1"}
     assert 0 <= report["abstention_rate"] <= 1 and report["seconds_per_image"] > 0
     assert all(r["radius"] >= 0 and (r["smoothed"] == -1) == (r["radius"] == 0) for r in report["per_image"])
     md = (out / "certify.md").read_text()
     assert "Cohen et al. ResNet-110" in md and "1.74" in md and "| r = 0.25 |" in md
+    assert main(["certify", str(tiny_artifact), "--data", str(tiny_cifar), "--sigma", "0.12", "0.5", "--n", "16",
+                 "--n0", "4", "--n-images", "2", "--out", str(out), "--name", "two", "--note", "shared box"]) == 0
+    reports = json.loads((out / "two.json").read_text())["reports"]
+    assert [r["sigma"] for r in reports] == [0.12, 0.5]
+    md = (out / "two.md").read_text()
+    assert "| 0.12 |" in md and "| 0.5 |" in md and "shared box" in md
+    # n = 16 at alpha 0.001 cannot certify above sigma * Phi^-1(0.001^(1/16)); the markdown says so
+    assert f"{cert.max_radius(16, 0.001, 0.5):.2f} (sigma 0.5)" in md
     with pytest.raises(SystemExit):  # argparse refuses alpha outside (0, 0.5)
         main(["certify", str(tiny_artifact), "--data", str(tiny_cifar), "--alpha", "0.7"])
+
+
+def test_cli_help_explains_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["certify", "--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and out.startswith("usage: satml certify")
+    for flag in ("--sigma", "--n", "--n0", "--alpha", "--n-images", "--out", "--batch-size", "--seed", "--threads"):
+        assert flag in out
