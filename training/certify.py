@@ -215,7 +215,7 @@ def render_markdown(reports: Sequence[CertifyReport], meta: dict[str, Any]) -> s
         "",
     ]
     if first is not None:
-        lines += [f"n0 = {first.n0}, n = {first.n:,}, alpha = {first.alpha:g}, first {first.images} test images "
+        lines += [f"n0 = {first.n0}, n = {first.n:,}, alpha = {first.alpha:g}, first {first.images} test images, "
                   f"seed {meta.get('seed', 0)} (image i: seed + i).", ""]
     lines += [
         "| model | sigma | " + " | ".join(f"r = {k}" for k in radii) + " | abstained | base k-NN clean | s / image |",
