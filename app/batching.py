@@ -23,8 +23,8 @@ from app.logs import fields
 
 log = logging.getLogger("app.batching")
 
-Prediction = tuple[Tensor, Tensor]  # (pred [B] int64, counts [B, C] int64), on the CPU
-PredictFn = Callable[[Tensor], Prediction]
+Votes = tuple[Tensor, Tensor]  # (pred [B] int64, counts [B, C] int64) on the CPU; a tuple, unlike schemas.Prediction
+PredictFn = Callable[[Tensor], Votes]
 
 
 class WorkerClosed(RuntimeError):
@@ -42,7 +42,7 @@ class QueueFull(RuntimeError):
 @dataclass
 class _Job:
     images: Tensor  # [n, 3, H, W] float in [0, 1]
-    future: Future[Prediction] = field(default_factory=Future)
+    future: Future[Votes] = field(default_factory=Future)
     waiting: bool = False  # counted in BatchWorker._waiting (until taken into a batch or cancelled)
 
 
@@ -81,7 +81,7 @@ class BatchWorker:
         if not self._ready.is_set():
             raise TimeoutError(f"batch worker {self.name}: setup did not finish in {timeout} s")
 
-    def submit(self, images: Tensor) -> Future[Prediction]:
+    def submit(self, images: Tensor) -> Future[Votes]:
         """Queue images [n, 3, H, W] (n >= 1); the future resolves to this request's (pred [n], counts [n, C])."""
         if images.dim() != 4 or images.shape[0] < 1:
             raise ValueError(f"expected images [n>=1, 3, H, W], got {tuple(images.shape)}")

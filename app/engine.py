@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from app.bank import BankState, LiveBank
-from app.batching import BatchWorker, PredictFn, Prediction, QueueFull, WorkerClosed
+from app.batching import BatchWorker, PredictFn, QueueFull, Votes, WorkerClosed
 from app.config import Settings
 from app.errors import ApiError
 from app.logs import fields
@@ -129,20 +129,20 @@ class OnnxEmbed:
         return torch.from_numpy(out)
 
 
-def build_index(kind: str, art: Artifact) -> Callable[[Tensor], Prediction]:
+def build_index(kind: str, art: Artifact) -> Callable[[Tensor], Votes]:
     """(pred [B], counts [B, C]) on the CPU from embeddings [B, D]; every backend ends in `knn.vote`."""
     return build_index_over(kind, art.bank, art.bank_labels, art.num_classes, art.k, cast(knn.Metric, art.metric))
 
 
 def build_index_over(kind: str, bank: Tensor, labels: Tensor, num_classes: int, k: int, metric: knn.Metric,
-                     cap: int | None = None) -> Callable[[Tensor], Prediction]:
+                     cap: int | None = None) -> Callable[[Tensor], Votes]:
     """`build_index` over any bank (the shipped one plus live additions, app.bank), vote capped by `cap`."""
     if kind in ("faiss-cpu", "faiss-gpu"):
         index = knn.FaissKnn(bank.cpu(), labels.cpu(), num_classes, k, metric, use_gpu=kind == "faiss-gpu", cap=cap)
         return index.predict
     index_t = knn.TorchKnn(bank, labels, num_classes, k, metric, cap=cap)  # ValueError on a bad k
 
-    def torch_predict(z: Tensor) -> Prediction:
+    def torch_predict(z: Tensor) -> Votes:
         pred, counts = index_t.predict(z)
         return pred.cpu(), counts.cpu()
 
@@ -258,7 +258,7 @@ def load_model(folder: Path, settings: Settings, device: torch.device, index_kin
             shipped.index = build_index(index_kind, art)
         live.index()  # built here, on the worker thread, if not yet (faiss GPU state lives on this thread)
 
-        def predict(x: Tensor) -> Prediction:
+        def predict(x: Tensor) -> Votes:
             z = embed(x)
             pred, counts = live.index()(z)  # one state per batch (app.bank: updates swap one reference)
             return pred, pack_output(counts, z)  # the embeddings ride along for POST .../examples
@@ -428,7 +428,7 @@ def unpack_output(model: ServedModel, out: Tensor) -> tuple[Tensor, Tensor]:
     return out[:, :-d].round().long(), out[:, -d:]
 
 
-async def predict(model: ServedModel, x: Tensor, timeout_s: float) -> Prediction:
+async def predict(model: ServedModel, x: Tensor, timeout_s: float) -> Votes:
     """Through the model's batching worker; ApiError 429 when its queue is full, 503 if it does not
     answer within timeout_s (the queued job is then cancelled: the worker skips it)."""
     pred, out = await predict_embed(model, x, timeout_s)
@@ -441,7 +441,7 @@ async def embed(model: ServedModel, x: Tensor, timeout_s: float) -> Tensor:
     return unpack_output(model, out)[1]
 
 
-async def predict_embed(model: ServedModel, x: Tensor, timeout_s: float) -> Prediction:
+async def predict_embed(model: ServedModel, x: Tensor, timeout_s: float) -> Votes:
     """(pred [n], packed votes + embeddings [n, C + D]) from the worker; errors as `predict`."""
     try:
         future = model.worker.submit(x)

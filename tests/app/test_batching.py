@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from app.batching import BatchWorker, Prediction, WorkerClosed
+from app.batching import BatchWorker, Votes, WorkerClosed
 
 
 def recording_worker(max_batch: int, max_wait_s: float = 0.05, fail: bool = False):
@@ -17,7 +17,7 @@ def recording_worker(max_batch: int, max_wait_s: float = 0.05, fail: bool = Fals
     batches: list[int] = []
 
     def setup():
-        def predict(x: Tensor) -> Prediction:
+        def predict(x: Tensor) -> Votes:
             calls.append(x.shape[0])
             if fail:
                 raise RuntimeError("model exploded")
@@ -77,7 +77,7 @@ def test_zero_wait_batches_what_arrived_while_busy() -> None:
     release, started, calls = threading.Event(), threading.Event(), []
 
     def setup():
-        def predict(x: Tensor) -> Prediction:
+        def predict(x: Tensor) -> Votes:
             calls.append(x.shape[0])
             started.set()
             release.wait(5)  # the first batch holds the worker until the others are queued
