@@ -44,8 +44,9 @@ class DeadlinePassed(Exception):
 
 
 @dataclass(frozen=True)
-class AttackSpec:
-    """What to run, already validated against the settings."""
+class AttackRequestSpec:
+    """What one POST /attack runs, already validated against the settings (the suite's spec is
+    `training.robustness.AttackSpec`)."""
 
     method: str
     eps: float  # L-inf radius, [0, 1] pixel units
@@ -172,7 +173,7 @@ def _resize(x: Tensor, size: int) -> Tensor:
 class AttackJob:
     """Attack `model` on `image`, then show the perturbation to and attack each of `compare`."""
 
-    def __init__(self, model: ServedModel, image: Decoded, spec: AttackSpec, compare: list[ServedModel],
+    def __init__(self, model: ServedModel, image: Decoded, spec: AttackRequestSpec, compare: list[ServedModel],
                  request_timeout_s: float) -> None:
         self.model, self.image, self.spec, self.compare = model, image, spec, compare
         self.request_timeout_s = request_timeout_s

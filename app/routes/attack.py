@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 
-from app.attack import AttackJob, AttackSpec
+from app.attack import AttackJob, AttackRequestSpec
 from app.deps import AttacksDep, DecoderDep, MetricsDep, RegistryDep, SettingsDep, require_api_key
 from app.engine import Registry, ServedModel
 from app.errors import ApiError, responses
@@ -84,7 +84,7 @@ async def attack(
     except BaseException:
         slot.release()
         raise
-    spec = AttackSpec(method=method, eps=eps, steps=steps, top_k=k, target=target)
+    spec = AttackRequestSpec(method=method, eps=eps, steps=steps, top_k=k, target=target)
     job = AttackJob(served, image, spec, others, settings.request_timeout_s)
     try:
         outcome, comparisons = await attacks.run(job, slot)
