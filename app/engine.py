@@ -1,8 +1,6 @@
 """Models as the server holds them: artifact + encoder runtime + k-NN index + batching worker.
 
-Runtimes: `torch` (CPU/CUDA) or `onnxruntime` (CPU EP, or CUDA EP on GPU - checked with
-`get_providers()`, never a silent fallback). Index: faiss (GPU when available) or torch, both
-ending in `training.knn.vote`. Attacks always use the torch encoder (they need gradients).
+The runtimes live in `app.runtimes`, the k-NN backends in `app.index`.
 """
 
 from __future__ import annotations
@@ -24,8 +22,10 @@ from app.bank import BankState, LiveBank
 from app.batching import BatchWorker, PredictFn, QueueFull, Votes, WorkerClosed
 from app.config import Settings
 from app.errors import ApiError
+from app.index import build_index, build_index_over, resolve_index
 from app.logs import fields
 from app.metrics import Metrics
+from app.runtimes import OnnxEmbed, TorchEmbed, resolve_runtime, resolve_serving_device
 from app.schemas import Prediction as PredictionBody
 from app.schemas import Vote
 from training import conformal, knn
@@ -36,117 +36,6 @@ log = logging.getLogger("app.engine")
 
 _CLASS_ID = re.compile(r"[0-9]{1,9}")
 SETUP_TIMEOUT_S = 300.0  # building one model's runtime + index (ONNX session, faiss GPU upload)
-
-
-# --- device, runtime and index selection ------------------------------------------------------------
-
-
-def resolve_device(setting: str) -> torch.device:
-    """auto -> cuda when torch sees a GPU, else cpu; an explicit `cuda` without a GPU is an error."""
-    if setting == "cpu":
-        return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if setting == "cuda":
-        raise RuntimeError("device 'cuda' requested (SATML_DEVICE) but torch sees no CUDA device")
-    return torch.device("cpu")
-
-
-def _faiss() -> Any | None:
-    try:
-        import faiss
-    except ImportError:
-        return None
-    return faiss
-
-
-def resolve_index(setting: str, device: torch.device) -> str:
-    """auto -> faiss-gpu on a GPU build with a GPU, else torch (`knn.TorchKnn`: on a CPU one matmul + top-k
-    over the cached bank is 2-3x faster than faiss' flat index at batch 1-64, benchmarks/knn_backends.py)."""
-    faiss = _faiss()
-    gpu_ok = faiss is not None and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-    if setting == "auto":
-        return "faiss-gpu" if device.type == "cuda" and gpu_ok else "torch"
-    if setting in ("faiss-cpu", "faiss-gpu") and faiss is None:
-        raise RuntimeError(f"index '{setting}' requested (SATML_INDEX) but faiss is not installed")
-    if setting == "faiss-gpu" and not (gpu_ok and device.type == "cuda"):
-        raise RuntimeError("index 'faiss-gpu' requested but this faiss build or machine has no usable GPU")
-    return setting
-
-
-def resolve_runtime(setting: str, folder: Path, device: torch.device) -> str:
-    """auto -> onnxruntime on a CPU when the artifact ships encoder.onnx and onnxruntime imports (one
-    GIL-free call per batch, fewer per-op costs: serve_bench measures it ahead of torch), else torch.
-    On CUDA auto stays torch (onnxruntime-gpu against torch is not measured here)."""
-    if setting != "auto":
-        return setting
-    if device.type != "cpu" or not (folder / ENCODER_ONNX).is_file():
-        return "torch"
-    try:
-        import onnxruntime  # noqa: F401 - availability check
-    except ImportError:
-        return "torch"
-    return "onnxruntime"
-
-
-class TorchEmbed:
-    """Torch encoder forward under inference mode, on the model's device."""
-
-    name = "torch"
-
-    def __init__(self, encoder: torch.nn.Module, device: torch.device) -> None:
-        self.encoder, self.device = encoder, device
-
-    def __call__(self, x: Tensor) -> Tensor:
-        with torch.inference_mode():
-            return self.encoder(x.to(self.device, non_blocking=True)).float()
-
-
-class OnnxEmbed:
-    """onnxruntime session of `encoder.onnx`; refuses to run on another provider than the device asks for."""
-
-    def __init__(self, path: Path, device: torch.device) -> None:
-        import onnxruntime as ort
-
-        want = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
-        if want not in ort.get_available_providers():
-            raise RuntimeError(f"onnxruntime has no {want} (available: {ort.get_available_providers()}); "
-                               "install onnxruntime-gpu or choose SATML_RUNTIME=torch")
-        providers: list[Any] = [want] if want == "CPUExecutionProvider" else [
-            (want, {"device_id": device.index or 0}), "CPUExecutionProvider"]
-        options = ort.SessionOptions()
-        # no busy-waiting between ops: on a CPU the event loop and the decoders need the same cores
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
-        active = self.session.get_providers()
-        if not active or active[0] != want:
-            raise RuntimeError(f"onnxruntime session runs on {active}, not {want}: refusing a silent fallback")
-        self.input_name = self.session.get_inputs()[0].name
-        self.name = f"onnxruntime ({active[0]})"
-
-    def __call__(self, x: Tensor) -> Tensor:
-        out = self.session.run(None, {self.input_name: x.detach().cpu().float().numpy()})[0]
-        return torch.from_numpy(out)
-
-
-def build_index(kind: str, art: Artifact) -> Callable[[Tensor], Votes]:
-    """(pred [B], counts [B, C]) on the CPU from embeddings [B, D]; every backend ends in `knn.vote`."""
-    return build_index_over(kind, art.bank, art.bank_labels, art.num_classes, art.k, cast(knn.Metric, art.metric))
-
-
-def build_index_over(kind: str, bank: Tensor, labels: Tensor, num_classes: int, k: int, metric: knn.Metric,
-                     cap: int | None = None) -> Callable[[Tensor], Votes]:
-    """`build_index` over any bank (the shipped one plus live additions, app.bank), vote capped by `cap`."""
-    if kind in ("faiss-cpu", "faiss-gpu"):
-        index = knn.FaissKnn(bank.cpu(), labels.cpu(), num_classes, k, metric, use_gpu=kind == "faiss-gpu", cap=cap)
-        return index.predict
-    index_t = knn.TorchKnn(bank, labels, num_classes, k, metric, cap=cap)  # ValueError on a bad k
-
-    def torch_predict(z: Tensor) -> Votes:
-        pred, counts = index_t.predict(z)
-        return pred.cpu(), counts.cpu()
-
-    return torch_predict
 
 
 # --- served models ------------------------------------------------------------------------------------
@@ -341,7 +230,7 @@ def public_reason(reason: str, folder: Path) -> str:
 
 def load_registry(settings: Settings, metrics: Metrics) -> Registry:
     """Load every artifact folder; a bad one is logged and skipped, the others serve."""
-    device = resolve_device(settings.device)
+    device = resolve_serving_device(settings.device)
     index_kind = resolve_index(settings.index, device)
     reg = Registry()
     root = Path(settings.artifacts_dir)

@@ -4,7 +4,7 @@ Measured in one run on loopback, with `wrk` (C, event-driven, one thread) as the
 the client does not share the Python interpreter with the server:
 
 1. raw     in-process batched forward + k-NN of the model, through the app's own engine pieces
-           (`app.engine.TorchEmbed` + `app.engine.build_index`), per batch size
+           (`app.runtimes.TorchEmbed` + `app.index.build_index`), per batch size
 2. ceiling a hello-world FastAPI endpoint that only reads the multipart upload, served by uvicorn
            exactly as `satml-serve` serves the app, under the same load as (3)
 3. classify `POST /classify` on the real server (`satml-serve` subprocess) with 1 and with 8 images per
@@ -145,16 +145,17 @@ def make_synthetic_artifacts(folder: Path, width: int, bank_size: int) -> Path:
 
 
 class RawBench:
-    """The app's predict path (embed + k-NN + vote) in-process: `app.engine.TorchEmbed` (or `OnnxEmbed`) +
-    `build_index`."""
+    """The app's predict path (embed + k-NN + vote) in-process: `app.runtimes.TorchEmbed` (or `OnnxEmbed`) +
+    `app.index.build_index`."""
 
     def __init__(self, folder: Path, runtime: str = "torch") -> None:
         from app.config import Settings
-        from app.engine import OnnxEmbed, TorchEmbed, build_index, resolve_device, resolve_index
+        from app.index import build_index, resolve_index
+        from app.runtimes import OnnxEmbed, TorchEmbed, resolve_serving_device
         from training.artifact import ENCODER_ONNX, load_artifact
 
         settings = Settings(artifacts_dir=folder.parent)
-        device = resolve_device(settings.device)
+        device = resolve_serving_device(settings.device)
         index_kind = resolve_index(settings.index, device)
         art = load_artifact(folder, device)
         self.embed = (OnnxEmbed(folder / ENCODER_ONNX, device) if runtime == "onnxruntime"

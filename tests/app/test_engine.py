@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.engine import load_registry, resolve_device, resolve_index, to_prediction, unpack_output
+from app.engine import load_registry, to_prediction, unpack_output
+from app.index import resolve_index
 from app.metrics import Metrics
+from app.runtimes import resolve_serving_device
 from tests.app.conftest import make_settings
 from tests.app.toy import CLASSES, K, export_toy, toy_images
 from training import knn
@@ -83,9 +85,9 @@ def test_missing_artifacts_dir_serves_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error path")
 def test_explicit_gpu_choices_fail_loudly_without_a_gpu() -> None:
-    assert resolve_device("auto").type == "cpu"
+    assert resolve_serving_device("auto").type == "cpu"
     with pytest.raises(RuntimeError, match="cuda"):
-        resolve_device("cuda")
+        resolve_serving_device("cuda")
     with pytest.raises(RuntimeError, match="faiss-gpu"):
         resolve_index("faiss-gpu", torch.device("cpu"))
     assert resolve_index("auto", torch.device("cpu")) == "torch"  # faster than faiss flat on a CPU

@@ -1,0 +1,58 @@
+"""The k-NN index a served model votes with: backend choice (faiss CPU/GPU or torch) and construction.
+
+Every backend ends in `training.knn.vote`, so they all give the training library's answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, cast
+
+import torch
+from torch import Tensor
+
+from app.batching import Votes
+from training import knn
+from training.artifact import Artifact
+
+
+def _faiss() -> Any | None:
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+def resolve_index(setting: str, device: torch.device) -> str:
+    """auto -> faiss-gpu on a GPU build with a GPU, else torch (`knn.TorchKnn`: on a CPU one matmul + top-k
+    over the cached bank is 2-3x faster than faiss' flat index at batch 1-64, benchmarks/knn_backends.py)."""
+    faiss = _faiss()
+    gpu_ok = faiss is not None and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    if setting == "auto":
+        return "faiss-gpu" if device.type == "cuda" and gpu_ok else "torch"
+    if setting in ("faiss-cpu", "faiss-gpu") and faiss is None:
+        raise RuntimeError(f"index '{setting}' requested (SATML_INDEX) but faiss is not installed")
+    if setting == "faiss-gpu" and not (gpu_ok and device.type == "cuda"):
+        raise RuntimeError("index 'faiss-gpu' requested but this faiss build or machine has no usable GPU")
+    return setting
+
+
+def build_index(kind: str, art: Artifact) -> Callable[[Tensor], Votes]:
+    """(pred [B], counts [B, C]) on the CPU from embeddings [B, D]; every backend ends in `knn.vote`."""
+    return build_index_over(kind, art.bank, art.bank_labels, art.num_classes, art.k, cast(knn.Metric, art.metric))
+
+
+def build_index_over(kind: str, bank: Tensor, labels: Tensor, num_classes: int, k: int, metric: knn.Metric,
+                     cap: int | None = None) -> Callable[[Tensor], Votes]:
+    """`build_index` over any bank (the shipped one plus live additions, app.bank), vote capped by `cap`."""
+    if kind in ("faiss-cpu", "faiss-gpu"):
+        index = knn.FaissKnn(bank.cpu(), labels.cpu(), num_classes, k, metric, use_gpu=kind == "faiss-gpu", cap=cap)
+        return index.predict
+    index_t = knn.TorchKnn(bank, labels, num_classes, k, metric, cap=cap)  # ValueError on a bad k
+
+    def torch_predict(z: Tensor) -> Votes:
+        pred, counts = index_t.predict(z)
+        return pred.cpu(), counts.cpu()
+
+    return torch_predict
