@@ -9,7 +9,6 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -19,13 +18,14 @@ import torch
 from torch import Tensor
 
 from app.bank import BankState, LiveBank
-from app.batching import BatchWorker, PredictFn, QueueFull, Votes, WorkerClosed
+from app.batching import BatchWorker, QueueFull, Votes, WorkerClosed
 from app.config import Settings
 from app.errors import ApiError
-from app.index import build_index, build_index_over, resolve_index
+from app.index import build_index_over, resolve_index
 from app.logs import fields
 from app.metrics import Metrics
-from app.runtimes import OnnxEmbed, TorchEmbed, resolve_runtime, resolve_serving_device
+from app.predictor import Predictor, unpack_output
+from app.runtimes import resolve_runtime, resolve_serving_device
 from app.schemas import Prediction as PredictionBody
 from app.schemas import Vote
 from training import conformal, knn
@@ -126,34 +126,12 @@ def load_model(folder: Path, settings: Settings, device: torch.device, index_kin
     runtime = resolve_runtime(settings.runtime, folder, device)
     if runtime == "onnxruntime" and not (folder / ENCODER_ONNX).is_file():
         raise ArtifactError(f"{folder}: runtime onnxruntime requested but the artifact has no {ENCODER_ONNX}")
-    size = art.input_size
-    described: dict[str, str] = {}
     metric = cast(knn.Metric, art.metric)
     live = LiveBank(name, art, index_kind, settings.vote or art.spec.knn.vote,
                     lambda kind, bank, labels, n, cap: build_index_over(kind, bank, labels, n, art.k, metric, cap),
                     settings.state_dir)
     live.replay()  # the overlay of added examples, if any and sound (else logged, shipped bank only)
-
-    def setup() -> PredictFn:  # runs on the worker thread: CUDA and faiss GPU state live there
-        embed: Callable[[Tensor], Tensor]
-        if runtime == "onnxruntime":
-            embed = OnnxEmbed(folder / ENCODER_ONNX, device)
-            described["runtime"] = cast(OnnxEmbed, embed).name
-        else:
-            embed = TorchEmbed(art.encoder, device)
-            described["runtime"] = "torch"
-        shipped = live.state
-        if not shipped.examples and shipped.cap is None:  # the bank as shipped: the index the artifact describes
-            shipped.index = build_index(index_kind, art)
-        live.index()  # built here, on the worker thread, if not yet (faiss GPU state lives on this thread)
-
-        def predict(x: Tensor) -> Votes:
-            z = embed(x)
-            pred, counts = live.index()(z)  # one state per batch (app.bank: updates swap one reference)
-            return pred, pack_output(counts, z)  # the embeddings ride along for POST .../examples
-
-        predict(torch.zeros(1, 3, size, size))  # warm-up: a broken runtime fails now, not on a request
-        return predict
+    predictor = Predictor(art, folder, runtime, device, index_kind, live)
 
     batch_size = metrics.batch_size.labels(name)
     batch_latency = metrics.batch_latency.labels(name)
@@ -165,7 +143,7 @@ def load_model(folder: Path, settings: Settings, device: torch.device, index_kin
         batch_latency.observe(seconds)
         images.inc(n)
 
-    worker = BatchWorker(name, setup, max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000,
+    worker = BatchWorker(name, predictor.setup, max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000,
                          max_queue=settings.max_queue_images, on_batch=on_batch, on_queue=depth.set)
     try:
         worker.start(timeout=SETUP_TIMEOUT_S)
@@ -174,7 +152,7 @@ def load_model(folder: Path, settings: Settings, device: torch.device, index_kin
         raise
     st = live.state
     knn_model = KnnModel(art.encoder, st.bank, st.labels, len(st.classes), art.k, metric)
-    served = ServedModel(name, art, knn_model, worker, str(device), described["runtime"], index_kind, live=live)
+    served = ServedModel(name, art, knn_model, worker, str(device), predictor.runtime_name, index_kind, live=live)
 
     def attack_bank(new: BankState) -> None:  # /attack differentiates the bank as served
         served.knn_model = KnnModel(art.encoder, new.bank, new.labels, len(new.classes), art.k, metric)
@@ -303,18 +281,6 @@ def batch_tensor(pixels: list[np.ndarray]) -> Tensor:
     """Model inputs uint8 [S, S, 3] (already at the model's size, see `app.images.Decoded`) -> [n, 3, S, S]
     float in [0, 1]. Cheap: the resize happened in the decode worker, not here on the event loop."""
     return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float().div_(255)
-
-
-def pack_output(counts: Tensor, z: Tensor) -> Tensor:
-    """What the batch worker returns beside pred: [B, C + D] float, the votes then the embeddings (so that
-    POST .../examples embeds through the same worker and batches as /classify; see `unpack_output`)."""
-    return torch.cat([counts.to(z.dtype), z.cpu()], 1)
-
-
-def unpack_output(model: ServedModel, out: Tensor) -> tuple[Tensor, Tensor]:
-    """[B, C + D] from the worker -> (counts [B, C] int64, embeddings [B, D] float)."""
-    d = model.embed_dim
-    return out[:, :-d].round().long(), out[:, -d:]
 
 
 async def predict(model: ServedModel, x: Tensor, timeout_s: float) -> Votes:

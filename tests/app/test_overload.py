@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-import app.engine
 import app.images
+import app.predictor
 from app.batching import BatchWorker, QueueFull
 from app.main import create_app
 from tests.app.conftest import make_settings
@@ -69,7 +69,7 @@ def test_batch_queue_is_bounded() -> None:
 @pytest.fixture
 def hanging_index(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
     """Models built now get a k-NN index that blocks while the returned event is set (fault injection)."""
-    hang, real = threading.Event(), app.engine.build_index
+    hang, real = threading.Event(), app.predictor.build_index
 
     def build(kind, art):
         index = real(kind, art)
@@ -81,7 +81,7 @@ def hanging_index(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
             return index(z)
         return predict
 
-    monkeypatch.setattr(app.engine, "build_index", build)
+    monkeypatch.setattr(app.predictor, "build_index", build)
     yield hang
     hang.clear()
 

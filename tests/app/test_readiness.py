@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-import app.engine
+import app.predictor
 from app.main import create_app
 from tests.app.conftest import make_settings
 from tests.app.toy import png, toy_images
@@ -42,7 +42,7 @@ def fault(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, threading.Event
     """Models built now get a k-NN index that hangs while `hang` is set, or raises SystemExit
     (kills the worker thread) once `die` is set."""
     events = {"hang": threading.Event(), "die": threading.Event()}
-    real = app.engine.build_index
+    real = app.predictor.build_index
 
     def build(kind, art):
         index = real(kind, art)
@@ -56,7 +56,7 @@ def fault(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, threading.Event
             return index(z)
         return predict
 
-    monkeypatch.setattr(app.engine, "build_index", build)
+    monkeypatch.setattr(app.predictor, "build_index", build)
     yield events
     events["hang"].clear()
 

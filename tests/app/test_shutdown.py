@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-import app.engine
 import app.logs
+import app.predictor
 import app.serve
 from app.config import Settings
 from app.main import create_app
@@ -29,7 +29,7 @@ def test_exit_within_grace_with_a_stuck_batch(good_root: Path, monkeypatch: pyte
     import uvicorn
 
     hang = threading.Event()
-    real = app.engine.build_index
+    real = app.predictor.build_index
 
     def build(kind, art):
         index = real(kind, art)
@@ -41,7 +41,7 @@ def test_exit_within_grace_with_a_stuck_batch(good_root: Path, monkeypatch: pyte
             return index(z)
         return predict
 
-    monkeypatch.setattr(app.engine, "build_index", build)
+    monkeypatch.setattr(app.predictor, "build_index", build)
     settings = make_settings(good_root, log_level="warning", shutdown_grace_s=GRACE_S)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))

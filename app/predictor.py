@@ -1,0 +1,73 @@
+"""What a model's batch worker runs: embed with the chosen runtime, vote over the live bank, pack the output.
+
+The worker returns the votes and the embeddings together (`pack_output` / `unpack_output`), so that
+POST .../examples embeds through the same worker and batches as /classify.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from app.bank import LiveBank
+from app.batching import PredictFn, Votes
+from app.index import build_index
+from app.runtimes import OnnxEmbed, TorchEmbed
+from training.artifact import ENCODER_ONNX, Artifact
+
+if TYPE_CHECKING:
+    from app.engine import ServedModel
+
+
+@dataclass
+class Predictor:
+    """The `setup` of one model's `BatchWorker`: it runs on the worker thread, because CUDA and faiss GPU
+    state live on the thread that made them."""
+
+    art: Artifact
+    folder: Path  # the artifact folder (encoder.onnx for the onnxruntime runtime)
+    runtime: str  # "torch" or "onnxruntime", already resolved
+    device: torch.device
+    index_kind: str
+    live: LiveBank
+    runtime_name: str = ""  # set by `setup`: "torch" or "onnxruntime (<provider>)"
+
+    def setup(self) -> PredictFn:
+        """Build the runtime and the index, warm up once (a broken runtime fails now, not on a request)."""
+        embed: Callable[[Tensor], Tensor]
+        if self.runtime == "onnxruntime":
+            onnx = OnnxEmbed(self.folder / ENCODER_ONNX, self.device)
+            embed, self.runtime_name = onnx, onnx.name
+        else:
+            embed, self.runtime_name = TorchEmbed(self.art.encoder, self.device), "torch"
+        live = self.live
+        shipped = live.state
+        if not shipped.examples and shipped.cap is None:  # the bank as shipped: the index the artifact describes
+            shipped.index = build_index(self.index_kind, self.art)
+        live.index()  # built here, on the worker thread, if not yet (faiss GPU state lives on this thread)
+
+        def predict(x: Tensor) -> Votes:
+            z = embed(x)
+            pred, counts = live.index()(z)  # one state per batch (app.bank: updates swap one reference)
+            return pred, pack_output(counts, z)  # the embeddings ride along for POST .../examples
+
+        size = self.art.input_size
+        predict(torch.zeros(1, 3, size, size))
+        return predict
+
+
+def pack_output(counts: Tensor, z: Tensor) -> Tensor:
+    """What the batch worker returns beside pred: [B, C + D] float, the votes then the embeddings (so that
+    POST .../examples embeds through the same worker and batches as /classify; see `unpack_output`)."""
+    return torch.cat([counts.to(z.dtype), z.cpu()], 1)
+
+
+def unpack_output(model: ServedModel, out: Tensor) -> tuple[Tensor, Tensor]:
+    """[B, C + D] from the worker -> (counts [B, C] int64, embeddings [B, D] float)."""
+    d = model.embed_dim
+    return out[:, :-d].round().long(), out[:, -d:]
