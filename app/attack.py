@@ -27,10 +27,13 @@ from prometheus_client import Gauge
 from torch import Tensor
 
 from app.batching import QueueFull, WorkerClosed
-from app.engine import ServedModel, batch_tensor, to_prediction, unpack_output
 from app.errors import ApiError
 from app.images import Decoded, encode_png
+from app.inference import batch_tensor
 from app.metrics import Metrics
+from app.predictor import unpack_output
+from app.registry import ServedModel
+from app.responses import to_prediction
 from app.schemas import AttackOutcome, Comparison, Prediction, Transfer
 from training.evaluate import craft
 

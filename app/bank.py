@@ -216,7 +216,7 @@ class LiveBank:
     def __init__(self, model: str, art: Artifact, index_kind: str, vote: str,
                  build: Callable[[str, Tensor, Tensor, int, int | None], Index], state_dir: Path | None) -> None:
         self.model, self.art, self.index_kind, self.vote = model, art, index_kind, vote
-        self._build = build  # (kind, bank, labels, num_classes, cap) -> index; engine.build_index_over
+        self._build = build  # (kind, bank, labels, num_classes, cap) -> index; app.index.build_index_over
         self.shipped_classes = tuple(art.classes)
         self.shipped_size = int(art.bank.shape[0])
         self.dim = int(art.bank.shape[1])

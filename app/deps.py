@@ -16,10 +16,10 @@ from starlette.concurrency import run_in_threadpool
 
 from app.attack import AttackService
 from app.config import Settings
-from app.engine import Registry
 from app.errors import ApiError
 from app.images import Decoded, decode_for_model, open_image
 from app.metrics import Metrics
+from app.registry import Registry
 
 
 async def get_settings(request: Request) -> Settings:

@@ -22,11 +22,11 @@ from starlette.concurrency import run_in_threadpool
 
 from app.attack import AttackService
 from app.config import Settings
-from app.engine import load_registry
 from app.errors import install_error_handlers
 from app.logs import fields
 from app.metrics import Metrics
 from app.middleware import REQUEST_ID_HEADER, AdmissionMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from app.registry import load_registry
 from app.routes import ROUTERS
 from app.routes.pages import STATIC_DIR
 

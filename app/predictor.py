@@ -21,7 +21,7 @@ from app.runtimes import OnnxEmbed, TorchEmbed
 from training.artifact import ENCODER_ONNX, Artifact
 
 if TYPE_CHECKING:
-    from app.engine import ServedModel
+    from app.registry import ServedModel
 
 
 @dataclass

@@ -9,8 +9,8 @@ from fastapi import APIRouter, Depends, File, Form, UploadFile
 
 from app.attack import AttackJob, AttackRequestSpec
 from app.deps import AttacksDep, DecoderDep, MetricsDep, RegistryDep, SettingsDep, require_api_key
-from app.engine import Registry, ServedModel
 from app.errors import ApiError, responses
+from app.registry import Registry, ServedModel
 from app.routes.classify import resolve_top_k
 from app.schemas import AttackResponse, ClassRef
 

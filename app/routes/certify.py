@@ -23,9 +23,10 @@ from app.attack import AttackService, DeadlinePassed
 from app.batching import QueueFull
 from app.config import Settings
 from app.deps import DecoderDep, MetricsDep, RegistryDep, SettingsDep, require_api_key
-from app.engine import ServedModel, batch_tensor
 from app.errors import ApiError, responses
 from app.images import Decoded
+from app.inference import batch_tensor
+from app.registry import ServedModel
 from training.certify import Certificate, Classifier, certify
 
 router = APIRouter(tags=["certify"], dependencies=[Depends(require_api_key)])

@@ -8,8 +8,10 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, UploadFile
 
 from app.deps import DecoderDep, RegistryDep, SettingsDep
-from app.engine import ServedModel, batch_tensor, predict, to_predictions
 from app.errors import ApiError, responses
+from app.inference import batch_tensor, predict
+from app.registry import ServedModel
+from app.responses import to_predictions
 from app.schemas import ClassifyResponse, ClassifyResult
 
 router = APIRouter(tags=["classify"])

@@ -16,8 +16,9 @@ from starlette.concurrency import run_in_threadpool
 
 from app.bank import Example, LiveBank, valid_label
 from app.deps import DecoderDep, RegistryDep, SettingsDep, api_key_header, require_api_key
-from app.engine import ServedModel, batch_tensor, embed
 from app.errors import ApiError, responses
+from app.inference import batch_tensor, embed
+from app.registry import ServedModel
 from app.routes.classify import BINARY
 from app.schemas import ExampleInfo, ExampleList, ExamplesAdded, ExamplesRemoved
 

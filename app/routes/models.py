@@ -8,8 +8,8 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
 from app.deps import RegistryDep
-from app.engine import ServedModel
 from app.errors import ApiError, responses
+from app.registry import ServedModel
 from app.schemas import ModelDetail, ModelList, ModelSummary
 from training.artifact import CARD
 

@@ -28,8 +28,9 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from app.deps import get_decoder
-from app.engine import ServedModel, predict
 from app.errors import ApiError
+from app.inference import predict
+from app.registry import ServedModel
 from app.routes import health
 from training import conformal
 

@@ -71,7 +71,7 @@ def faulty_root(good_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 def test_every_malformed_artifact_is_skipped_and_logged(faulty_root: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="app.engine")
+    caplog.set_level(logging.WARNING, logger="app.registry")
     with TestClient(create_app(make_settings(faulty_root)), raise_server_exceptions=False) as c:
         r = c.get("/health/ready")
         assert r.status_code == 200, r.text

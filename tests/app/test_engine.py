@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.engine import load_registry, to_prediction, unpack_output
 from app.index import resolve_index
 from app.metrics import Metrics
+from app.predictor import unpack_output
+from app.registry import load_registry
+from app.responses import to_prediction
 from app.runtimes import resolve_serving_device
 from tests.app.conftest import make_settings
 from tests.app.toy import CLASSES, K, export_toy, toy_images
@@ -27,7 +29,7 @@ def reference(root: Path, name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_bad_artifacts_are_skipped_with_a_log_line(mixed_root: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="app.engine")
+    caplog.set_level(logging.INFO, logger="app.registry")
     reg = load_registry(make_settings(mixed_root), Metrics())
     try:
         assert sorted(reg.models) == ["default", "other"] and reg.default == "default"

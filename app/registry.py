@@ -1,11 +1,10 @@
-"""Models as the server holds them: artifact + encoder runtime + k-NN index + batching worker.
+"""Model registry and loading: each artifact folder verified, loaded and given its batch worker.
 
-The runtimes live in `app.runtimes`, the k-NN backends in `app.index`.
+A bad folder is logged and skipped, the others serve; `Registry.get` picks the requested model.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
@@ -13,32 +12,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-import numpy as np
 import torch
-from torch import Tensor
 
 from app.bank import BankState, LiveBank
-from app.batching import BatchWorker, QueueFull, Votes, WorkerClosed
+from app.batching import BatchWorker
 from app.config import Settings
 from app.errors import ApiError
 from app.index import build_index_over, resolve_index
 from app.logs import fields
 from app.metrics import Metrics
-from app.predictor import Predictor, unpack_output
+from app.predictor import Predictor
 from app.runtimes import resolve_runtime, resolve_serving_device
-from app.schemas import Prediction as PredictionBody
-from app.schemas import Vote
 from training import conformal, knn
 from training.artifact import ENCODER_ONNX, MANIFEST, Artifact, ArtifactError, load_artifact
 from training.evaluate import KnnModel
 
-log = logging.getLogger("app.engine")
+log = logging.getLogger("app.registry")
 
 _CLASS_ID = re.compile(r"[0-9]{1,9}")
 SETUP_TIMEOUT_S = 300.0  # building one model's runtime + index (ONNX session, faiss GPU upload)
-
-
-# --- served models ------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -117,9 +109,11 @@ def check_served_fields(art: Artifact) -> None:
         raise ArtifactError(f"{where}: classes must be a list of distinct non-empty names")
 
 
-def load_model(folder: Path, settings: Settings, device: torch.device, index_kind: str,
-               metrics: Metrics) -> ServedModel:
-    """Verify + load one artifact and start its batching worker; ArtifactError/RuntimeError when it cannot serve."""
+def load_served_model(folder: Path, settings: Settings, device: torch.device, index_kind: str,
+                      metrics: Metrics) -> ServedModel:
+    """Verify + load one artifact and start its batching worker; ArtifactError/RuntimeError when it cannot serve.
+
+    Named apart from `training.robustness.load_model`, which loads an artifact as a model under test."""
     art = load_artifact(folder, device)
     check_served_fields(art)
     name = folder.name
@@ -222,7 +216,7 @@ def load_registry(settings: Settings, metrics: Metrics) -> Registry:
                                                          path=str(folder), reason=f"no {MANIFEST}"))
             continue
         try:
-            model = load_model(folder, settings, device, index_kind, metrics)
+            model = load_served_model(folder, settings, device, index_kind, metrics)
         except Exception as e:  # any fault of one artifact (corrupt safetensors, odd manifest) skips only it
             reason = str(e) if isinstance(e, ArtifactError) else f"{type(e).__name__}: {e}"
             reg.skipped[folder.name] = public_reason(reason, folder)
@@ -242,70 +236,3 @@ def load_registry(settings: Settings, metrics: Metrics) -> Registry:
     metrics.models_loaded.set(len(reg.models))
     metrics.models_skipped.set(len(reg.skipped))
     return reg
-
-
-def to_predictions(model: ServedModel, pred: Tensor, counts: Tensor, top_k: int, min_credibility: float = 0.0,
-                   cls: type[PredictionBody] = PredictionBody, **per_row: list[Any]) -> list[Any]:
-    """Rows of (pred [B], counts [B, C]) -> `cls` objects: label, id, the top_k vote shares (predicted class
-    first) and, when the artifact carries calibration scores, conformal credibility/confidence and abstention
-    below `min_credibility`. One conformal call and plain ints for the whole batch: this runs on the event
-    loop, per request (`per_row`: extra fields per row, e.g. filename=[...])."""
-    # the width of counts, not len(classes): a batch voted before a class was added (app.bank) has fewer columns
-    classes, n_cls, table = model.classes, counts.shape[1], model.p_table
-    out = []
-    for i, (p, row) in enumerate(zip(pred.tolist(), counts.tolist(), strict=True)):
-        k = max(sum(row), 1)
-        order = sorted(range(n_cls), key=lambda c: (c != p, -row[c], c))[:top_k]
-        votes = [Vote(label=classes[c], class_id=c, share=row[c] / k) for c in order]
-        extra = {name: values[i] for name, values in per_row.items()}
-        if table is None:
-            out.append(cls(label=classes[p], class_id=p, votes=votes, **extra))
-            continue
-        if k == len(table) - 1:  # always, for real votes: conformal.p_values precomputed per nonconformity
-            pv = [table[k - v] for v in row]
-        else:
-            pv = conformal.p_values(torch.tensor([row]), cast(Tensor, model.artifact.calibration), k)[0].tolist()
-        second = sorted(pv)[-2] if n_cls > 1 else 0.0
-        out.append(cls(label=classes[p], class_id=p, votes=votes, credibility=pv[p], confidence=1 - second,
-                       abstained=pv[p] < min_credibility, **extra))
-    return out
-
-
-def to_prediction(model: ServedModel, pred: int, counts: Tensor, top_k: int,
-                  min_credibility: float = 0.0) -> PredictionBody:
-    """One row (pred, counts [C]) -> Prediction; see `to_predictions`."""
-    return to_predictions(model, torch.tensor([pred]), counts.view(1, -1), top_k, min_credibility)[0]
-
-
-def batch_tensor(pixels: list[np.ndarray]) -> Tensor:
-    """Model inputs uint8 [S, S, 3] (already at the model's size, see `app.images.Decoded`) -> [n, 3, S, S]
-    float in [0, 1]. Cheap: the resize happened in the decode worker, not here on the event loop."""
-    return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float().div_(255)
-
-
-async def predict(model: ServedModel, x: Tensor, timeout_s: float) -> Votes:
-    """Through the model's batching worker; ApiError 429 when its queue is full, 503 if it does not
-    answer within timeout_s (the queued job is then cancelled: the worker skips it)."""
-    pred, out = await predict_embed(model, x, timeout_s)
-    return pred, unpack_output(model, out)[0]
-
-
-async def embed(model: ServedModel, x: Tensor, timeout_s: float) -> Tensor:
-    """Embeddings [n, D] of images [n, 3, S, S], through the batching worker (same batches as /classify)."""
-    _, out = await predict_embed(model, x, timeout_s)
-    return unpack_output(model, out)[1]
-
-
-async def predict_embed(model: ServedModel, x: Tensor, timeout_s: float) -> Votes:
-    """(pred [n], packed votes + embeddings [n, C + D]) from the worker; errors as `predict`."""
-    try:
-        future = model.worker.submit(x)
-    except QueueFull as e:
-        raise ApiError(429, "queue_full", f"{e}; retry later", headers={"Retry-After": str(e.retry_after_s)}) from e
-    try:
-        return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
-    except TimeoutError as e:
-        raise ApiError(503, "inference_timeout", f"no answer from model {model.name!r} within {timeout_s:g} s",
-                       headers={"Retry-After": "1"}) from e
-    except WorkerClosed as e:
-        raise ApiError(503, "model_unavailable", f"model {model.name!r} is not serving ({e})") from e

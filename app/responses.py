@@ -1,0 +1,48 @@
+"""Worker output -> response schemas: the k-NN votes of a batch as `schemas.Prediction` rows.
+
+Runs on the event loop, per request, so it is one conformal call and plain ints per batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import torch
+from torch import Tensor
+
+from app.registry import ServedModel
+from app.schemas import Prediction, Vote
+from training import conformal
+
+
+def to_predictions(model: ServedModel, pred: Tensor, counts: Tensor, top_k: int, min_credibility: float = 0.0,
+                   cls: type[Prediction] = Prediction, **per_row: list[Any]) -> list[Any]:
+    """Rows of (pred [B], counts [B, C]) -> `cls` objects: label, id, the top_k vote shares (predicted class
+    first) and, when the artifact carries calibration scores, conformal credibility/confidence and abstention
+    below `min_credibility`. One conformal call and plain ints for the whole batch: this runs on the event
+    loop, per request (`per_row`: extra fields per row, e.g. filename=[...])."""
+    # the width of counts, not len(classes): a batch voted before a class was added (app.bank) has fewer columns
+    classes, n_cls, table = model.classes, counts.shape[1], model.p_table
+    out = []
+    for i, (p, row) in enumerate(zip(pred.tolist(), counts.tolist(), strict=True)):
+        k = max(sum(row), 1)
+        order = sorted(range(n_cls), key=lambda c: (c != p, -row[c], c))[:top_k]
+        votes = [Vote(label=classes[c], class_id=c, share=row[c] / k) for c in order]
+        extra = {name: values[i] for name, values in per_row.items()}
+        if table is None:
+            out.append(cls(label=classes[p], class_id=p, votes=votes, **extra))
+            continue
+        if k == len(table) - 1:  # always, for real votes: conformal.p_values precomputed per nonconformity
+            pv = [table[k - v] for v in row]
+        else:
+            pv = conformal.p_values(torch.tensor([row]), cast(Tensor, model.artifact.calibration), k)[0].tolist()
+        second = sorted(pv)[-2] if n_cls > 1 else 0.0
+        out.append(cls(label=classes[p], class_id=p, votes=votes, credibility=pv[p], confidence=1 - second,
+                       abstained=pv[p] < min_credibility, **extra))
+    return out
+
+
+def to_prediction(model: ServedModel, pred: int, counts: Tensor, top_k: int,
+                  min_credibility: float = 0.0) -> Prediction:
+    """One row (pred, counts [C]) -> Prediction; see `to_predictions`."""
+    return to_predictions(model, torch.tensor([pred]), counts.view(1, -1), top_k, min_credibility)[0]
