@@ -1,10 +1,10 @@
 """`satml calibrate`: add conformal calibration scores to an artifact (issue 14; Deep k-NN style).
 
-The scores are the nonconformity (k - votes for the true label) of the held-out validation split:
-the training images after the bank (the bank is the first `bank_size` training images, DESIGN section
-6), never the bank itself nor the test set. Written as `calibration.safetensors`, listed and hashed in
-the manifest, so a server verifies it like every other file; artifacts without it still load and
-report no credibility.
+The scores are the nonconformity (k - votes for the true label) of the held-out validation split
+the artifact was exported with (`training.data.validation_split`, rebuilt from the manifest's
+hyper-parameters: CIFAR-10's last 5,000, other data stratified), never the bank nor the test set.
+Written as `calibration.safetensors`, listed and hashed in the manifest, so a server verifies it
+like every other file; artifacts without it still load and report no credibility.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from safetensors.torch import save
 
 from training import conformal, knn
 from training.artifact import load_artifact, update_artifact
-from training.data import load_dataset
+from training.data import SplitSpec, load_dataset
 from training.evaluate import KnnModel
 from training.manifest import Calibration, Manifest
 
@@ -37,9 +37,24 @@ def calibrate_artifact(path: str | Path, data: str | Path, n: int | None = None,
     path = Path(path)
     art = load_artifact(path, device)
     bank_size = art.spec.bank_size if art.spec.bank_size is not None else int(art.bank.shape[0])
+    hp = art.manifest.get("training", {}).get("hyperparameters", {})
     full = load_dataset(data, "train")
-    stop = len(full) if n is None else min(len(full), bank_size + n)
-    held = full.subset(slice(bank_size, stop))
+    stratified = False
+    if "val_size" in hp:  # the split the artifact's run trained and exported with
+        spec = SplitSpec.from_config(hp)
+        bank, val = spec.apply(full)
+        if len(bank) != bank_size:
+            raise ValueError(f"{path}: the bank holds {bank_size} images but {data}, split as in training, gives "
+                             f"{len(bank)}: not the data this artifact was exported from?")
+        if val is None:
+            raise ValueError(f"{path}: trained with --val-size 0: no validation split to calibrate on")
+        held, stratified = val, full.kind != "cifar10"
+    else:  # hand-made artifacts without a recorded split: the training images after the bank
+        held = full.subset(slice(bank_size, None))
+    if n is not None and n < len(held):
+        held = held.subset(slice(0, n))  # the stratified split is shuffled: a prefix is a random sample
+    where = (f"{spec.describe(full)}; {len(held)} of its images" if stratified else
+             f"training images {bank_size}..{bank_size + len(held) - 1} (held out of the bank; the validation split)")
     if len(held) == 0:
         raise ValueError(f"{path}: no training images after the bank's {bank_size} to calibrate on "
                          f"({len(full)} in {data})")
@@ -49,8 +64,7 @@ def calibrate_artifact(path: str | Path, data: str | Path, n: int | None = None,
     labels = torch.as_tensor(held.labels).long()
     scores = conformal.calibration_scores(counts, labels, art.k)
     return write_calibration(path, scores, {
-        "n": len(held), "split": f"training images {bank_size}..{stop - 1} (held out of the bank; the validation "
-        "split)", "clean_accuracy_on_split": float((counts.argmax(1) == labels).float().mean())})
+        "n": len(held), "split": where, "clean_accuracy_on_split": float((counts.argmax(1) == labels).float().mean())})
 
 
 def write_calibration(path: str | Path, scores: torch.Tensor, entry: dict[str, Any]) -> dict[str, Any]:

@@ -49,10 +49,12 @@ def render_card(manifest: Manifest) -> str:
         "", "## Measured accuracy", "",
         "| evaluation | images | accuracy |", "|---|---|---|",
     ]
+    split = (m.extra.get("eval_split") if m is not None else None) or "test"  # validation: data without a test set
     if m is not None and m.clean_acc is not None:
-        lines.append(f"| clean k-NN | {m.clean_n if m.clean_n is not None else '?'} test | {100 * m.clean_acc:.2f} % |")
+        lines.append(f"| clean k-NN | {m.clean_n if m.clean_n is not None else '?'} {split} | "
+                     f"{100 * m.clean_acc:.2f} % |")
     for r in (m.robust if m is not None else None) or []:
-        lines.append(f"| {r.attack} {r.norm} eps {r.eps * 255:.0f}/255, {r.steps} steps | {r.n} test | "
+        lines.append(f"| {r.attack} {r.norm} eps {r.eps * 255:.0f}/255, {r.steps} steps | {r.n} {split} | "
                      f"{100 * r.acc:.2f} % |")
     lines += ["", "Robust accuracy is the hard k-NN vote on adversarial images crafted on the differentiable "
               "soft-kNN surrogate (PGD with random start). It is an upper bound on true robustness: see the "

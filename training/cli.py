@@ -29,7 +29,12 @@ TRAIN_HELP: dict[str, str] = {
     "weight_decay": "L2 weight decay",
     "warmup_epochs": "epochs of linear learning-rate warm-up",
     "temperature": "temperature of the NT-Xent and MI (InfoNCE) losses",
-    "val_size": "last N training images held out as validation (0: none); never the test set",
+    "val_size": "training images held out as the validation split (0: none; default: CIFAR-10's documented last "
+    "5,000, any other dataset stratified by --val-fraction); export, calibrate and evaluate reuse this split; "
+    "never the test set",
+    "val_fraction": "share of each class held out for validation (at least 1 image each) when --val-size is not "
+    "given and the data is not CIFAR-10",
+    "val_seed": "seed of the stratified validation split (separate from --seed so the split stays put)",
     "limit": "use only the first N training images (quick runs and tests)",
     "init": "checkpoint.pt to initialise from (e.g. an ssl run for sat)",
     "teacher": "distill: checkpoint.pt of the frozen clean SSL teacher whose embedding the student matches",

@@ -23,13 +23,18 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 __all__ = [
+    "CIFAR_VAL_SIZE",
     "DatasetError",
     "ImageDataset",
+    "SplitSpec",
+    "has_test_split",
     "load_cifar10",
     "load_dataset",
     "load_image_folder",
+    "load_split",
     "load_stl10",
     "train_val_split",
+    "validation_split",
 ]
 
 
@@ -44,6 +49,7 @@ class ImageDataset:
     images: np.ndarray  # uint8 [N, H, W, 3], HWC, RGB
     labels: np.ndarray  # int64 [N]
     classes: tuple[str, ...]
+    kind: str = "arrays"  # the loader it came from: cifar10 | stl10 | folder; picks the validation split
 
     def __post_init__(self) -> None:
         if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
@@ -56,15 +62,119 @@ class ImageDataset:
 
     def subset(self, indices: slice | np.ndarray) -> ImageDataset:
         """The images at `indices` (a slice gives views, an index array copies); classes are kept."""
-        return ImageDataset(self.images[indices], self.labels[indices], self.classes)
+        return ImageDataset(self.images[indices], self.labels[indices], self.classes, self.kind)
 
 
-def train_val_split(ds: ImageDataset, val_size: int = 5000) -> tuple[ImageDataset, ImageDataset]:
-    """Hold out the LAST `val_size` images for model selection (DESIGN section 6): (train, val)."""
+# ---------------------------------------------------------------- validation split
+
+CIFAR_VAL_SIZE = 5000  # CIFAR-10's documented split: the last 5,000 training images (DESIGN section 6)
+VAL_FRACTION = 0.1
+
+
+def train_val_split(ds: ImageDataset, val_size: int = CIFAR_VAL_SIZE) -> tuple[ImageDataset, ImageDataset]:
+    """Hold out the LAST `val_size` images (CIFAR-10's documented split, DESIGN section 6): (train, val)."""
     if not 0 < val_size < len(ds):
         raise ValueError(f"val_size must be in [1, {len(ds) - 1}] for a dataset of {len(ds)}, got {val_size}")
     cut = len(ds) - val_size
     return ds.subset(slice(0, cut)), ds.subset(slice(cut, None))
+
+
+def _per_class_counts(counts: np.ndarray, val_size: int | None, fraction: float) -> np.ndarray:
+    """Validation images per class: a `fraction` of each class, or one each plus the rest of `val_size`
+    shared in proportion to the class sizes (largest remainders first, ties to the lower class id).
+    Every class that has images gets at least one."""
+    present = (counts > 0).astype(np.int64)
+    if val_size is None:
+        return np.where(present, np.maximum(1, np.round(counts * fraction)), 0).astype(np.int64)
+    spare, rest = counts - present, val_size - int(present.sum())
+    if rest <= 0 or spare.sum() == 0:
+        return present
+    exact = rest * spare / spare.sum()
+    out = np.floor(exact).astype(np.int64)
+    order = np.lexsort((np.arange(len(counts)), -(exact - out)))
+    out[order[: rest - int(out.sum())]] += 1
+    return present + out
+
+
+def validation_split(ds: ImageDataset, val_size: int | None = None, *, fraction: float = VAL_FRACTION,
+                     seed: int = 0) -> tuple[ImageDataset, ImageDataset | None]:
+    """The (train, validation) split every command uses: train, export (the bank), calibrate, evaluate.
+
+    CIFAR-10 keeps its documented split, the last `val_size` images (default 5,000), so the shipped
+    models' numbers stay comparable. Every other kind is stratified and seeded: each class gives a
+    `fraction` of its images (at least one), or `val_size` in all in proportion to the class sizes,
+    drawn with `seed`, so a class-sorted folder never puts one whole class in validation. val_size 0:
+    no validation. A class too small to give a validation image and keep one for the bank is an error
+    that names it. Train keeps the original order; validation is shuffled, so any prefix of it (the
+    periodic check's `eval_size`) is a random sample.
+    """
+    if val_size == 0:
+        return ds, None
+    if val_size is not None and val_size < 0:
+        raise ValueError(f"val_size must be >= 0, got {val_size}")
+    if not 0 < fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {fraction}")
+    if ds.kind == "cifar10":
+        return train_val_split(ds, CIFAR_VAL_SIZE if val_size is None else val_size)
+    labelled = ds.labels >= 0
+    counts = np.bincount(ds.labels[labelled], minlength=len(ds.classes))
+    present = int((counts > 0).sum())
+    if val_size is not None and not present <= val_size <= int(counts.sum()) - present:
+        raise DatasetError(f"val_size {val_size} does not fit {int(counts.sum())} labelled images in {present} "
+                           "classes: every class needs at least one validation image "
+                           "and one training image; pass a smaller --val-size, or omit it for "
+                           f"{VAL_FRACTION:.0%} of each class")
+    take = _per_class_counts(counts, val_size, fraction)
+    for c in np.flatnonzero(counts):
+        if take[c] >= counts[c]:
+            raise DatasetError(f"class {ds.classes[c]!r} has {counts[c]} image(s): too few to hold {take[c]} out for "
+                               "validation and keep one for training; add images to it, or pass --val-size 0 "
+                               "(no validation split)")
+    rng = np.random.default_rng(seed)
+    val_parts = [rng.permutation(np.flatnonzero(ds.labels == c))[: take[c]] for c in range(len(ds.classes))]
+    val_idx = rng.permutation(np.concatenate(val_parts)) if val_parts else np.zeros(0, dtype=np.int64)
+    keep = np.ones(len(ds), dtype=bool)
+    keep[val_idx] = False
+    return ds.subset(np.flatnonzero(keep)), ds.subset(val_idx)
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """What picks the training and validation images of a dataset; stored in every checkpoint's config, so
+    export, calibrate and evaluate rebuild exactly the split training used."""
+
+    val_size: int | None = None
+    val_fraction: float = VAL_FRACTION
+    val_seed: int = 0
+    limit: int | None = None  # only the first `limit` training images (quick runs, tests)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> SplitSpec:
+        """From a TrainConfig dict (a checkpoint's `config`, a manifest's hyper-parameters)."""
+        return cls(val_size=config.get("val_size"), val_fraction=config.get("val_fraction", VAL_FRACTION),
+                   val_seed=config.get("val_seed", 0), limit=config.get("limit"))
+
+    def apply(self, full: ImageDataset) -> tuple[ImageDataset, ImageDataset | None]:
+        if self.limit:
+            full = full.subset(slice(0, self.limit))
+        return validation_split(full, self.val_size, fraction=self.val_fraction, seed=self.val_seed)
+
+    def describe(self, full: ImageDataset) -> str:
+        """One line for manifests and logs: which images are held out."""
+        n = min(len(full), self.limit) if self.limit else len(full)
+        if self.val_size == 0:
+            return "none (all training images are in the bank)"
+        if full.kind == "cifar10":
+            size = CIFAR_VAL_SIZE if self.val_size is None else self.val_size
+            return f"training images {n - size}..{n - 1} (held out of the bank; the validation split)"
+        share = f"{self.val_fraction:.0%} of each class (at least 1)" if self.val_size is None else (
+            f"{self.val_size} images in proportion to the class sizes")
+        return f"stratified: {share}, seed {self.val_seed} (held out of the bank; the validation split)"
+
+
+def load_split(data: str | Path, spec: SplitSpec) -> tuple[ImageDataset, ImageDataset | None]:
+    """Load the training images at `data` and split them by `spec`: (train = the bank, validation or None)."""
+    return spec.apply(load_dataset(data, "train"))
 
 
 # ---------------------------------------------------------------- CIFAR-10 (python pickles)
@@ -219,7 +329,7 @@ def load_cifar10(root: str | Path, split: Literal["train", "test"]) -> ImageData
     parts = [_parse_batch(dicts[m], where + m, len(classes)) for m in _CIFAR_SPLITS[split]]
     images = np.concatenate([x for x, _ in parts])
     labels = np.concatenate([y for _, y in parts])
-    return ImageDataset(images, labels, classes)
+    return ImageDataset(images, labels, classes, "cifar10")
 
 
 # ---------------------------------------------------------------- STL-10 (binary)
@@ -269,7 +379,7 @@ def load_stl10(root: str | Path, split: Literal["train", "test", "unlabeled"]) -
     del raw
 
     if split == "unlabeled":
-        return ImageDataset(images, np.full(len(images), -1, dtype=np.int64), classes)
+        return ImageDataset(images, np.full(len(images), -1, dtype=np.int64), classes, "stl10")
     y_path = folder / f"{split}_y.bin"
     if not y_path.is_file():
         raise DatasetError(f"{y_path}: file not found; {_STL_LAYOUT}")
@@ -278,7 +388,7 @@ def load_stl10(root: str | Path, split: Literal["train", "test", "unlabeled"]) -
         raise DatasetError(f"{y_path}: {len(labels)} labels for {len(images)} images in {x_path}; {_STL_LAYOUT}")
     if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
         raise DatasetError(f"{y_path}: labels outside 1..{len(classes)}; {_STL_LAYOUT}")
-    return ImageDataset(images, labels, classes)
+    return ImageDataset(images, labels, classes, "stl10")
 
 
 # ---------------------------------------------------------------- image folder
@@ -301,6 +411,7 @@ def load_image_folder(root: str | Path, size: int | None = None) -> ImageDataset
         raise DatasetError(f"{root}: no class folders; {_FOLDER_LAYOUT}")
     images: list[np.ndarray] = []
     labels: list[int] = []
+    first: Path | None = None  # the image whose size every other must match
     for label, class_dir in enumerate(class_dirs):
         files = sorted(
             p
@@ -311,14 +422,18 @@ def load_image_folder(root: str | Path, size: int | None = None) -> ImageDataset
             raise DatasetError(f"{class_dir}: class folder holds no images; {_FOLDER_LAYOUT}")
         for path in files:
             img = _read_image(path, size)
-            if images and img.shape != images[0].shape:
+            if first is None:
+                first = path
+            elif img.shape != images[0].shape:
                 raise DatasetError(
-                    f"{path}: size {img.shape[1]}x{img.shape[0]} differs from the first image's "
-                    f"{images[0].shape[1]}x{images[0].shape[0]}; pass size= to resize all images"
+                    f"{path}: size {img.shape[1]}x{img.shape[0]} differs from {images[0].shape[1]}x"
+                    f"{images[0].shape[0]} of {first}: all images of a folder must share one size (it becomes "
+                    "the model's input size); resize them first"
                 )
             images.append(img)
             labels.append(label)
-    return ImageDataset(np.stack(images), np.asarray(labels, dtype=np.int64), tuple(p.name for p in class_dirs))
+    return ImageDataset(np.stack(images), np.asarray(labels, dtype=np.int64), tuple(p.name for p in class_dirs),
+                        "folder")
 
 
 def _read_image(path: Path, size: int | None) -> np.ndarray:
@@ -335,6 +450,16 @@ def _read_image(path: Path, size: int | None) -> np.ndarray:
 # ---------------------------------------------------------------- dispatch
 
 
+def _kind(root: Path) -> Literal["cifar10", "stl10", "folder"]:
+    """Which official layout `root` holds (by its files; nothing is read)."""
+    if root.is_file() or root.name == CIFAR_DIR or any((root / n).exists() for n in (CIFAR_DIR, CIFAR_TAR,
+                                                                                      "batches.meta")):
+        return "cifar10"
+    if root.name == STL_DIR or (root / STL_DIR).is_dir() or (root / "class_names.txt").is_file():
+        return "stl10"
+    return "folder"
+
+
 def load_dataset(spec: str | Path, split: str = "train") -> ImageDataset:
     """Load whatever official layout is at `spec`: CIFAR-10 folder or tar.gz, STL-10 binaries, image folder.
 
@@ -347,16 +472,21 @@ def load_dataset(spec: str | Path, split: str = "train") -> ImageDataset:
             f"{root}: no such file or folder; expected a CIFAR-10 folder or {CIFAR_TAR}, "
             f"an {STL_DIR}/ folder, or an image folder (root/<class>/<image>)"
         )
-    if (
-        root.is_file()
-        or root.name == CIFAR_DIR
-        or any((root / n).exists() for n in (CIFAR_DIR, CIFAR_TAR, "batches.meta"))
-    ):
+    kind = _kind(root)
+    if kind == "cifar10":
         return load_cifar10(root, split)  # type: ignore[arg-type]  # bad splits raise there
-    if root.name == STL_DIR or (root / STL_DIR).is_dir() or (root / "class_names.txt").is_file():
+    if kind == "stl10":
         return load_stl10(root, split)  # type: ignore[arg-type]
     if (root / split).is_dir():
         return load_image_folder(root / split)
     if split != "train":
         raise DatasetError(f"{root}: no {split!r} folder; {_FOLDER_LAYOUT}, or root/{split}/<class>/<image>")
     return load_image_folder(root)
+
+
+def has_test_split(spec: str | Path) -> bool:
+    """Whether `spec` has a test split: CIFAR-10 and STL-10 always do, an image folder only with root/test/.
+
+    Without one, evaluation reports on the validation split (and says so) instead of failing."""
+    kind = _kind(Path(spec))
+    return kind != "folder" or (Path(spec) / "test").is_dir()

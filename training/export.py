@@ -8,6 +8,7 @@ manifest.json (sha256 of every file) + card.md. The manifest is a `training.mani
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import subprocess
 import time
@@ -21,7 +22,7 @@ from torch import Tensor
 
 from training import knn
 from training.artifact import BANK, ENCODER_ONNX, ENCODER_WEIGHTS, write_artifact
-from training.data import load_dataset, train_val_split
+from training.data import DatasetError, ImageDataset, SplitSpec, has_test_split, load_dataset, load_split
 from training.evaluate import KnnModel, clean_accuracy, pgd_accuracy, step_size
 from training.manifest import EncoderSpec, InputSpec, KnnSpec, Manifest, Metrics, TrainingInfo
 from training.models import Encoder
@@ -122,15 +123,16 @@ def _checkpoint_parts(path: str, device: torch.device) -> tuple[Encoder, dict[st
     return encoder_from_checkpoint(ckpt).to(device).eval(), ckpt, TrainConfig.from_dict(ckpt["config"])
 
 
-def _bank_split(data: str, val_size: int):
-    full = load_dataset(data, "train")
-    return train_val_split(full, val_size)[0] if val_size else full
+def split_of(config: dict[str, Any], val_size: int | None = None) -> SplitSpec:
+    """The split a run trained with (its checkpoint's or manifest's config); `val_size` overrides its size."""
+    spec = SplitSpec.from_config(config)
+    return spec if val_size is None else dataclasses.replace(spec, val_size=val_size)
 
 
 def cmd_bank(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
-    encoder, _, _ = _checkpoint_parts(args.checkpoint, device)
-    ds = _bank_split(args.data, args.val_size)
+    encoder, ckpt, _ = _checkpoint_parts(args.checkpoint, device)
+    ds, _ = load_split(args.data, split_of(ckpt["config"], args.val_size))
     emb = knn.embed(encoder, ds.images, device=device, progress=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_file({"embeddings": emb.half() if args.fp16 else emb, "labels": torch.as_tensor(ds.labels).long()},
@@ -138,14 +140,27 @@ def cmd_bank(args: argparse.Namespace) -> dict[str, Any]:
     return {"bank": args.out, "size": len(ds), "dim": emb.shape[1]}
 
 
+def evaluation_set(data: str, val: ImageDataset | None) -> tuple[ImageDataset, str]:
+    """The images metrics are reported on and their name: the test split, or for an image folder without
+    root/test/ the validation split (never the bank: its own images would score themselves)."""
+    if has_test_split(data):
+        return load_dataset(data, "test"), "test"
+    if val is None:
+        raise DatasetError(f"{data}: no test/ folder and no validation split (--val-size 0) to report accuracy "
+                           "on; add root/test/<class>/<image> or train with a validation split")
+    log.warning("%s has no test/ folder: metrics are measured on the validation split", data)
+    return val, "validation"
+
+
 def evaluate_model(model: KnnModel, data: str, n_clean: int | None, n_robust: int, eps: float, steps: int,
-                   progress: bool = True) -> dict[str, Any]:
-    """The manifest's metrics: clean k-NN accuracy on the test set and PGD accuracy on its first n_robust."""
-    test = load_dataset(data, "test")
+                   progress: bool = True, val: ImageDataset | None = None) -> dict[str, Any]:
+    """The manifest's metrics: clean k-NN accuracy on the test set (the validation split `val` when the data
+    has no test split) and PGD accuracy on its first n_robust."""
+    test, split = evaluation_set(data, val)
     clean = test.subset(slice(0, n_clean)) if n_clean else test
     t0 = time.time()
     metrics: dict[str, Any] = {"clean_acc": clean_accuracy(model, clean.images, clean.labels, progress=progress),
-                               "clean_n": len(clean)}
+                               "clean_n": len(clean), "eval_split": split}
     rob = test.subset(slice(0, n_robust))
     if n_robust:
         acc = pgd_accuracy(model, rob.images, rob.labels, eps=eps, alpha=step_size(eps, steps), steps=steps,
@@ -159,13 +174,15 @@ def evaluate_model(model: KnnModel, data: str, n_clean: int | None, n_robust: in
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     encoder, ckpt, cfg = _checkpoint_parts(args.checkpoint, device)
-    ds = _bank_split(args.data, args.val_size)
+    ds, val = load_split(args.data, split_of(ckpt["config"], args.val_size))
+    if args.k > len(ds):
+        raise ValueError(f"--k {args.k} exceeds the {len(ds)} images of the bank; pass --k {len(ds)} or less")
     emb = knn.embed(encoder, ds.images, device=device, progress=True)
     labels = torch.as_tensor(ds.labels).long()
     dtype = torch.float16 if args.fp16 else torch.float32
     # evaluate with the bank exactly as it is shipped (after the fp16 round trip)
     model = KnnModel(encoder, emb.to(dtype).float().to(device), labels.to(device), len(ds.classes), args.k)
-    metrics = evaluate_model(model, args.data, args.n_clean, args.n_robust, args.eps, args.steps)
+    metrics = evaluate_model(model, args.data, args.n_clean, args.n_robust, args.eps, args.steps, val=val)
     hp = {k: v for k, v in ckpt["config"].items() if k not in ("data", "run_dir", "progress", "extra")}
     training = {"method": cfg.method, "hyperparameters": hp, "epochs": cfg.epochs, "seed": cfg.seed,
                 "code_version": code_version(), "train_seconds": ckpt.get("elapsed_s", 0.0),
@@ -181,7 +198,10 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
     art = load_artifact(args.artifact, resolve_device(args.device))
     model = KnnModel(art.encoder, art.bank, art.bank_labels, art.num_classes, art.k, art.metric)
-    return evaluate_model(model, args.data, args.n_clean, args.n_robust, args.eps, args.steps)
+    val = None
+    if not has_test_split(args.data):  # report on the validation split the artifact was exported with
+        _, val = load_split(args.data, split_of(art.manifest["training"].get("hyperparameters", {})))
+    return evaluate_model(model, args.data, args.n_clean, args.n_robust, args.eps, args.steps, val=val)
 
 
 def add_cli(sub: Any) -> None:
@@ -195,7 +215,8 @@ def add_cli(sub: Any) -> None:
     p = sub.add_parser("bank", help="embed the training split into a k-NN bank (safetensors)", formatter_class=fmt)
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt of a training run")
     p.add_argument("--out", required=True, help="output .safetensors path")
-    p.add_argument("--val-size", type=int, default=5000, help="last N training images left out of the bank")
+    p.add_argument("--val-size", type=int, default=None, help="validation images left out of the bank; unset: "
+                   "the checkpoint's own split, as it trained (set it only for old checkpoints)")
     p.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True, help="store embeddings as fp16")
     common(p)
     p.set_defaults(func=cmd_bank)
@@ -213,7 +234,8 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--name", required=True, help="model name served by the API")
     p.add_argument("--description", default="", help="one-line description for /models and the card")
     p.add_argument("--dataset", default="cifar10", help="dataset name recorded in the manifest")
-    p.add_argument("--val-size", type=int, default=5000, help="last N training images left out of the bank")
+    p.add_argument("--val-size", type=int, default=None, help="validation images left out of the bank; unset: "
+                   "the checkpoint's own split, as it trained (set it only for old checkpoints)")
     p.add_argument("--k", type=int, default=75, help="k of the k-NN vote")
     p.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True, help="store the bank as fp16")
     p.add_argument("--trained-on", default="unknown", help="hardware the run trained on, for the card")

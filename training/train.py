@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from training import attacks, augment, knn, losses
-from training.data import ImageDataset, load_dataset, train_val_split
+from training.data import ImageDataset, SplitSpec, load_split
 from training.models import ContrastiveModel, Encoder, EncoderConfig, SupervisedModel
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,11 @@ class TrainConfig:
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0
     temperature: float = 0.5  # NT-Xent / MI temperature
-    val_size: int = 5000  # last training images held out for model selection (DESIGN section 6)
+    # validation split (training.data.validation_split, shared by export, calibrate, evaluate): CIFAR-10's
+    # documented last 5,000 (DESIGN section 6); other data stratified, val_fraction of each class, seeded
+    val_size: int | None = None  # images held out (0: none; None: the dataset kind's default)
+    val_fraction: float = 0.1
+    val_seed: int = 0  # apart from `seed`, so changing the training seed never moves the split
     limit: int | None = None  # use only the first `limit` training images (tests, quick runs)
     init: str | None = None  # checkpoint to start from (e.g. an ssl run's checkpoint.pt for sat)
     teacher: str | None = None  # distill: checkpoint of the frozen clean SSL teacher
@@ -111,6 +115,10 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+    def split(self) -> SplitSpec:
+        """The training/validation split this run uses (and export, calibrate, evaluate rebuild)."""
+        return SplitSpec.from_config(asdict(self))
 
     def encoder_config(self) -> EncoderConfig:
         return EncoderConfig(arch=self.arch, width=self.width, proj_dim=self.proj_dim)
@@ -352,18 +360,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.batch_size % dist_info.world:
         raise ValueError(f"batch_size {cfg.batch_size} must divide evenly over {dist_info.world} processes")
 
-    full = load_dataset(cfg.data, "train")
-    if cfg.limit:
-        full = full.subset(slice(0, cfg.limit))
-    train_set, val_set = train_val_split(full, cfg.val_size) if cfg.val_size else (full, None)
-    num_classes = len(full.classes)
+    train_set, val_set = load_split(cfg.data, cfg.split())
+    num_classes = len(train_set.classes)
     # whole training set resident on the device as uint8 NCHW: converted per batch
     images = torch.from_numpy(train_set.images).permute(0, 3, 1, 2).contiguous().to(device)
     labels = torch.from_numpy(train_set.labels).long().to(device)
     n = len(labels)
     steps_per_epoch = n // cfg.batch_size
     if steps_per_epoch < 1:
-        raise ValueError(f"batch_size {cfg.batch_size} exceeds the {n} training images")
+        raise ValueError(f"batch_size {cfg.batch_size} exceeds the {n} training images (after the validation "
+                         f"split); pass --batch-size {max(2, n // 2)} or less")
     total_steps = steps_per_epoch * cfg.epochs
 
     model = build_model(cfg, num_classes).to(device)
@@ -424,7 +430,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "config": asdict(cfg),
                 "generator": g.get_state(), "elapsed_s": elapsed + time.time() - t_start,
-                "num_classes": num_classes, "classes": list(full.classes), "world_size": dist_info.world,
+                "num_classes": num_classes, "classes": list(train_set.classes), "world_size": dist_info.world,
                 **({"ema": ema.model.state_dict()} if ema is not None else {}),
             })
 

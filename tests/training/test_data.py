@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -15,13 +16,18 @@ import pytest
 from PIL import Image
 
 from training.data import (
+    CIFAR_VAL_SIZE,
     DatasetError,
     ImageDataset,
+    SplitSpec,
+    has_test_split,
     load_cifar10,
     load_dataset,
     load_image_folder,
+    load_split,
     load_stl10,
     train_val_split,
+    validation_split,
 )
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -339,7 +345,7 @@ def test_image_folder_sizes(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     Image.fromarray(_pattern(8, 8, 0)).save(tmp_path / "a" / "1.png")
     Image.fromarray(_pattern(4, 8, 1)).save(tmp_path / "a" / "2.png")
-    with pytest.raises(DatasetError, match=r"2.png: size 8x4 differs"):
+    with pytest.raises(DatasetError, match=r"2.png: size 8x4 differs from 8x8 of .*1.png: all images of a folder"):
         load_image_folder(tmp_path)
     assert load_image_folder(tmp_path, size=5).images.shape == (2, 5, 5, 3)
 
@@ -397,3 +403,97 @@ def test_train_val_split_holds_out_the_last_images() -> None:
     for bad in (0, 10, 11):
         with pytest.raises(ValueError, match="val_size"):
             train_val_split(_tiny(10), val_size=bad)
+
+
+def _classes(counts: list[int], kind: str = "folder") -> ImageDataset:
+    """Class-sorted images (as a folder loads them); pixel value = original index, to trace the split."""
+    labels = np.repeat(np.arange(len(counts)), counts).astype(np.int64)
+    images = (np.arange(len(labels)) % 256).astype(np.uint8)[:, None, None, None] * np.ones((1, 1, 1, 3), np.uint8)
+    ds = ImageDataset(images, labels, tuple(f"c{i}" for i in range(len(counts))), kind)
+    return ds
+
+
+def _index(ds: ImageDataset) -> list[int]:
+    return ds.images[:, 0, 0, 0].astype(int).tolist()
+
+
+def test_cifar_keeps_its_documented_split_bit_for_bit() -> None:
+    """The shipped models' bank (45,000) and calibration split (45000..49999) depend on this: never stratified."""
+    n = 50_000
+    images = np.random.default_rng(0).integers(0, 256, (n, 1, 1, 3), dtype=np.uint8)
+    labels = np.random.default_rng(1).integers(0, 10, n).astype(np.int64)
+    ds = ImageDataset(images, labels, CLASSES, "cifar10")
+    shipped = json.loads(Path("artifacts/default/manifest.json").read_text())["training"]["hyperparameters"]
+    for spec in (SplitSpec(), SplitSpec.from_config(shipped), SplitSpec(val_seed=7, val_fraction=0.3)):
+        train, val = spec.apply(ds)
+        assert val is not None and len(val) == CIFAR_VAL_SIZE == 5000
+        np.testing.assert_array_equal(train.images, images[:45_000])
+        np.testing.assert_array_equal(train.labels, labels[:45_000])
+        np.testing.assert_array_equal(val.images, images[45_000:])
+        np.testing.assert_array_equal(val.labels, labels[45_000:])
+        assert np.shares_memory(train.images, images) and np.shares_memory(val.images, images)  # views, as before
+        assert spec.describe(ds) == "training images 45000..49999 (held out of the bank; the validation split)"
+    train, val = validation_split(ds, 100)  # an explicit size is still the tail
+    assert val is not None and _index(val) == _index(ds.subset(slice(n - 100, None)))
+
+
+def test_loaders_tag_their_kind(cifar: tuple[Path, tuple[np.ndarray, ...]], tmp_path: Path) -> None:
+    tar = _tar(cifar[0], tmp_path / "cifar-10-python.tar.gz")
+    assert load_dataset(cifar[0]).kind == load_dataset(tar).kind == "cifar10"
+    assert load_dataset(cifar[0]).subset(np.array([0])).kind == "cifar10"
+    stl = tmp_path / "stl"
+    _write_stl(stl)
+    assert load_dataset(stl).kind == "stl10" and has_test_split(stl) and has_test_split(cifar[0])
+    (tmp_path / "f" / "a").mkdir(parents=True)
+    Image.fromarray(_pattern(4, 4, 0)).save(tmp_path / "f" / "a" / "1.png")
+    assert load_dataset(tmp_path / "f").kind == "folder" and not has_test_split(tmp_path / "f")
+
+
+@pytest.mark.parametrize("kind", ["folder", "stl10", "arrays"])
+def test_stratified_split_holds_out_every_class(kind: str) -> None:
+    ds = _classes([60, 60, 60], kind)  # the issue's 3-class folder, sorted by class
+    train, val = validation_split(ds)
+    assert val is not None and np.bincount(val.labels).tolist() == [6, 6, 6]
+    assert np.bincount(train.labels).tolist() == [54, 54, 54]
+    assert sorted(_index(train) + _index(val)) == list(range(180))  # a partition
+    assert _index(train) == sorted(_index(train))  # training keeps the file order
+    assert len(set(val.labels[:6].tolist())) > 1  # validation is shuffled: a prefix mixes classes
+    again, other = validation_split(ds)[1], validation_split(ds, seed=1)[1]
+    assert again is not None and other is not None
+    assert _index(again) == _index(val) and _index(other) != _index(val)  # seeded
+
+
+def test_stratified_split_sizes() -> None:
+    ds = _classes([100, 10, 2])
+    val = validation_split(ds)[1]
+    assert val is not None and np.bincount(val.labels).tolist() == [10, 1, 1]  # 10 %, at least one each
+    val = validation_split(ds, fraction=0.25)[1]
+    assert val is not None and np.bincount(val.labels).tolist() == [25, 2, 1]  # round(0.5) = 0 -> the minimum 1
+    val = validation_split(ds, 23)[1]  # one each, the other 20 in proportion to the class sizes
+    assert val is not None and len(val) == 23 and np.bincount(val.labels).tolist() == [19, 3, 1]
+    assert validation_split(ds, 0) == (ds, None)
+
+
+def test_stratified_split_errors_name_the_class() -> None:
+    with pytest.raises(DatasetError, match=r"class 'c1' has 1 image\(s\): too few .* --val-size 0"):
+        validation_split(_classes([10, 1, 5]))
+    assert validation_split(_classes([10, 1, 5]), 0)[1] is None
+    with pytest.raises(DatasetError, match=r"val_size 5000 does not fit 180 labelled images in 3 classes"):
+        validation_split(_classes([60, 60, 60]), 5000)  # the issue's first failure, now a clear sentence
+    with pytest.raises(DatasetError, match="val_size 2 does not fit"):
+        validation_split(_classes([60, 60, 60]), 2)
+    with pytest.raises(ValueError, match="val_fraction"):
+        validation_split(_classes([60, 60]), fraction=1.0)
+
+
+def test_split_spec_round_trips_a_training_config(tmp_path: Path) -> None:
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(10):
+            Image.fromarray(_pattern(4, 4, i)).save(tmp_path / c / f"{i}.png")
+    spec = SplitSpec.from_config({"val_size": None, "val_fraction": 0.2, "val_seed": 3, "limit": None, "lr": 1})
+    assert spec == SplitSpec(val_fraction=0.2, val_seed=3)
+    train, val = load_split(tmp_path, spec)
+    assert val is not None and len(train) == 16 and np.bincount(val.labels).tolist() == [2, 2]
+    assert SplitSpec.from_config({}) == SplitSpec()  # old checkpoints: the kind's default
+    assert "stratified: 20% of each class" in spec.describe(train)
