@@ -51,9 +51,10 @@ def calibrate_artifact(path: str | Path, data: str | Path, n: int | None = None,
         held, stratified = val, full.kind != "cifar10"
     else:  # hand-made artifacts without a recorded split: the training images after the bank
         held = full.subset(slice(bank_size, None))
-    if n is not None and n < len(held):
+    truncated = n is not None and n < len(held)
+    if truncated:
         held = held.subset(slice(0, n))  # the stratified split is shuffled: a prefix is a random sample
-    where = (f"{spec.describe(full)}; {len(held)} of its images" if stratified else
+    where = (spec.describe(full) + (f"; its first {len(held)} images" if truncated else "") if stratified else
              f"training images {bank_size}..{bank_size + len(held) - 1} (held out of the bank; the validation split)")
     if len(held) == 0:
         raise ValueError(f"{path}: no training images after the bank's {bank_size} to calibrate on "
