@@ -22,11 +22,12 @@ from torch import Tensor
 
 from training import knn
 from training.artifact import BANK, ENCODER_ONNX, ENCODER_WEIGHTS, write_artifact
+from training.config import TrainConfig, resolve_device
 from training.data import DatasetError, ImageDataset, SplitSpec, has_test_split, load_dataset, load_split
 from training.evaluate import KnnModel, clean_accuracy, pgd_accuracy, step_size
 from training.manifest import EncoderSpec, InputSpec, KnnSpec, Manifest, Metrics, TrainingInfo
 from training.models import Encoder
-from training.train import TrainConfig, encoder_from_checkpoint, load_checkpoint, resolve_device
+from training.train import encoder_from_checkpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
 

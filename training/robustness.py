@@ -460,7 +460,7 @@ class Suite:
 
     def __init__(self, cfg: SuiteConfig, models: Sequence[ModelUnderTest], test: ImageDataset, *,
                  source: ModelUnderTest | None = None, train: ImageDataset | None = None) -> None:
-        from training.train import resolve_device
+        from training.config import resolve_device
 
         if not models:
             raise ValueError("no models to evaluate")
@@ -483,7 +483,7 @@ class Suite:
                        transfer_source: str | Path | None = None) -> Suite:
         """Load (and verify) artifacts; the transfer source is the given one ('none': no transfer), else the
         supervised model among them, else none."""
-        from training.train import resolve_device
+        from training.config import resolve_device
 
         device = resolve_device(cfg.device)
         models = [load_model(p, device) for p in artifacts]

@@ -25,103 +25,23 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from training import attacks, augment, knn, losses
-from training.data import ImageDataset, SplitSpec, load_split
-from training.models import ContrastiveModel, Encoder, EncoderConfig, SupervisedModel
+from training.config import TrainConfig, resolve_device
+from training.data import ImageDataset, load_split
+from training.models import ContrastiveModel, Encoder, SupervisedModel
 
 log = logging.getLogger(__name__)
 
-Method = Literal["ssl", "sat", "supervised", "pgd_at", "distill"]
-METHODS = ("ssl", "sat", "supervised", "pgd_at", "distill")
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
-
-
-@dataclass
-class TrainConfig:
-    """One training run. Defaults are the CPU-friendly recipe; units in comments."""
-
-    method: Method = "ssl"
-    data: str = "data"  # dataset path (CIFAR-10 python layout / tar.gz, STL-10 binary, image folder)
-    run_dir: str = "runs/ssl"
-    arch: str = "resnet18"
-    width: int = 64
-    proj_dim: int = 128
-    epochs: int = 100
-    batch_size: int = 256
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = 0.06  # per 256 images (scaled linearly with batch size); paper SAT: adam 1e-4
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 1.0
-    temperature: float = 0.5  # NT-Xent / MI temperature
-    # validation split (training.data.validation_split, shared by export, calibrate, evaluate): CIFAR-10's
-    # documented last 5,000 (DESIGN section 6); other data stratified, val_fraction of each class, seeded
-    val_size: int | None = None  # images held out (0: none; None: the dataset kind's default)
-    val_fraction: float = 0.1
-    val_seed: int = 0  # apart from `seed`, so changing the training seed never moves the split
-    limit: int | None = None  # use only the first `limit` training images (tests, quick runs)
-    init: str | None = None  # checkpoint to start from (e.g. an ssl run's checkpoint.pt for sat)
-    teacher: str | None = None  # distill: checkpoint of the frozen clean SSL teacher
-    ema_decay: float = 0.0  # > 0: keep an exponential moving average of the weights; export serves it
-    # adversarial settings (sat, pgd_at); eps in [0, 1] pixel units
-    eps: float = 8 / 255
-    alpha: float = 2 / 255
-    attack_steps: int = 5
-    attack: Literal["guided", "embedding"] = "guided"
-    guides: int = 32  # other-class in-batch samples that guide each image's attack
-    keep: Literal["all", "successful"] = "all"  # the paper keeps only attacks that flip the k-NN vote
-    clean_weight: float = 1.0  # weight of the clean NT-Xent term in sat
-    adv_weight: float = 1.0  # weight of the clean/adversarial MI term in sat; of the robustness term in distill
-    knn_k: int = 75
-    eval_every: int = 5  # epochs between k-NN validation checks (0: only at the end)
-    eval_size: int = 2000  # validation images checked during training (all at the end)
-    eval_robust: int = 0  # > 0: also PGD-10 (soft-kNN surrogate, 8/255) on this many validation images per check
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    compile: bool = False
-    workers_threads: int | None = None  # torch CPU threads (None: torch default)
-    checkpoint_minutes: float = 3.0
-    max_minutes: float | None = None  # stop (resumably) after this much wall time in this call
-    progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {'|'.join(METHODS)}, got {self.method!r}")
-        if self.method == "distill" and not self.teacher:
-            raise ValueError("method distill needs --teacher (checkpoint.pt of a clean ssl run)")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if not 0 <= self.alpha <= max(self.eps, 1e-12) <= 1 and self.method in ("sat", "pgd_at", "distill"):
-            raise ValueError(f"need 0 <= alpha <= eps <= 1, got alpha={self.alpha}, eps={self.eps}")
-        for name, allowed in (("optimizer", ("sgd", "adam")), ("attack", ("guided", "embedding")),
-                              ("keep", ("all", "successful"))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.epochs < 1 or self.batch_size < 2:
-            raise ValueError(f"epochs >= 1 and batch_size >= 2 required, got {self.epochs}, {self.batch_size}")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    def split(self) -> SplitSpec:
-        """The training/validation split this run uses (and export, calibrate, evaluate rebuild)."""
-        return SplitSpec.from_config(asdict(self))
-
-    def encoder_config(self) -> EncoderConfig:
-        return EncoderConfig(arch=self.arch, width=self.width, proj_dim=self.proj_dim)
 
 
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
@@ -130,14 +50,6 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but torch.cuda.is_available() is False")
-    return torch.device(name)
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:

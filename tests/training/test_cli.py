@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from tests.training.conftest import TINY_ENCODER
 from training.artifact import load_artifact, verify_artifact
 from training.cli import build_parser, main
-from training.train import TrainConfig
+from training.config import TrainConfig
 
 SUBCOMMANDS = ("train", "bank", "export", "evaluate")
 

@@ -16,6 +16,7 @@ from torch import nn
 from tests.training.conftest import TINY_ENCODER, TINY_PER_BATCH
 from training import knn
 from training.artifact import load_artifact
+from training.config import TrainConfig
 from training.data import load_dataset, train_val_split
 from training.export import export_artifact
 from training.models import ContrastiveModel
@@ -23,7 +24,6 @@ from training.train import (
     CHECKPOINT,
     METRICS,
     Step,
-    TrainConfig,
     encoder_from_checkpoint,
     load_checkpoint,
     lr_at,
