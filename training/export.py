@@ -22,12 +22,12 @@ from torch import Tensor
 
 from training import knn
 from training.artifact import BANK, ENCODER_ONNX, ENCODER_WEIGHTS, write_artifact
+from training.checkpoint import config_of, encoder_from_checkpoint, load_checkpoint
 from training.config import TrainConfig, resolve_device
 from training.data import DatasetError, ImageDataset, SplitSpec, has_test_split, load_dataset, load_split
 from training.evaluate import KnnModel, clean_accuracy, pgd_accuracy, step_size
 from training.manifest import EncoderSpec, InputSpec, KnnSpec, Manifest, Metrics, TrainingInfo
 from training.models import Encoder
-from training.train import encoder_from_checkpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def export_artifact(
 
 def _checkpoint_parts(path: str, device: torch.device) -> tuple[Encoder, dict[str, Any], TrainConfig]:
     ckpt = load_checkpoint(path)
-    return encoder_from_checkpoint(ckpt).to(device).eval(), ckpt, TrainConfig.from_dict(ckpt["config"])
+    return encoder_from_checkpoint(ckpt).to(device).eval(), ckpt, config_of(ckpt)
 
 
 def split_of(config: dict[str, Any], val_size: int | None = None) -> SplitSpec:

@@ -34,13 +34,20 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from training import attacks, augment, knn, losses
+from training.checkpoint import (
+    CHECKPOINT,
+    encoder_from_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    served_weights,
+    training_state,
+)
 from training.config import TrainConfig, resolve_device
 from training.data import ImageDataset, load_split
 from training.models import ContrastiveModel, Encoder, SupervisedModel
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 
 
@@ -56,30 +63,6 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     if cfg.method in ("ssl", "sat", "distill"):
         return ContrastiveModel(cfg.encoder_config())
     return SupervisedModel(cfg.encoder_config(), num_classes)
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Checkpoints hold only tensors and plain types, so they load with weights_only=True."""
-    return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Atomic write: a crash mid-save never leaves a truncated checkpoint behind."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def encoder_from_checkpoint(ckpt: dict[str, Any]) -> Encoder:
-    """Rebuild the encoder of any method's checkpoint (drops projection/linear heads).
-
-    A run trained with `ema_decay` serves its weight average, the weights its validation used."""
-    cfg = TrainConfig.from_dict(ckpt["config"])
-    enc = Encoder(cfg.encoder_config())
-    prefix = "encoder."
-    weights = ckpt.get("ema") or ckpt["model"]
-    enc.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
-    return enc
 
 
 class WeightAverage:
@@ -287,7 +270,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model = build_model(cfg, num_classes).to(device)
     if cfg.init:
         init = load_checkpoint(cfg.init)
-        missing, _ = model.load_state_dict(init.get("ema") or init["model"], strict=False)
+        missing, _ = model.load_state_dict(served_weights(init), strict=False)
         if any(k.startswith("encoder.") for k in missing):
             raise ValueError(f"--init {cfg.init}: encoder weights missing or incompatible: {missing[:5]}")
         log.info("initialised from %s (%s)", cfg.init, init["config"].get("method"))
@@ -339,12 +322,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     def checkpoint() -> None:
         if dist_info.main:
-            save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "config": asdict(cfg),
-                "generator": g.get_state(), "elapsed_s": elapsed + time.time() - t_start,
-                "num_classes": num_classes, "classes": list(train_set.classes), "world_size": dist_info.world,
-                **({"ema": ema.model.state_dict()} if ema is not None else {}),
-            })
+            save_checkpoint(ckpt_path, training_state(
+                model=model, optimizer=opt, step=step, cfg=cfg, generator=g, elapsed_s=elapsed + time.time() - t_start,
+                classes=list(train_set.classes), world_size=dist_info.world,
+                ema=ema.model if ema is not None else None))
 
     stopped_early = False
     per_rank = cfg.batch_size // dist_info.world

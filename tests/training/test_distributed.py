@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from training.train import METRICS, load_checkpoint
+from training.checkpoint import load_checkpoint
+from training.train import METRICS
 
 
 @pytest.mark.slow
