@@ -44,6 +44,7 @@ from training.checkpoint import (
 )
 from training.config import TrainConfig, resolve_device
 from training.data import ImageDataset, load_split
+from training.evaluate import KnnModel, clean_accuracy, pgd_accuracy, step_size
 from training.models import ContrastiveModel, Encoder, SupervisedModel
 
 log = logging.getLogger(__name__)
@@ -175,24 +176,18 @@ class Step:
         return losses.cross_entropy(logits, y), {"adv_acc": (logits.argmax(1) == y).float().mean().item()}
 
 
-@torch.no_grad()
-def knn_accuracy(encoder: nn.Module, bank_data: ImageDataset, query: ImageDataset, k: int,
-                 device: torch.device, progress: bool = False, robust: int = 0) -> dict[str, float]:
-    """Clean k-NN accuracy of `query` against a bank embedded from `bank_data` (key `val_knn_acc`), and with
-    `robust` > 0 the hard-vote accuracy of its first `robust` images under PGD-10 at 8/255 on the soft-kNN
-    surrogate (T = 0.1, `val_pgd10_acc`): a cheap robustness signal for model selection, not the suite."""
-    from training.evaluate import KnnModel, pgd_accuracy, step_size
-
+def validate(encoder: nn.Module, bank_data: ImageDataset, query: ImageDataset, k: int, device: torch.device,
+             progress: bool = False, robust: int = 0) -> dict[str, float]:
+    """k-NN accuracy of `query` against a bank of `bank_data` (`val_knn_acc`), and with `robust` > 0 the hard-vote
+    accuracy of its first `robust` images under PGD-10 at 8/255 on the soft-kNN surrogate (T = 0.1,
+    `val_pgd10_acc`): a cheap robustness signal for model selection, not the suite."""
     bank = knn.embed(encoder, bank_data.images, device=device, progress=progress).to(device)
-    z = knn.embed(encoder, query.images, device=device, progress=progress).to(device)
-    labels = torch.as_tensor(bank_data.labels, device=device)
-    pred, _ = knn.knn_predict(z, bank, labels, len(bank_data.classes), k=min(k, len(bank)))
-    out = {"val_knn_acc": (pred.cpu().numpy() == query.labels).mean().item()}
+    model = KnnModel(encoder, bank, torch.as_tensor(bank_data.labels, device=device), len(bank_data.classes),
+                     min(k, len(bank)))
+    out = {"val_knn_acc": clean_accuracy(model, query.images, query.labels, progress=progress)}
     if robust:
-        model = KnnModel(encoder, bank, labels, len(bank_data.classes), min(k, len(bank)))
-        with torch.enable_grad():
-            out["val_pgd10_acc"] = pgd_accuracy(model, query.images[:robust], query.labels[:robust], eps=8 / 255,
-                                                alpha=step_size(8 / 255, 10), steps=10)
+        out["val_pgd10_acc"] = pgd_accuracy(model, query.images[:robust], query.labels[:robust], eps=8 / 255,
+                                            alpha=step_size(8 / 255, 10), steps=10)
     return out
 
 
@@ -379,7 +374,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         evaluate_now = done_epoch and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0
         if evaluate_now and val_set is not None and dist_info.main:
             sub = val_set.subset(slice(0, cfg.eval_size))
-            record.update(knn_accuracy(served().encoder, train_set, sub, cfg.knn_k, device, robust=cfg.eval_robust))
+            record.update(validate(served().encoder, train_set, sub, cfg.knn_k, device, robust=cfg.eval_robust))
             model.train()
         if dist_info.main:
             _log_json(metrics_path, record)
@@ -392,8 +387,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                               "finished": step >= total_steps, "train_seconds": elapsed + time.time() - t_start,
                               "world_size": dist_info.world}
     if step >= total_steps and val_set is not None and dist_info.main:
-        result.update(knn_accuracy(served().encoder, train_set, val_set, cfg.knn_k, device, cfg.progress,
-                                   robust=cfg.eval_robust))
+        result.update(validate(served().encoder, train_set, val_set, cfg.knn_k, device, cfg.progress,
+                               robust=cfg.eval_robust))
         _log_json(metrics_path, {"final": True, **result})
     if dist_info.world > 1:
         torch.distributed.barrier()
