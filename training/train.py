@@ -15,6 +15,9 @@ distill    robust self-supervised distillation (DeACL style, Zhang et al. 2022):
 Runs are resumable: `run_dir/checkpoint.pt` is written every `checkpoint_minutes` and at the end
 (with optimizer, step and RNG state), and `train()` picks it up when called again with the same
 run_dir. `max_minutes` stops cleanly at a step boundary so long CPU runs can be done in slices.
+
+Read top to bottom: each method's `Step`, then `setup` (process group, device, data, model, optimizer),
+`resume`, the batch iterator and one optimisation step, and `train()`, whose loop is a dozen lines.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +62,6 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    if cfg.method in ("ssl", "sat", "distill"):
-        return ContrastiveModel(cfg.encoder_config())
-    return SupervisedModel(cfg.encoder_config(), num_classes)
 
 
 class WeightAverage:
@@ -176,26 +174,6 @@ class Step:
         return losses.cross_entropy(logits, y), {"adv_acc": (logits.argmax(1) == y).float().mean().item()}
 
 
-def validate(encoder: nn.Module, bank_data: ImageDataset, query: ImageDataset, k: int, device: torch.device,
-             progress: bool = False, robust: int = 0) -> dict[str, float]:
-    """k-NN accuracy of `query` against a bank of `bank_data` (`val_knn_acc`), and with `robust` > 0 the hard-vote
-    accuracy of its first `robust` images under PGD-10 at 8/255 on the soft-kNN surrogate (T = 0.1,
-    `val_pgd10_acc`): a cheap robustness signal for model selection, not the suite."""
-    bank = knn.embed(encoder, bank_data.images, device=device, progress=progress).to(device)
-    model = KnnModel(encoder, bank, torch.as_tensor(bank_data.labels, device=device), len(bank_data.classes),
-                     min(k, len(bank)))
-    out = {"val_knn_acc": clean_accuracy(model, query.images, query.labels, progress=progress)}
-    if robust:
-        out["val_pgd10_acc"] = pgd_accuracy(model, query.images[:robust], query.labels[:robust], eps=8 / 255,
-                                            alpha=step_size(8 / 255, 10), steps=10)
-    return out
-
-
-def _log_json(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 @dataclass(frozen=True)
 class Dist:
     """Process-group facts; world 1 without torchrun. Each rank takes `batch_size / world` images per step."""
@@ -231,6 +209,283 @@ def _optimizer(cfg: TrainConfig, model: nn.Module, lr: float) -> torch.optim.Opt
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
 
 
+def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    if cfg.method in ("ssl", "sat", "distill"):
+        return ContrastiveModel(cfg.encoder_config())
+    return SupervisedModel(cfg.encoder_config(), num_classes)
+
+
+# --- set-up ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Data:
+    """The training split resident on the device as uint8 NCHW (converted per batch), and the validation split."""
+
+    train_set: ImageDataset
+    val_set: ImageDataset | None
+    images: Tensor  # [N, 3, H, W] uint8
+    labels: Tensor  # [N] int64
+    steps_per_epoch: int
+
+
+@dataclass
+class Run:
+    """What one `train()` call sets up and its loop advances; `save` writes it as checkpoint.pt."""
+
+    cfg: TrainConfig
+    dist: Dist
+    device: torch.device
+    data: Data
+    model: nn.Module  # the plain module (attacks, EMA, checkpoints); `net` below may wrap it
+    opt: torch.optim.Optimizer
+    g: torch.Generator  # augmentation and attack randomness (data order has its own, per epoch)
+    ema: WeightAverage | None
+    base_lr: float  # cfg.lr scaled to the batch size
+    step: int = 0
+    elapsed_s: float = 0.0  # training time of earlier calls (a resumed run)
+    t_start: float = field(default_factory=time.time)  # when this call's training began
+    saved_at: float = field(default_factory=time.time)  # last periodic checkpoint
+
+    @property
+    def total_steps(self) -> int:
+        return self.data.steps_per_epoch * self.cfg.epochs
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return Path(self.cfg.run_dir) / CHECKPOINT
+
+    def served(self) -> nn.Module:
+        """The weights export will serve: the average when there is one."""
+        return self.ema.model if self.ema is not None else self.model
+
+    def autocast(self) -> torch.autocast:
+        """bf16 mixed precision on CUDA; full float32 on a CPU."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
+
+    def train_seconds(self) -> float:
+        return self.elapsed_s + time.time() - self.t_start
+
+    def save(self) -> None:
+        """Write checkpoint.pt (rank 0 only: every rank holds the same weights)."""
+        if self.dist.main:
+            save_checkpoint(self.checkpoint_path, training_state(
+                model=self.model, optimizer=self.opt, step=self.step, cfg=self.cfg, generator=self.g,
+                elapsed_s=self.train_seconds(), classes=list(self.data.train_set.classes),
+                world_size=self.dist.world, ema=self.ema.model if self.ema is not None else None))
+        self.saved_at = time.time()
+
+
+def _device(cfg: TrainConfig, dist: Dist) -> torch.device:
+    device = resolve_device(cfg.device)
+    return torch.device("cuda", dist.local_rank) if device.type == "cuda" and dist.world > 1 else device
+
+
+def load_data(cfg: TrainConfig, device: torch.device) -> Data:
+    train_set, val_set = load_split(cfg.data, cfg.split())
+    images = torch.from_numpy(train_set.images).permute(0, 3, 1, 2).contiguous().to(device)
+    labels = torch.from_numpy(train_set.labels).long().to(device)
+    n = len(labels)
+    if n // cfg.batch_size < 1:
+        raise ValueError(f"batch_size {cfg.batch_size} exceeds the {n} training images (after the validation "
+                         f"split); pass --batch-size {max(2, n // 2)} or less")
+    return Data(train_set, val_set, images, labels, n // cfg.batch_size)
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Process group, device, data, model (from `--init` when given), optimizer, weight average, generator.
+
+    The order fixes the random streams: the global seed is set before the model's initialisation."""
+    dist = init_distributed(cfg.device)
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    device = _device(cfg, dist)
+    if cfg.workers_threads:
+        torch.set_num_threads(cfg.workers_threads)
+    torch.manual_seed(cfg.seed)
+    if cfg.batch_size % dist.world:
+        raise ValueError(f"batch_size {cfg.batch_size} must divide evenly over {dist.world} processes")
+    data = load_data(cfg, device)
+    model = build_model(cfg, len(data.train_set.classes)).to(device)
+    if cfg.init:
+        init_from(model, cfg.init)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    base_lr = cfg.lr * cfg.batch_size / 256
+    g = torch.Generator(device=device)
+    g.manual_seed(cfg.seed + 7919 * dist.rank)  # each rank augments and attacks differently
+    return Run(cfg, dist, device, data, model, _optimizer(cfg, model, base_lr), g,
+               WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None, base_lr)
+
+
+def parallelize(run: Run) -> nn.Module:
+    """The module the training forward pass runs: DDP-wrapped under torchrun, compiled with `compile`.
+
+    Call it after `resume`: DDP broadcasts rank 0's weights when it wraps the model."""
+    cfg, net = run.cfg, run.model
+    if run.dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        unused = cfg.method == "distill"
+        if run.device.type == "cuda":  # SyncBatchNorm is CUDA-only; on CPU (gloo) each rank keeps its own BN stats
+            net = DistributedDataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(run.model),
+                                          device_ids=[run.device.index], find_unused_parameters=unused)
+        else:
+            net = DistributedDataParallel(run.model, find_unused_parameters=unused)
+        run.model = net.module  # SyncBatchNorm conversion made new modules (sharing the parameters)
+    return torch.compile(net) if cfg.compile else net
+
+
+# --- restore --------------------------------------------------------------------------------------
+
+
+def init_from(model: nn.Module, path: str) -> None:
+    """`--init`: start from another run's (served) weights; its heads may differ, its encoder may not."""
+    init = load_checkpoint(path)
+    missing, _ = model.load_state_dict(served_weights(init), strict=False)
+    if any(k.startswith("encoder.") for k in missing):
+        raise ValueError(f"--init {path}: encoder weights missing or incompatible: {missing[:5]}")
+    log.info("initialised from %s (%s)", path, init["config"].get("method"))
+
+
+def resume(run: Run) -> None:
+    """Continue from run_dir/checkpoint.pt when there is one: weights, optimizer, average, step, generator."""
+    path = run.checkpoint_path
+    if not path.exists():
+        return
+    state = load_checkpoint(path, run.device)
+    if state["config"]["method"] != run.cfg.method:
+        raise ValueError(f"{path} is a {state['config']['method']} run, not {run.cfg.method}")
+    run.model.load_state_dict(state["model"])
+    run.opt.load_state_dict(state["optimizer"])
+    if run.ema is not None and "ema" in state:
+        run.ema.model.load_state_dict(state["ema"])
+    run.step, run.elapsed_s = state["step"], state.get("elapsed_s", 0.0)
+    if run.dist.world == 1:  # only rank 0's stream is saved: restored on every rank, all would draw alike
+        run.g.set_state(state["generator"].cpu())
+    log.info("resumed %s at step %d/%d", path, run.step, run.total_steps)
+
+
+# --- the loop -------------------------------------------------------------------------------------
+
+
+def batches(run: Run) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """(epoch, images [B/world, 3, H, W] float in [0, 1], labels) for every step from `run.step` to the end.
+
+    Each epoch's order is a function of (seed, epoch) alone, so a resumed run picks up mid-epoch where it
+    stopped; every rank draws the same permutation and takes its slice of each global batch."""
+    cfg, data, dist = run.cfg, run.data, run.dist
+    per_rank, n = cfg.batch_size // dist.world, len(data.labels)
+    step = run.step
+    while step < run.total_steps:
+        epoch = step // data.steps_per_epoch
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).to(run.device)
+        for i in range(step % data.steps_per_epoch, data.steps_per_epoch):
+            lo = i * cfg.batch_size + dist.rank * per_rank
+            idx = perm[lo:lo + per_rank]
+            x = data.images[idx].float().div_(255)
+            if run.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield epoch, x, data.labels[idx]
+        step = (epoch + 1) * data.steps_per_epoch
+
+
+def optimise(run: Run, step_fn: Step, x: Tensor, y: Tensor) -> tuple[float, dict[str, float]]:
+    """One step of the schedule: learning rate, forward (bf16 autocast on CUDA), backward, update, average."""
+    lr = lr_at(run.step, run.total_steps, int(run.cfg.warmup_epochs * run.data.steps_per_epoch), run.base_lr)
+    for group in run.opt.param_groups:
+        group["lr"] = lr
+    with run.autocast():
+        loss, stats = step_fn(x, y)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    run.opt.step()
+    if run.ema is not None:
+        run.ema.update(run.model, run.step)
+    run.step += 1
+    return loss.item(), stats
+
+
+@dataclass
+class EpochMeter:
+    """Running sums over one epoch's steps, for its metrics.jsonl record."""
+
+    epoch: int
+    t0: float = field(default_factory=time.time)
+    seen: int = 0  # images over all ranks
+    batches: int = 0
+    loss: float = 0.0
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def add(self, loss: float, stats: dict[str, float], images: int) -> None:
+        self.seen, self.batches, self.loss = self.seen + images, self.batches + 1, self.loss + loss
+        for k, v in stats.items():
+            self.stats[k] = self.stats.get(k, 0.0) + v
+
+    def record(self, run: Run) -> dict[str, Any]:
+        return {"epoch": self.epoch, "step": run.step, "loss": self.loss / max(1, self.batches),
+                "lr": run.opt.param_groups[0]["lr"], "img_per_s": self.seen / max(1e-9, time.time() - self.t0),
+                **{k: v / max(1, self.batches) for k, v in self.stats.items()}}
+
+
+def all_agree_to_stop(run: Run, stop: bool) -> bool:
+    """Every rank must agree to stop, or DDP would hang on the next step."""
+    if run.dist.world == 1:
+        return stop
+    flag = torch.tensor([float(stop)], device=run.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def validate(run: Run, query: ImageDataset, progress: bool = False) -> dict[str, float]:
+    """k-NN accuracy of `query` against a bank of the training split (`val_knn_acc`), and with `eval_robust`
+    the hard-vote accuracy of its first images under PGD-10 at 8/255 on the soft-kNN surrogate (T = 0.1,
+    `val_pgd10_acc`): a cheap robustness signal for model selection, not the suite."""
+    encoder, bank_set, device = run.served().encoder, run.data.train_set, run.device
+    bank = knn.embed(encoder, bank_set.images, device=device, progress=progress).to(device)
+    model = KnnModel(encoder, bank, torch.as_tensor(bank_set.labels, device=device), len(bank_set.classes),
+                     min(run.cfg.knn_k, len(bank)))
+    out = {"val_knn_acc": clean_accuracy(model, query.images, query.labels, progress=progress)}
+    if n := run.cfg.eval_robust:
+        out["val_pgd10_acc"] = pgd_accuracy(model, query.images[:n], query.labels[:n], eps=8 / 255,
+                                            alpha=step_size(8 / 255, 10), steps=10)
+    return out
+
+
+def end_epoch(run: Run, meter: EpochMeter) -> None:
+    """Log the epoch's record, with a validation check every `eval_every` completed epochs."""
+    cfg, record = run.cfg, meter.record(run)
+    completed = run.step % run.data.steps_per_epoch == 0
+    if completed and cfg.eval_every and (meter.epoch + 1) % cfg.eval_every == 0 and run.data.val_set is not None \
+            and run.dist.main:
+        record.update(validate(run, run.data.val_set.subset(slice(0, cfg.eval_size))))
+        run.model.train()
+    if run.dist.main:
+        _log_json(Path(cfg.run_dir) / METRICS, record)
+    log.info("epoch %s", record)
+
+
+def _log_json(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def finish(run: Run) -> dict[str, Any]:
+    """The call's result; a finished run is validated on the whole validation split (logged as `final`)."""
+    cfg, done = run.cfg, run.step >= run.total_steps
+    result: dict[str, Any] = {"checkpoint": str(run.checkpoint_path), "step": run.step,
+                              "total_steps": run.total_steps, "finished": done,
+                              "train_seconds": run.train_seconds(), "world_size": run.dist.world}
+    if done and run.data.val_set is not None and run.dist.main:
+        result.update(validate(run, run.data.val_set, cfg.progress))
+        _log_json(Path(cfg.run_dir) / METRICS, {"final": True, **result})
+    if run.dist.world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return result
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training; returns final metrics and the checkpoint path.
 
@@ -238,159 +493,30 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     gradients averaged by DDP (SyncBatchNorm on CUDA); rank 0 alone writes checkpoints and logs.
     """
     t_call = time.time()
-    dist_info = init_distributed(cfg.device)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
-    if device.type == "cuda" and dist_info.world > 1:
-        device = torch.device("cuda", dist_info.local_rank)
-    if cfg.workers_threads:
-        torch.set_num_threads(cfg.workers_threads)
-    torch.manual_seed(cfg.seed)
-    if cfg.batch_size % dist_info.world:
-        raise ValueError(f"batch_size {cfg.batch_size} must divide evenly over {dist_info.world} processes")
-
-    train_set, val_set = load_split(cfg.data, cfg.split())
-    num_classes = len(train_set.classes)
-    # whole training set resident on the device as uint8 NCHW: converted per batch
-    images = torch.from_numpy(train_set.images).permute(0, 3, 1, 2).contiguous().to(device)
-    labels = torch.from_numpy(train_set.labels).long().to(device)
-    n = len(labels)
-    steps_per_epoch = n // cfg.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(f"batch_size {cfg.batch_size} exceeds the {n} training images (after the validation "
-                         f"split); pass --batch-size {max(2, n // 2)} or less")
-    total_steps = steps_per_epoch * cfg.epochs
-
-    model = build_model(cfg, num_classes).to(device)
-    if cfg.init:
-        init = load_checkpoint(cfg.init)
-        missing, _ = model.load_state_dict(served_weights(init), strict=False)
-        if any(k.startswith("encoder.") for k in missing):
-            raise ValueError(f"--init {cfg.init}: encoder weights missing or incompatible: {missing[:5]}")
-        log.info("initialised from %s (%s)", cfg.init, init["config"].get("method"))
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    base_lr = cfg.lr * cfg.batch_size / 256
-    opt = _optimizer(cfg, model, base_lr)
-    g = torch.Generator(device=device)
-    g.manual_seed(cfg.seed + 7919 * dist_info.rank)  # each rank augments and attacks differently
-    step, elapsed = 0, 0.0
-    ckpt_path = run_dir / CHECKPOINT
-    ema = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
-    if ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, device)
-        if state["config"]["method"] != cfg.method:
-            raise ValueError(f"{ckpt_path} is a {state['config']['method']} run, not {cfg.method}")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if ema is not None and "ema" in state:
-            ema.model.load_state_dict(state["ema"])
-        step, elapsed = state["step"], state.get("elapsed_s", 0.0)
-        if dist_info.world == 1:
-            g.set_state(state["generator"].cpu())
-        log.info("resumed %s at step %d/%d", ckpt_path, step, total_steps)
-    if dist_info.main:
-        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-
-    net: nn.Module = model
-    if dist_info.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        if device.type == "cuda":  # SyncBatchNorm is CUDA-only; on CPU (gloo) each rank keeps its own BN stats
-            net = DistributedDataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(model), device_ids=[device.index],
-                                          find_unused_parameters=cfg.method == "distill")
-        else:
-            net = DistributedDataParallel(model, find_unused_parameters=cfg.method == "distill")
-        model = net.module
-    if cfg.compile:
-        net = torch.compile(net)
-    step_fn = Step(cfg, model, g, net)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
-    metrics_path = run_dir / METRICS
-    t_start = last_ckpt = time.time()
-
-    def served() -> nn.Module:
-        """The weights export will serve: the average when there is one."""
-        return ema.model if ema is not None else model
-
-    def checkpoint() -> None:
-        if dist_info.main:
-            save_checkpoint(ckpt_path, training_state(
-                model=model, optimizer=opt, step=step, cfg=cfg, generator=g, elapsed_s=elapsed + time.time() - t_start,
-                classes=list(train_set.classes), world_size=dist_info.world,
-                ema=ema.model if ema is not None else None))
-
-    stopped_early = False
-    per_rank = cfg.batch_size // dist_info.world
-    model.train()
-    bar = tqdm(total=total_steps, initial=step, desc=cfg.method, disable=not (cfg.progress and dist_info.main),
-               dynamic_ncols=True)
-    while step < total_steps:
-        epoch = step // steps_per_epoch
-        # the same permutation on every rank; rank r takes its slice of each global batch
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).to(device)
-        t_epoch, seen, batches, loss_sum, stats_sum = time.time(), 0, 0, 0.0, {}
-        for i in range(step % steps_per_epoch, steps_per_epoch):
-            lo = i * cfg.batch_size + dist_info.rank * per_rank
-            idx = perm[lo:lo + per_rank]
-            x = images[idx].float().div_(255)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, total_steps, int(cfg.warmup_epochs * steps_per_epoch), base_lr)
-            with autocast:
-                loss, stats = step_fn(x, labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if ema is not None:
-                ema.update(model, step)
-            step += 1
-            seen += len(idx) * dist_info.world
-            batches += 1
-            loss_sum += loss.item()
-            for k, v in stats.items():
-                stats_sum[k] = stats_sum.get(k, 0.0) + v
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", ep=epoch)
-            if time.time() - last_ckpt > cfg.checkpoint_minutes * 60:
-                checkpoint()
-                last_ckpt = time.time()
-            if cfg.max_minutes is not None and time.time() - t_call > cfg.max_minutes * 60:
-                stopped_early = True
+    run = setup(cfg)
+    resume(run)
+    if run.dist.main:
+        (Path(cfg.run_dir) / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    step_fn = Step(cfg, run.model, run.g, parallelize(run))
+    run.t_start = run.saved_at = time.time()
+    run.model.train()
+    bar = tqdm(total=run.total_steps, initial=run.step, desc=cfg.method,
+               disable=not (cfg.progress and run.dist.main), dynamic_ncols=True)
+    meter: EpochMeter | None = None
+    for epoch, x, y in batches(run):
+        meter = meter if meter is not None and meter.epoch == epoch else EpochMeter(epoch)
+        loss, stats = optimise(run, step_fn, x, y)
+        meter.add(loss, stats, len(y) * run.dist.world)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", ep=epoch)
+        if time.time() - run.saved_at > cfg.checkpoint_minutes * 60:
+            run.save()
+        over_budget = cfg.max_minutes is not None and time.time() - t_call > cfg.max_minutes * 60
+        if over_budget or run.step % run.data.steps_per_epoch == 0:  # an epoch ends, or this call does
+            stop = all_agree_to_stop(run, over_budget)
+            end_epoch(run, meter)
+            if stop:
                 break
-        if dist_info.world > 1:  # every rank must agree to stop, or DDP would hang on the next step
-            flag = torch.tensor([float(stopped_early)], device=device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            stopped_early = bool(flag.item())
-        record: dict[str, Any] = {
-            "epoch": epoch, "step": step, "loss": loss_sum / max(1, batches),
-            "lr": opt.param_groups[0]["lr"], "img_per_s": seen / max(1e-9, time.time() - t_epoch),
-            **{k: v / max(1, batches) for k, v in stats_sum.items()},
-        }
-        done_epoch = step % steps_per_epoch == 0
-        evaluate_now = done_epoch and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0
-        if evaluate_now and val_set is not None and dist_info.main:
-            sub = val_set.subset(slice(0, cfg.eval_size))
-            record.update(validate(served().encoder, train_set, sub, cfg.knn_k, device, robust=cfg.eval_robust))
-            model.train()
-        if dist_info.main:
-            _log_json(metrics_path, record)
-        log.info("epoch %s", record)
-        if stopped_early:
-            break
     bar.close()
-    checkpoint()
-    result: dict[str, Any] = {"checkpoint": str(ckpt_path), "step": step, "total_steps": total_steps,
-                              "finished": step >= total_steps, "train_seconds": elapsed + time.time() - t_start,
-                              "world_size": dist_info.world}
-    if step >= total_steps and val_set is not None and dist_info.main:
-        result.update(validate(served().encoder, train_set, val_set, cfg.knn_k, device, cfg.progress,
-                               robust=cfg.eval_robust))
-        _log_json(metrics_path, {"final": True, **result})
-    if dist_info.world > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    return result
+    run.save()
+    return finish(run)
