@@ -18,7 +18,7 @@ from training.artifact import ENCODER_ONNX
 def resolve_serving_device(setting: str) -> torch.device:
     """auto -> cuda when torch sees a GPU, else cpu; an explicit `cuda` without a GPU is an error.
 
-    The server's `SATML_DEVICE` rule (auto/cpu/cuda); `training.train.resolve_device` is the trainer's,
+    The server's `SATML_DEVICE` rule (auto/cpu/cuda); `training.config.resolve_device` is the trainer's,
     which takes any torch device name."""
     if setting == "cpu":
         return torch.device("cpu")

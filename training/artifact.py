@@ -157,7 +157,7 @@ class Artifact:
 
     @property
     def manifest(self) -> dict[str, Any]:
-        """The manifest as JSON: what GET /models/{name} returns (and what app/engine.py still reads)."""
+        """The manifest as JSON: what GET /models/{name} returns (and what app.registry and the benchmarks read)."""
         return self.spec.to_dict()
 
     @property
