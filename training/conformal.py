@@ -36,14 +36,11 @@ def calibration_scores(counts: Tensor, labels: Tensor, k: int) -> Tensor:
     return scores.sort().values.cpu()
 
 
-def p_values(counts: Tensor, calibration: Tensor, k: int, presorted: bool = False) -> Tensor:
-    """p-value per class [B, C]: share of calibration scores >= the input's nonconformity for that class.
-    `presorted`: the scores are int64 and ascending already (as `calibration_scores` and the artifact keep
-    them), so the per-call sort is skipped (the server calls this per request)."""
+def p_values(counts: Tensor, calibration: Tensor, k: int) -> Tensor:
+    """p-value per class [B, C]: share of calibration scores >= the input's nonconformity for that class."""
     if calibration.dim() != 1 or calibration.numel() == 0:
         raise ValueError("calibration must be a non-empty 1-d tensor of scores")
-    cal = calibration.to(counts.device)
-    cal = cal if presorted and cal.dtype == torch.long else cal.long().sort().values
+    cal = calibration.to(counts.device).long().sort().values
     alpha = nonconformity(counts, k)
     below = torch.searchsorted(cal, alpha.reshape(-1).contiguous(), right=False)  # scores < alpha
     return (1.0 - below.float() / cal.numel()).view_as(alpha)
@@ -67,9 +64,9 @@ class Trust:
     p: Tensor  # [B, C]
 
 
-def trust(counts: Tensor, pred: Tensor, calibration: Tensor, k: int, presorted: bool = False) -> Trust:
+def trust(counts: Tensor, pred: Tensor, calibration: Tensor, k: int) -> Trust:
     """Credibility (p-value of the predicted class) and confidence (1 - second-highest p) for each input."""
-    p = p_values(counts, calibration, k, presorted)
+    p = p_values(counts, calibration, k)
     cred = p.gather(1, pred.long().view(-1, 1).to(p.device)).squeeze(1)
     top2 = p.topk(min(2, p.shape[1]), dim=1).values
     second = top2[:, 1] if p.shape[1] > 1 else torch.zeros_like(cred)

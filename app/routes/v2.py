@@ -31,8 +31,8 @@ from app.deps import get_decoder
 from app.errors import ApiError
 from app.inference import predict
 from app.registry import ServedModel
+from app.responses import class_p_values
 from app.routes import health
-from training import conformal
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
 
@@ -242,10 +242,12 @@ def _outputs(m: ServedModel, pred: torch.Tensor, counts: torch.Tensor, wanted: l
         "vote_share": {"datatype": "FP32", "shape": [n, shares.shape[1]],
                        "data": [float(v) for v in shares.reshape(-1)]},
     }
-    if m.artifact.calibration is not None:
-        t = conformal.trust(counts.cpu(), pred.cpu(), m.artifact.calibration, max(1, int(counts[0].sum())),
-                            presorted=True)
-        every["credibility"] = {"datatype": "FP32", "shape": [n], "data": [float(c) for c in t.credibility]}
+    if m.p_table is not None:  # the same p-values as /classify's credibility (app.responses)
+        cred = []
+        for row, p in zip(counts.tolist(), pred.tolist(), strict=True):
+            pv = class_p_values(m, row)
+            cred.append(pv[p] if pv is not None else float("nan"))
+        every["credibility"] = {"datatype": "FP32", "shape": [n], "data": cred}
     names = wanted or list(every)
     unknown = [o for o in names if o not in every]
     if unknown:
