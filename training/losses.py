@@ -40,20 +40,26 @@ def mutual_information_loss(z_clean: Tensor, z_adv: Tensor, temperature: float =
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
 
-def distillation_loss(student: Tensor, teacher: Tensor, student_adv: Tensor, beta: float) -> tuple[
-        Tensor, Tensor, Tensor]:
+def distillation_loss(student: Tensor, teacher: Tensor, student_adv: Tensor, beta: float,
+                      student_mapped: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Robust distillation (DeACL, Zhang et al. 2022): (1 - cos(s(x), t(x))) + beta (1 - cos(s(x'), s(x))).
 
     The first term inherits the clean teacher's neighbourhoods; the second (TRADES-like, not
-    detached) flattens the student around x. All inputs [B, D]; cosine is taken after L2
-    normalisation, so unnormalised features work too. Returns (loss, match term, robust term).
+    detached) flattens the student around x. Inputs [B, D]; cosine is taken after L2 normalisation,
+    so unnormalised features work too. `student_mapped` [B, D_teacher]: the student's clean embedding
+    mapped into the teacher's space (a student of another width), matched instead of `student`.
+    Returns (loss, match term, robust term).
     """
-    if not (student.shape == teacher.shape == student_adv.shape) or student.dim() != 2:
-        raise ValueError(f"expected three [B, D] tensors of equal shape, got {tuple(student.shape)}, "
-                         f"{tuple(teacher.shape)}, {tuple(student_adv.shape)}")
+    matched = student if student_mapped is None else student_mapped
+    if (student.shape != student_adv.shape or matched.shape != teacher.shape or student.dim() != 2
+            or len(matched) != len(student)):
+        raise ValueError(f"shape mismatch: expected [B, D] student and student_adv and a [B, D_teacher] match of "
+                         f"the teacher, got "
+                         f"{tuple(student.shape)}, {tuple(student_adv.shape)}, {tuple(matched.shape)} vs "
+                         f"{tuple(teacher.shape)}")
     if not beta >= 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
-    match = (1 - F.cosine_similarity(student, teacher, dim=1)).mean()
+    match = (1 - F.cosine_similarity(matched, teacher, dim=1)).mean()
     robust = (1 - F.cosine_similarity(student_adv, student, dim=1)).mean()
     return match + beta * robust, match, robust
 

@@ -163,16 +163,27 @@ class ProjectionHead(nn.Module):
 
 
 class ContrastiveModel(nn.Module):
-    """Encoder + projection head, the unit trained by `ssl` and `sat`."""
+    """Encoder + projection head, the unit trained by `ssl`, `sat` and `distill`.
 
-    def __init__(self, cfg: EncoderConfig) -> None:
+    `align_dim` (distill only, when the student's embedding size differs from the teacher's): a bias-free
+    linear map from the student's embedding to the teacher's, used only by the teacher-match term (FitNets
+    style), so a wider student can learn from a narrower teacher; the served embedding is the student's own.
+    """
+
+    def __init__(self, cfg: EncoderConfig, align_dim: int | None = None) -> None:
         super().__init__()
         self.encoder = Encoder(cfg)
         self.head = ProjectionHead(cfg.embed_dim, cfg.proj_dim)
+        self.align = nn.Linear(cfg.embed_dim, align_dim, bias=False) if align_dim else None
 
-    def forward(self, x: Tensor, embed: bool = False) -> Tensor:
+    def forward(self, x: Tensor, embed: bool = False, align: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Images in [0, 1] -> projections [B, proj_dim] (embed=True: the encoder's embedding instead,
-        so distillation runs through the same, possibly DDP-wrapped or compiled, module)."""
+        so distillation runs through the same, possibly DDP-wrapped or compiled, module; align=True: the
+        pair (embedding, embedding mapped into the teacher's space), the latter the embedding itself when
+        there is no `align` map)."""
+        if align:
+            z = self.encoder(x)
+            return z, (z if self.align is None else F.normalize(self.align(z), dim=1))
         if embed:
             return self.encoder(x)
         return self.head(self.encoder.features(x))

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from training import attacks, augment, knn, losses
 from training.checkpoint import (
     CHECKPOINT,
+    config_of,
     encoder_from_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -157,8 +158,10 @@ class Step:
         objective = attacks.embedding_objective(enc, x)  # x' maximises 1 - cos(s(x'), s(x))
         x_adv = attacks.pgd(objective, x, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.attack_steps, model=self.model,
                             generator=self.g)
-        s_clean, s_adv = self.net(torch.cat([x, x_adv]), embed=True).float().chunk(2)
-        loss, match, robust = losses.distillation_loss(s_clean, t, s_adv, cfg.adv_weight)
+        s, mapped = self.net(torch.cat([x, x_adv]), align=True)
+        s_clean, s_adv = s.float().chunk(2)
+        loss, match, robust = losses.distillation_loss(s_clean, t, s_adv, cfg.adv_weight,
+                                                       student_mapped=mapped[: len(x)].float())
         return loss, {"teacher_cos": 1 - match.item(), "adv_cos": 1 - robust.item()}
 
     def supervised(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
@@ -210,7 +213,11 @@ def _optimizer(cfg: TrainConfig, model: nn.Module, lr: float) -> torch.optim.Opt
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    if cfg.method in ("ssl", "sat", "distill"):
+    if cfg.method == "distill":  # a student wider or narrower than its teacher gets a linear map for the match
+        teacher_dim = config_of(load_checkpoint(cfg.teacher or "")).encoder_config().embed_dim
+        own = cfg.encoder_config().embed_dim
+        return ContrastiveModel(cfg.encoder_config(), align_dim=teacher_dim if teacher_dim != own else None)
+    if cfg.method in ("ssl", "sat"):
         return ContrastiveModel(cfg.encoder_config())
     return SupervisedModel(cfg.encoder_config(), num_classes)
 

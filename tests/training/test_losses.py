@@ -143,6 +143,21 @@ def test_distillation_loss_terms_and_ordering() -> None:
     assert l1.item() == pytest.approx(r1.item(), rel=1e-5) and l2.item() == pytest.approx(2 * r1.item(), rel=1e-5)
 
 
+def test_distillation_loss_matches_a_mapped_student_of_another_width() -> None:
+    """A student wider than its teacher is matched through its mapped embedding; the robust term stays its own."""
+    g = torch.Generator().manual_seed(1)
+    t = F.normalize(torch.randn(8, 16, generator=g), dim=1)
+    s = torch.randn(8, 24, generator=g)
+    loss, match, _ = distillation_loss(s, t, s.clone(), beta=2.0, student_mapped=t.clone())
+    assert match.item() == pytest.approx(0.0, abs=1e-6) and loss.item() == pytest.approx(0.0, abs=1e-6)
+    _, off, _ = distillation_loss(s, t, s, beta=2.0, student_mapped=-t)
+    assert off.item() == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="shape"):
+        distillation_loss(s, t, s, beta=1.0)  # 24-d student against a 16-d teacher without a map
+    with pytest.raises(ValueError, match="shape"):
+        distillation_loss(s, t, s, beta=1.0, student_mapped=t[:4])
+
+
 def test_distillation_loss_rejects_bad_input() -> None:
     z = torch.zeros(4, 8)
     with pytest.raises(ValueError, match="shape"):

@@ -21,7 +21,7 @@ from training.config import TrainConfig
 from training.data import load_dataset, train_val_split
 from training.export import export_artifact
 from training.models import ContrastiveModel
-from training.train import METRICS, Step, lr_at, train
+from training.train import METRICS, Step, build_model, lr_at, train
 
 VAL = TINY_PER_BATCH  # held-out images; leaves 64 training images = 4 steps of 16
 STEPS = (5 * TINY_PER_BATCH - VAL) // 16
@@ -186,6 +186,33 @@ def test_distill_from_ssl_teacher_with_weight_average(ssl_run: tuple[TrainConfig
     enc = encoder_from_checkpoint(ckpt)
     torch.testing.assert_close(enc.state_dict()[key[len("encoder."):]], ckpt["ema"][key])
     _bank_and_export(cfg, ckpt, tmp_path / "artifact")
+
+
+def test_distill_a_wider_student_through_a_linear_map(ssl_run: tuple[TrainConfig, dict[str, Any]],
+                                                     tiny_cifar: Path, tmp_path: Path) -> None:
+    """A student of twice the teacher's width learns through a bias-free map into the teacher's space; it
+    resumes with the map and exports its own (wider) embedding."""
+    _, ssl_result = ssl_run
+    width = 2 * TINY_ENCODER["width"]
+    cfg = tiny_config(tiny_cifar, tmp_path / "wide", method="distill", teacher=ssl_result["checkpoint"],
+                      width=width, eps=8 / 255, alpha=4 / 255, attack_steps=1, ema_decay=0.9)
+    ckpt = _check_run(cfg, train(cfg))
+    assert ckpt["model"]["align.weight"].shape == (8 * TINY_ENCODER["width"], 8 * width)
+    record = _records(tmp_path / "wide")[0]
+    assert -1.0 <= record["teacher_cos"] <= 1.0
+    # the map is trained: one step gives it a gradient from the match term
+    student = build_model(cfg, 10)
+    loss, _ = Step(cfg, student, torch.Generator().manual_seed(0))(torch.rand(6, 3, 32, 32),
+                                                                  torch.zeros(6, dtype=torch.long))
+    loss.backward()
+    assert student.align is not None and student.align.weight.grad is not None
+    assert student.align.weight.grad.abs().sum() > 0
+    # resuming rebuilds the map (strict load) and a longer schedule continues from the checkpoint
+    longer = tiny_config(tiny_cifar, tmp_path / "wide", method="distill", teacher=ssl_result["checkpoint"],
+                         width=width, eps=8 / 255, alpha=4 / 255, attack_steps=1, ema_decay=0.9, epochs=2)
+    assert train(longer)["step"] == 2 * STEPS
+    enc = encoder_from_checkpoint(load_checkpoint(tmp_path / "wide" / CHECKPOINT))
+    assert enc(torch.rand(2, 3, 32, 32)).shape == (2, 8 * width)
 
 
 def test_distill_step_leaves_the_teacher_frozen(ssl_run: tuple[TrainConfig, dict[str, Any]]) -> None:
