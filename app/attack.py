@@ -1,4 +1,4 @@
-"""Live adversarial attacks: a bounded queue in front of `training.evaluate.craft` (DESIGN section 5).
+"""Live adversarial attacks: a bounded queue in front of `training.knn_attacks.craft` (DESIGN section 5).
 
 Attacks run on their own small thread pool (`attack_concurrency` at once, `attack_queue` waiting,
 more get 429 with Retry-After), each with a deadline (504 after `attack_timeout_s`), so they cannot
@@ -35,7 +35,7 @@ from app.predictor import unpack_output
 from app.registry import ServedModel
 from app.responses import to_prediction
 from app.schemas import AttackOutcome, Comparison, Prediction, Transfer
-from training.evaluate import craft
+from training.knn_attacks import Surrogate, craft
 
 log = logging.getLogger("app.attack")
 T = TypeVar("T")
@@ -49,7 +49,7 @@ class DeadlinePassed(Exception):
 @dataclass(frozen=True)
 class AttackRequestSpec:
     """What one POST /attack runs, already validated against the settings (the suite's spec is
-    `training.robustness.AttackSpec`)."""
+    `training.robustness.AttackSpec`; both select from `training.knn_attacks`)."""
 
     method: str
     eps: float  # L-inf radius, [0, 1] pixel units
@@ -199,10 +199,9 @@ class AttackJob:
         device = m.knn_model.bank.device
         target = None if self.spec.target is None else m.class_id(self.spec.target)
         # the surrogate the robustness suite found strongest for this model (manifest knn.surrogate), if any
-        sur = m.artifact.spec.knn.surrogate
         x_adv = craft(m.knn_model, x.to(device), torch.tensor([y], device=device), method=self.spec.method,
-                      eps=self.spec.eps, steps=self.spec.steps, temperature=sur.temperature if sur else 0.1,
-                      surrogate_k=sur.k if sur else None,
+                      eps=self.spec.eps, steps=self.spec.steps,
+                      surrogate=Surrogate.from_manifest(m.artifact.spec.knn.surrogate),
                       target=None if target is None else torch.tensor([target], device=device),
                       generator=torch.Generator(device=device).manual_seed(SEED)).cpu()
         x_adv = quantize(x, x_adv, self.spec.eps)

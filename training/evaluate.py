@@ -6,7 +6,6 @@ result is scored by the hard vote the product serves (DESIGN section 6).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,7 +14,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from training import attacks, knn
+from training import attacks, knn, knn_attacks
+from training.knn_attacks import AttackFn
 
 if TYPE_CHECKING:
     from training.artifact import Artifact
@@ -58,14 +58,14 @@ class KnnModel:
 
     @torch.no_grad()
     def guides(self, x: Tensor, y: Tensor, m: int, target: Tensor | None = None) -> Tensor:
-        """[B, m, D] bank embeddings guiding the paper's attack: the m nearest of another class than y
-        (of class `target` when given)."""
+        """[B, m', D] bank embeddings guiding the paper's attack: the m nearest of another class than y (of
+        class `target` when given); m' = m capped at the fewest eligible bank samples of any image."""
         with attacks.eval_mode(self.encoder):
             z = self.encoder(x)
-        m = min(m, int(self.bank.shape[0]))
         if target is None:
             return knn.other_class_guides(z, y, self.bank, self.bank_labels, m).to(z.dtype)
         keep = self.bank_labels[None] == target[:, None]
+        m = max(1, min(m, int(keep.sum(1).min())))
         d = torch.cdist(z, self.bank.to(z.dtype)).masked_fill(~keep, float("inf"))
         return self.bank[d.topk(m, dim=1, largest=False).indices].to(z.dtype)
 
@@ -84,37 +84,17 @@ def clean_accuracy(model: KnnModel, images: np.ndarray, labels: np.ndarray, batc
     return correct / len(labels)
 
 
-def step_size(eps: float, steps: int) -> float:
-    """PGD step for a budget: 2.5 * eps / steps (Madry et al.), at least eps / 4 so short runs reach the boundary."""
-    return max(eps / 4, 2.5 * eps / steps)
-
-
 def pgd_accuracy(model: KnnModel, images: np.ndarray, labels: np.ndarray, *, eps: float = 8 / 255,
-                 alpha: float = 2 / 255, steps: int = 10, temperature: float = 0.1, batch_size: int = 200,
+                 alpha: float | None = None, steps: int = 10, temperature: float = 0.1, batch_size: int = 200,
                  seed: int = 0, progress: bool = False) -> float:
-    """Hard k-NN accuracy under L-inf PGD (random start) on the soft-kNN surrogate's cross-entropy."""
-    device = model.bank.device
-    surrogate = model.surrogate(temperature)
-    g = torch.Generator(device=device).manual_seed(seed)
-    correct = 0
-    for x, y in _batches(images, labels, batch_size, device, f"pgd-{steps}", progress):
-        x_adv = attacks.pgd(attacks.cross_entropy_objective(surrogate, y), x, eps=eps, alpha=alpha, steps=steps,
-                            model=model.encoder, generator=g)
-        correct += int((model.predict(x_adv) == y).sum())
-    return correct / len(labels)
-
-
-def guided_attack(model: KnnModel, x: Tensor, y: Tensor, *, eps: float, alpha: float, steps: int, guides: int = 32,
-                  target: Tensor | None = None, random_init: bool = True, generator: torch.Generator | None = None,
-                  is_adversarial: attacks.SuccessFn | None = None) -> Tensor:
-    """The paper's k-NN-guided embedding attack (Chen et al. 2020): L-inf PGD pulling the embedding toward
-    the `guides` nearest bank samples of other classes (of `target`, when given). x [B, 3, H, W], y [B]."""
-    objective = attacks.guided_objective(model.encoder, model.guides(x, y, guides, target))
-    return attacks.pgd(objective, x, eps=eps, alpha=alpha, steps=steps, random_init=random_init, model=model.encoder,
-                       generator=generator, is_adversarial=is_adversarial)
-
-
-AttackFn = Callable[[Tensor, Tensor, torch.Generator], Tensor]  # (x [B, 3, H, W], y [B], generator) -> x_adv
+    """Hard k-NN accuracy under the catalogue's PGD (`knn_attacks` "pgd_ce": random start, step `alpha` * eps,
+    default 2.5 / steps, final iterate) on the cross-entropy of the soft-kNN surrogate at `temperature`: the
+    robust metric of training's validation and of export."""
+    attack = knn_attacks.build("pgd_ce", model, knn_attacks.Budget(eps, steps, alpha),
+                               knn_attacks.Surrogate(temperature))
+    mask, _ = robust_mask(model, images, labels, attack, batch_size=batch_size, seed=seed, progress=progress,
+                          desc=f"pgd-{steps}")
+    return float(mask.mean()) if len(mask) else 0.0
 
 
 def predictions(model: KnnModel, images: np.ndarray | Tensor, batch_size: int = 500) -> np.ndarray:
@@ -145,49 +125,3 @@ def robust_mask(model: KnnModel, images: np.ndarray | Tensor, labels: np.ndarray
             kept.append(x_adv.float().cpu())
     mask = torch.cat(correct).numpy() if correct else np.zeros(0, dtype=bool)
     return mask, (torch.cat(kept) if kept else None) if keep_adversarial else None
-
-
-AttackMethod = str  # one of ATTACK_METHODS
-
-
-def craft(model: KnnModel, x: Tensor, y: Tensor, *, method: AttackMethod = "pgd", eps: float = 8 / 255,
-          steps: int = 10, target: Tensor | None = None, temperature: float = 0.1, guides: int = 32,
-          generator: torch.Generator | None = None, surrogate_k: int | None = None) -> Tensor:
-    """Adversarial images against a k-NN model by named method; shared by evaluation and the API.
-
-    fgsm      one signed step on the soft-kNN surrogate's cross-entropy
-    pgd       PGD (random start, step 2.5 * eps / steps) on the surrogate's cross-entropy
-    knn_pgd   the paper's k-NN-guided embedding attack: pull toward the nearest other-class bank samples
-    adaptive  PGD on the surrogate's CW margin (scale-free, no softmax saturation)
-    apgd_ce   APGD (Croce & Hein 2020) on the surrogate's cross-entropy, step size self-tuned
-    apgd_dlr  APGD on the surrogate's DLR loss (untargeted; targeted uses the cross-entropy)
-    embedding label-free PGD pushing the embedding away from the clean one (ignores `target`)
-    x [B, 3, H, W] in [0, 1]; y [B] the labels to move away from; target [B] makes it targeted. The
-    surrogate is the soft-kNN at `temperature` over the whole bank, or over the `surrogate_k` nearest.
-    """
-    if method not in ATTACK_METHODS:
-        raise ValueError(f"unknown attack method {method!r}; expected one of {sorted(ATTACK_METHODS)}")
-    surrogate = model.surrogate(temperature, surrogate_k)
-    alpha = step_size(eps, steps)
-    if method == "knn_pgd":
-        return guided_attack(model, x, y, eps=eps, alpha=alpha, steps=steps, guides=guides, target=target,
-                             generator=generator)
-    objective = _CRAFT_OBJECTIVES[method](model, surrogate, x, y)
-    if target is not None and method != "embedding":
-        objective = attacks.targeted_objective(surrogate, target)
-    if method == "fgsm":
-        return attacks.fgsm(objective, x, eps=eps, model=model.encoder)
-    if method.startswith("apgd"):
-        return attacks.apgd(objective, x, eps=eps, steps=steps, model=model.encoder, generator=generator)
-    return attacks.pgd(objective, x, eps=eps, alpha=alpha, steps=steps, model=model.encoder, generator=generator)
-
-
-_CRAFT_OBJECTIVES: dict[str, Callable[[KnnModel, nn.Module, Tensor, Tensor], attacks.Objective]] = {
-    "fgsm": lambda m, s, x, y: attacks.cross_entropy_objective(s, y),
-    "pgd": lambda m, s, x, y: attacks.cross_entropy_objective(s, y),
-    "adaptive": lambda m, s, x, y: attacks.margin_objective(s, y),
-    "apgd_ce": lambda m, s, x, y: attacks.cross_entropy_objective(s, y),
-    "apgd_dlr": lambda m, s, x, y: attacks.dlr_objective(s, y),
-    "embedding": lambda m, s, x, y: attacks.embedding_objective(m.encoder, x),
-}
-ATTACK_METHODS = ("fgsm", "pgd", "knn_pgd", "adaptive", "apgd_ce", "apgd_dlr", "embedding")

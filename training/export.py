@@ -25,7 +25,7 @@ from training.artifact import BANK, ENCODER_ONNX, ENCODER_WEIGHTS, write_artifac
 from training.checkpoint import config_of, encoder_from_checkpoint, load_checkpoint
 from training.config import TrainConfig, resolve_device
 from training.data import DatasetError, ImageDataset, SplitSpec, has_test_split, load_dataset, load_split
-from training.evaluate import KnnModel, clean_accuracy, pgd_accuracy, step_size
+from training.evaluate import KnnModel, clean_accuracy, pgd_accuracy
 from training.manifest import EncoderSpec, InputSpec, KnnSpec, Manifest, Metrics, TrainingInfo
 from training.models import Encoder
 
@@ -164,7 +164,7 @@ def evaluate_model(model: KnnModel, data: str, n_clean: int | None, n_robust: in
                                "clean_n": len(clean), "eval_split": split}
     rob = test.subset(slice(0, n_robust))
     if n_robust:
-        acc = pgd_accuracy(model, rob.images, rob.labels, eps=eps, alpha=step_size(eps, steps), steps=steps,
+        acc = pgd_accuracy(model, rob.images, rob.labels, eps=eps, steps=steps,
                            progress=progress)
         metrics["robust"] = [{"attack": "pgd_soft_knn", "norm": "linf", "eps": eps, "steps": steps, "acc": acc,
                               "n": len(rob), "temperature": 0.1, "random_start": True}]

@@ -175,10 +175,13 @@ class SoftKnnClassifier(nn.Module):
 def other_class_guides(z: Tensor, labels: Tensor, bank: Tensor, bank_labels: Tensor, m: int) -> Tensor:
     """For the paper's guided attack: the m nearest bank embeddings of a class other than each label.
 
-    z [B, D], labels [B], bank [N, D], bank_labels [N] -> [B, m, D].
+    z [B, D], labels [B], bank [N, D], bank_labels [N] -> [B, m', D], m' = m capped at the fewest other-class
+    samples any query has (a small bank must not pad the guides with same-class samples).
     """
     d = _distances(z, bank.to(z.dtype), "l2")  # B x N
-    d = d.masked_fill(labels[:, None] == bank_labels[None].to(labels.device), float("inf"))
+    same = labels[:, None] == bank_labels[None].to(labels.device)
+    d = d.masked_fill(same, float("inf"))
+    m = max(1, min(m, int((~same).sum(1).min())))
     idx = d.topk(m, dim=1, largest=False).indices  # B x m
     return bank.to(z.dtype)[idx]
 

@@ -120,7 +120,7 @@ class KnnSurrogate(_Section):
     """The soft-kNN surrogate `/attack` differentiates: the one the robustness suite found strongest."""
 
     temperature: float
-    k: int | None  # None: the model's own k (written as null, never left out)
+    k: int | None  # None: softmax over the whole bank; k: over the k nearest (written as null, never left out)
     chosen_by: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 

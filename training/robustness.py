@@ -31,7 +31,7 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,13 +43,14 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from training import attacks, conformal, knn
+from training import attacks, conformal, knn, knn_attacks
 from training.artifact import CARD, load_artifact, update_artifact
 from training.card import fmt_eps, suite_section, with_suite_section
 from training.card import pct as _pct
 from training.card import verdict as _verdict
 from training.data import ImageDataset, load_dataset
-from training.evaluate import AttackFn, KnnModel, guided_attack, predictions, robust_mask
+from training.evaluate import KnnModel, predictions, robust_mask
+from training.knn_attacks import AttackFn, Surrogate
 from training.manifest import KnnSurrogate, Manifest, Metrics, RobustResult
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ class AttackSpec:
     """One row of the per-attack table: a named attack kind with its budget."""
 
     name: str
-    kind: str  # key of ATTACKS
+    kind: str  # name in knn_attacks.CATALOGUE
     steps: int
     alpha: float = 0.25  # step as a fraction of eps (PGD-style attacks)
     worst_case: bool = True  # part of the per-image worst case
@@ -159,126 +160,9 @@ def attack_specs(cfg: SuiteConfig) -> list[AttackSpec]:
     ]
 
 
-@dataclass(frozen=True)
-class Surrogate:
-    """Which soft-kNN stand-in the gradient attacks differentiate (`knn.soft_knn_logits`)."""
-
-    temperature: float = 0.1
-    k: int | None = None  # None: softmax over the whole bank; k: over the k nearest only
-
-    def build(self, model: KnnModel) -> torch.nn.Module:
-        return model.surrogate(self.temperature, self.k)
-
-    def __str__(self) -> str:
-        return f"T={self.temperature:g}, " + ("whole bank" if self.k is None else f"{self.k} nearest")
-
-
-# --- attacks as (model, spec, eps, surrogate, cfg) -> AttackFn -------------------------------------------------
-
-
-def _pgd_ce(m: KnnModel, s: AttackSpec, eps: float, t: Surrogate, cfg: SuiteConfig) -> AttackFn:
-    def run(x: Tensor, y: Tensor, g: torch.Generator) -> Tensor:
-        return attacks.pgd(attacks.cross_entropy_objective(t.build(m), y), x, eps=eps, alpha=s.alpha * eps,
-                           steps=s.steps, model=m.encoder, generator=g, is_adversarial=_fooled(m, y, s))
-    return run
-
-
-def _apgd(loss: Callable[..., attacks.Objective]) -> Callable[..., AttackFn]:
-    def build(m: KnnModel, s: AttackSpec, eps: float, t: Surrogate, cfg: SuiteConfig) -> AttackFn:
-        def run(x: Tensor, y: Tensor, g: torch.Generator) -> Tensor:
-            return attacks.apgd(loss(t.build(m), y), x, eps=eps, steps=s.steps, model=m.encoder, generator=g,
-                                is_adversarial=_fooled(m, y, s))
-        return run
-    return build
-
-
-def _guided(m: KnnModel, s: AttackSpec, eps: float, t: Surrogate, cfg: SuiteConfig) -> AttackFn:
-    def run(x: Tensor, y: Tensor, g: torch.Generator) -> Tensor:
-        return guided_attack(m, x, y, eps=eps, alpha=s.alpha * eps, steps=s.steps, guides=cfg.guides, generator=g,
-                             is_adversarial=_fooled(m, y, s))
-    return run
-
-
-def _embedding(m: KnnModel, s: AttackSpec, eps: float, t: Surrogate, cfg: SuiteConfig) -> AttackFn:
-    def run(x: Tensor, y: Tensor, g: torch.Generator) -> Tensor:
-        return attacks.pgd(attacks.embedding_objective(m.encoder, x), x, eps=eps, alpha=s.alpha * eps, steps=s.steps,
-                           model=m.encoder, generator=g, is_adversarial=_fooled(m, y, s))
-    return run
-
-
-def _cw(m: KnnModel, s: AttackSpec, eps: float, t: Surrogate, cfg: SuiteConfig) -> AttackFn:
-    def run(x: Tensor, y: Tensor, g: torch.Generator) -> Tensor:
-        return attacks.pgd(attacks.margin_objective(t.build(m), y), x, eps=eps, alpha=s.alpha * eps, steps=s.steps,
-                           model=m.encoder, generator=g, is_adversarial=_fooled(m, y, s))
-    return run
-
-
-@torch.no_grad()
-def _top_other_classes(sur: torch.nn.Module, m: KnnModel, x: Tensor, y: Tensor, n: int) -> Tensor:
-    """[B, n] the classes other than y with the highest clean surrogate logits (the likeliest targets)."""
-    with attacks.eval_mode(m.encoder):
-        logits = sur(x).float()
-    logits = logits.masked_fill(torch.nn.functional.one_hot(y, logits.shape[1]).bool(), float("-inf"))
-    return logits.argsort(1, descending=True)[:, :min(n, logits.shape[1] - 1)]
-
-
-def _each_target(m: KnnModel, x: Tensor, y: Tensor, targets: Tensor,
-                 attack_one: Callable[[Tensor], Tensor], broken: attacks.SuccessFn | None = None) -> Tensor:
-    """Run `attack_one(target [B])` per target column; keep, per image, the first result that breaks it
-    (`broken`, default: the hard vote no longer says y)."""
-    broken = broken or m.fooled(y)
-    out, done = x.clone(), torch.zeros(len(y), dtype=torch.bool, device=x.device)
-    for j in range(targets.shape[1]):
-        x_adv = attack_one(targets[:, j])
-        hit = broken(x_adv).to(done.device) & ~done
-        out[hit], done = x_adv[hit], done | hit
-    return out
-
-
-def _targeted_apgd(m: KnnModel, s: AttackSpec, eps: float, t: Surrogate, cfg: SuiteConfig) -> AttackFn:
-    """APGD-T style: APGD on the targeted margin (logit of the target minus the true one), per top class."""
-    def run(x: Tensor, y: Tensor, g: torch.Generator) -> Tensor:
-        sur = t.build(m)
-
-        def one(target: Tensor) -> Tensor:
-            def objective(xa: Tensor) -> Tensor:
-                logits = sur(xa)
-                return (logits.gather(1, target[:, None]) - logits.gather(1, y[:, None])).squeeze(1)
-            return attacks.apgd(objective, x, eps=eps, steps=s.steps, model=m.encoder, generator=g,
-                                is_adversarial=_fooled(m, y, s))
-        return _each_target(m, x, y, _top_other_classes(sur, m, x, y, cfg.targets), one)
-    return run
-
-
-def _sw_guided(m: KnnModel, s: AttackSpec, eps: float, t: Surrogate, cfg: SuiteConfig) -> AttackFn:
-    """Sitawarin & Wagner (2019/2020) guide-sample attack: pull the embedding toward the m nearest bank samples
-    of one target class (not a mix of classes, as the paper's attack does), per top class."""
-    def run(x: Tensor, y: Tensor, g: torch.Generator) -> Tensor:
-        targets = _top_other_classes(t.build(m), m, x, y, cfg.targets)
-        return _each_target(m, x, y, targets, lambda tgt: guided_attack(
-            m, x, y, eps=eps, alpha=s.alpha * eps, steps=s.steps, guides=cfg.sw_guides, target=tgt, generator=g,
-            is_adversarial=_fooled(m, y, s)))
-    return run
-
-
-def vote_margin_score(m: KnnModel, t: Surrogate, y: Tensor) -> attacks.IndexedScore:
-    """Score for query attacks: > 0 exactly when the hard vote no longer says y; below, the vote margin
-    (best other count minus true count, minus 1) plus a soft-vote tie-breaker in (-0.49, 0.49)."""
-    sur = t.build(m)
-
-    def score(x: Tensor, idx: Tensor) -> Tensor:
-        yy = y[idx]
-        with attacks.eval_mode(m.encoder):
-            z = m.encoder(x)
-        pred, votes = knn.knn_predict(z, m.bank, m.bank_labels, m.num_classes, m.k, m.metric)
-        soft = knn.soft_knn_logits(z, sur.bank, sur.bank_labels, m.num_classes, sur.temperature, sur.k)
-        onehot = torch.nn.functional.one_hot(yy, m.num_classes).bool()
-        soft_margin = soft.masked_fill(onehot, float("-inf")).amax(1) - soft.gather(1, yy[:, None]).squeeze(1)
-        vote_margin = votes.float().masked_fill(onehot, float("-inf")).amax(1) - votes.float().gather(
-            1, yy[:, None]).squeeze(1)
-        below = vote_margin - 1 + 0.49 * torch.tanh(soft_margin.float())
-        return torch.where(pred != yy, torch.ones_like(below), torch.minimum(below, torch.full_like(below, -0.5)))
-    return score
+def budget(spec: AttackSpec, eps: float, cfg: SuiteConfig) -> knn_attacks.Budget:
+    """The catalogue budget of one suite row at radius eps."""
+    return knn_attacks.Budget(eps, spec.steps, spec.alpha, spec.track, cfg.guides, cfg.sw_guides, cfg.targets)
 
 
 @torch.no_grad()
@@ -301,69 +185,31 @@ def abstention_attack(m: KnnModel, t: Surrogate, calibration: Tensor, threshold:
             return (pred != y) & (cred >= threshold)
 
         def one(target: Tensor) -> Tensor:
-            def objective(xa: Tensor) -> Tensor:
-                logits = sur(xa)
-                return (logits.gather(1, target[:, None]) - logits.gather(1, y[:, None])).squeeze(1)
-            return attacks.apgd(objective, x, eps=eps, steps=steps, model=m.encoder, generator=g)
-        return _each_target(m, x, y, _top_other_classes(sur, m, x, y, targets), one, broken=undefended)
+            return attacks.apgd(knn_attacks.targeted_margin(sur, y, target), x, eps=eps, steps=steps,
+                                model=m.encoder, generator=g)
+        return knn_attacks.each_target(m, x, y, knn_attacks.top_other_classes(sur, m, x, y, targets), one,
+                                       broken=undefended)
     return run
 
 
-def _square(m: KnnModel, s: AttackSpec, eps: float, t: Surrogate, cfg: SuiteConfig) -> AttackFn:
-    return lambda x, y, g: attacks.square(vote_margin_score(m, t, y), x, eps=eps, queries=s.steps, model=m.encoder,
-                                            generator=g)
-
-
-def _noise(m: KnnModel, s: AttackSpec, eps: float, t: Surrogate, cfg: SuiteConfig) -> AttackFn:
-    return lambda x, y, g: attacks.noise(x, eps=eps, generator=g)
-
-
-def _fooled(m: KnnModel, y: Tensor, s: AttackSpec) -> attacks.SuccessFn | None:
-    return m.fooled(y) if s.track else None
-
-
-ATTACKS: dict[str, Callable[[KnnModel, AttackSpec, float, Surrogate, SuiteConfig], AttackFn]] = {
-    "pgd_ce": _pgd_ce,
-    "apgd_ce": _apgd(attacks.cross_entropy_objective),
-    "apgd_dlr": _apgd(attacks.dlr_objective),
-    "guided": _guided,
-    "embedding": _embedding,
-    "noise": _noise,
-    "cw": _cw,
-    "apgd_targeted": _targeted_apgd,
-    "sw_guided": _sw_guided,
-    "square": _square,
-}
-
-_DESCRIBE = {
-    "pgd_ce": "PGD (Madry et al. 2018), random start, step {alpha}*eps, cross-entropy of the soft-kNN surrogate",
-    "apgd_ce": "APGD (Croce & Hein 2020) on the cross-entropy of the soft-kNN surrogate",
-    "apgd_dlr": "APGD (Croce & Hein 2020) on the DLR loss of the soft-kNN surrogate",
-    "guided": "the paper's k-NN-guided embedding attack (Chen et al. 2020): PGD pulling the embedding toward the "
-              "{guides} nearest other-class bank samples, step {alpha}*eps, random start, final iterate",
-    "embedding": "label-free PGD pushing the embedding away from the clean one (cosine), step {alpha}*eps",
-    "noise": "random-noise baseline: a uniformly random corner of the L-inf ball",
-    "cw": "PGD on the CW margin of the soft-kNN surrogate (the /attack 'adaptive' method), step {alpha}*eps",
-    "apgd_targeted": "APGD-T style: APGD on the targeted margin (target logit minus true) of the soft-kNN "
-                     "surrogate, once per each of the {targets} top other classes",
-    "sw_guided": "Sitawarin & Wagner guide-sample attack: PGD pulling the embedding toward the {sw_guides} nearest "
-                 "bank samples of one target class, step {alpha}*eps, once per each of the {targets} top other classes",
-    "square": "Square attack (Andriushchenko et al. 2020), score-based black box on the hard-vote margin "
-              "(soft vote as tie-breaker), no gradients; steps = queries",
-    "transfer": "transfer: APGD-CE crafted on the source model's soft-kNN surrogate (best-loss point), "
-                "scored on this model",
-}
+_TRANSFER = ("transfer: APGD-CE crafted on the source model's soft-kNN surrogate (best-loss point), scored on this "
+             "model")
 
 
 def describe(kind: str, steps: int, eps: float, surrogate: Surrogate | None, cfg: SuiteConfig, n: int,
              alpha: float = 0.25, track: bool = True, extra: str = "") -> str:
-    """The protocol sentence stored beside a number."""
-    what = _DESCRIBE[kind].format(alpha=round(alpha, 4), guides=cfg.guides, targets=cfg.targets,
-                                  sw_guides=cfg.sw_guides)
+    """The protocol sentence stored beside a number: the catalogue's description of `kind` (or the transfer
+    stage), its budget, surrogate and scoring."""
+    if kind == "transfer":
+        what, uses_surrogate = _TRANSFER, True
+    else:
+        what = knn_attacks.describe(kind, knn_attacks.Budget(eps, steps, alpha, track, cfg.guides, cfg.sw_guides,
+                                                             cfg.targets))
+        uses_surrogate = knn_attacks.CATALOGUE[kind].uses_surrogate
     parts = [f"L-inf eps={fmt_eps(eps)}", what]
     if kind != "noise":
         parts.append(f"{steps} steps")
-    if surrogate is not None and kind in ("pgd_ce", "apgd_ce", "apgd_dlr", "transfer", "cw", "apgd_targeted", "square"):
+    if surrogate is not None and uses_surrogate:
         parts.append(f"surrogate {surrogate}")
     if track and kind not in ("noise", "transfer", "guided", "square"):
         parts.append("an image counts as broken at its first iterate that flips the hard vote")
@@ -384,7 +230,7 @@ class ModelUnderTest:
     manifest: Manifest
     model: KnnModel
     model_sha256: str
-    surrogate: Surrogate = Surrogate()
+    surrogate: Surrogate = field(default_factory=Surrogate)
     runners_up: list[Surrogate] = field(default_factory=list)  # next-best surrogates of the sweep, best first
     calibration: Tensor | None = None  # conformal calibration scores of the artifact (None: no abstention stage)
     result: dict[str, Any] = field(default_factory=dict)
@@ -532,7 +378,7 @@ class Suite:
             "apgd_targeted", "sw_guided") else {}
         key = self._key(m, spec=asdict(spec), eps=eps, surrogate=asdict(sur),
                         guides=self.cfg.guides if spec.kind == "guided" else None, **extra)
-        build = ATTACKS[spec.kind](m.model, spec, eps, sur, self.cfg)
+        build = knn_attacks.build(spec.kind, m.model, budget(spec, eps, self.cfg), sur)
         return self._masked(m, f"{tag}{spec.name}-{eps:.5f}", idx, build, key,
                             f"{m.name[:16]} {spec.name} {fmt_eps(eps)}")
 
@@ -580,7 +426,7 @@ class Suite:
                    "steps": cfg.sweep_steps, "seed": cfg.seed}
             hit = self.cache.get(m.model_sha256, "surrogate", key)
             if hit is None:
-                attack = ATTACKS["pgd_ce"](m.model, spec, cfg.eps, sur, cfg)
+                attack = knn_attacks.build("pgd_ce", m.model, budget(spec, cfg.eps, cfg), sur)
                 correct, adv = robust_mask(m.model, held.images, held.labels, attack, batch_size=cfg.batch_size,
                                            seed=cfg.seed, keep_adversarial=True)
                 assert adv is not None
@@ -613,9 +459,7 @@ class Suite:
         key = self._key(src, stage="transfer", eps=eps, surrogate=asdict(src.surrogate), steps=cfg.transfer_steps)
         x = self.cache.get_tensor(src.model_sha256, f"transfer-{eps:.5f}", key)
         if x is None:
-            def craft(xb: Tensor, yb: Tensor, g: torch.Generator) -> Tensor:
-                return attacks.apgd_ce(src.surrogate.build(src.model), xb, yb, eps=eps,
-                                       steps=cfg.transfer_steps, model=src.model.encoder, generator=g)
+            craft = knn_attacks.build("apgd_ce", src.model, knn_attacks.Budget(eps, cfg.transfer_steps), src.surrogate)
             _, x = robust_mask(src.model, self.images, self.labels, craft, batch_size=cfg.batch_size, seed=cfg.seed,
                                progress=cfg.progress, desc=f"transfer source {fmt_eps(eps)}", keep_adversarial=True)
             assert x is not None
@@ -720,7 +564,8 @@ class Suite:
         tracked = AttackSpec("abstain_apgd_ce", "apgd_ce", cfg.abstain_steps)
         attacks_ = {
             "apgd_ce (first flip; not adaptive to the detector)": (
-                ATTACKS["apgd_ce"](m.model, tracked, cfg.eps, m.surrogate, cfg), {"spec": asdict(tracked)}),
+                knn_attacks.build("apgd_ce", m.model, budget(tracked, cfg.eps, cfg), m.surrogate),
+                {"spec": asdict(tracked)}),
             "targeted APGD to a credible wrong answer (adaptive)": (
                 abstention_attack(m.model, m.surrogate, m.calibration, threshold, cfg.eps, cfg.abstain_steps,
                                   cfg.targets), {"steps": cfg.abstain_steps, "targets": cfg.targets}),

@@ -49,8 +49,9 @@ from training.checkpoint import (
 )
 from training.config import TrainConfig, resolve_device
 from training.data import ImageDataset, load_split
-from training.evaluate import KnnModel, clean_accuracy, pgd_accuracy, step_size
+from training.evaluate import KnnModel, clean_accuracy, pgd_accuracy
 from training.models import ContrastiveModel, Encoder, SupervisedModel
+from training.widen import widen_encoder
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +317,7 @@ def setup(cfg: TrainConfig) -> Run:
     data = load_data(cfg, device)
     model = build_model(cfg, len(data.train_set.classes)).to(device)
     if cfg.init:
-        init_from(model, cfg.init)
+        init_from(model, cfg.init, cfg.seed)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     base_lr = cfg.lr * cfg.batch_size / 256
@@ -347,10 +348,19 @@ def parallelize(run: Run) -> nn.Module:
 # --- restore --------------------------------------------------------------------------------------
 
 
-def init_from(model: nn.Module, path: str) -> None:
-    """`--init`: start from another run's (served) weights; its heads may differ, its encoder may not."""
+def init_from(model: nn.Module, path: str, seed: int = 0) -> None:
+    """`--init`: start from another run's (served) weights; its heads may differ, its encoder may not, except
+    that a narrower plain CNN of the same arch is widened to this model's width keeping its function
+    (`training.widen`, Net2WiderNet), with the distillation map back to its embedding when the model has one."""
     init = load_checkpoint(path)
-    missing, _ = model.load_state_dict(served_weights(init), strict=False)
+    weights = served_weights(init)
+    src, own = config_of(init).encoder_config(), model.encoder.cfg
+    if src.arch == own.arch and src.width < own.width:
+        weights, align = widen_encoder(weights, src, own.width, seed=seed)
+        if getattr(model, "align", None) is not None and model.align.weight.shape == align.shape:
+            weights["align.weight"] = align
+        log.info("widened %s width %d -> %d (Net2WiderNet)", src.arch, src.width, own.width)
+    missing, _ = model.load_state_dict(weights, strict=False)
     if any(k.startswith("encoder.") for k in missing):
         raise ValueError(f"--init {path}: encoder weights missing or incompatible: {missing[:5]}")
     log.info("initialised from %s (%s)", path, init["config"].get("method"))
@@ -456,7 +466,7 @@ def validate(run: Run, query: ImageDataset, progress: bool = False) -> dict[str,
     out = {"val_knn_acc": clean_accuracy(model, query.images, query.labels, progress=progress)}
     if n := run.cfg.eval_robust:
         out["val_pgd10_acc"] = pgd_accuracy(model, query.images[:n], query.labels[:n], eps=8 / 255,
-                                            alpha=step_size(8 / 255, 10), steps=10)
+                                            steps=10)
     return out
 
 

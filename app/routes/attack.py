@@ -15,7 +15,7 @@ from app.routes.classify import resolve_top_k
 from app.schemas import AttackResponse, ClassRef
 
 router = APIRouter(tags=["attack"], dependencies=[Depends(require_api_key)])
-Method = Literal["fgsm", "pgd", "knn_pgd", "adaptive"]  # named attacks of training.evaluate.craft (a test checks)
+Method = Literal["fgsm", "pgd", "knn_pgd", "adaptive"]  # = training.knn_attacks.API_METHODS (a test checks)
 
 
 def compare_models(registry: Registry, main: ServedModel, compare: list[str] | None) -> list[ServedModel]:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training import knn
+from training import knn, knn_attacks
 from training import robustness as rb
 from training.artifact import verify_artifact
 from training.card import CARD_BEGIN
@@ -152,7 +152,8 @@ def test_square_breaks_the_fragile_model_without_gradients() -> None:
     train, test = toy_dataset(N_TRAIN, seed=0), toy_dataset(48, seed=1)
     fragile = model_under_test("pattern", PatternEncoder(), "supervised", train).model
     spec = rb.AttackSpec("square", "square", 300, track=False)
-    attack = rb.ATTACKS["square"](fragile, spec, 8 / 255, rb.Surrogate(0.5), toy_config(Path("unused")))
+    attack = knn_attacks.build("square", fragile, rb.budget(spec, 8 / 255, toy_config(Path("unused"))),
+                               knn_attacks.Surrogate(0.5))
     mask, _ = robust_mask(fragile, test.images[:24], test.labels[:24], attack, batch_size=24)
     assert mask.mean() <= 0.25
 
@@ -164,7 +165,7 @@ def test_vote_margin_score_is_positive_exactly_when_the_vote_flips() -> None:
     y = torch.as_tensor(test.labels[:24]).long()
     wrong = (y + 1) % 4
     for labels in (y, wrong):
-        score = rb.vote_margin_score(model, rb.Surrogate(0.5), labels)(x, torch.arange(len(x)))
+        score = knn_attacks.vote_margin_score(model, knn_attacks.Surrogate(0.5), labels)(x, torch.arange(len(x)))
         assert torch.equal(score > 0, model.predict(x) != labels)
         assert (score[score <= 0] <= -0.5).all()
 

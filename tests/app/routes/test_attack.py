@@ -16,7 +16,7 @@ from app.main import create_app
 from app.routes.attack import Method
 from tests.app.conftest import make_settings
 from tests.app.toy import png, toy_images
-from training.evaluate import ATTACK_METHODS
+from training.knn_attacks import API_METHODS, Surrogate
 
 RED = toy_images(1, seed=31)[0][0]
 
@@ -34,7 +34,7 @@ METHODS = typing.get_args(Method)
 
 
 def test_methods_come_from_the_training_library() -> None:
-    assert set(METHODS) == {"fgsm", "pgd", "knn_pgd", "adaptive"} and set(METHODS) <= set(ATTACK_METHODS)
+    assert set(METHODS) == {"fgsm", "pgd", "knn_pgd", "adaptive"} == set(API_METHODS)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -158,14 +158,14 @@ def test_attack_uses_the_surrogate_recorded_by_the_suite(good_root: Path, tmp_pa
     manifest = json.loads((root / "default" / MANIFEST).read_text())
     manifest["knn"]["surrogate"] = {"temperature": 0.5, "k": 3, "chosen_by": "test"}
     (root / "default" / MANIFEST).write_text(json.dumps(manifest))
-    seen: list[tuple[float, int | None]] = []
+    seen: list[Surrogate] = []
     real = attack_module.craft
 
     def spy(*args, **kwargs):
-        seen.append((kwargs["temperature"], kwargs["surrogate_k"]))
+        seen.append(kwargs["surrogate"])
         return real(*args, **kwargs)
 
     monkeypatch.setattr(attack_module, "craft", spy)
     with TestClient(create_app(make_settings(root)), raise_server_exceptions=False) as c:
         assert post(c, method="pgd", eps=8 / 255, steps=2).status_code == 200
-    assert seen == [(0.5, 3)]
+    assert seen == [Surrogate(0.5, 3)]
