@@ -61,7 +61,8 @@ class TrainConfig:
     limit: int | None = field(default=None, metadata={
         "help": "use only the first N training images (quick runs and tests)"})
     init: str | None = field(default=None, metadata={
-        "help": "checkpoint.pt to initialise from (e.g. an ssl run for sat)"})
+        "help": "checkpoint.pt to initialise from (e.g. an ssl run for sat); a narrower cnn8 is widened to --width "
+                "keeping its function (Net2WiderNet), e.g. a wide distillation student from its teacher"})
     teacher: str | None = field(default=None, metadata={
         "help": "distill: checkpoint.pt of the frozen clean SSL teacher whose embedding the student matches"})
     ema_decay: float = field(default=0.0, metadata={
