@@ -20,10 +20,11 @@ from torch import Tensor, nn
 from training import knn, knn_attacks
 from training import robustness as rb
 from training.artifact import verify_artifact
-from training.card import CARD_BEGIN
+from training.card import CARD_BEGIN, fmt_eps
 from training.data import ImageDataset
 from training.evaluate import KnnModel, robust_mask
 from training.manifest import EncoderSpec, InputSpec, KnnSpec, Manifest, TrainingInfo
+from training.robustness.cache import from_bits
 
 CLASSES = ("a", "b", "c", "d")
 PALETTE = np.array([[0.25, 0.25, 0.75], [0.75, 0.25, 0.25], [0.25, 0.75, 0.25], [0.75, 0.75, 0.75]])
@@ -115,9 +116,9 @@ def test_robust_model_scores_higher(toy_result: dict) -> None:
 
 def test_worst_case_never_above_any_attack(toy_result: dict) -> None:
     for m in toy_result["models"]:
-        worst = rb._unbits(m["per_image"]["worst_case"])
+        worst = from_bits(m["per_image"]["worst_case"])
         for name in m["worst_case"]["attacks"]:
-            attack = rb._unbits(m["per_image"][name])
+            attack = from_bits(m["per_image"][name])
             assert not (worst & ~attack).any(), f"{m['name']}: robust in the worst case but broken by {name}"
             acc = next(r["acc"] for r in m["attacks"] if r["attack"] == name)
             assert m["worst_case"]["acc"] <= acc
@@ -253,7 +254,7 @@ def test_resume_reuses_cached_results(tmp_path: Path, monkeypatch: pytest.Monkey
     def no_attacks(*args, **kwargs):
         raise AssertionError("every attack result should come from the cache")
 
-    monkeypatch.setattr(rb, "robust_mask", no_attacks)
+    monkeypatch.setattr(rb.suite, "robust_mask", no_attacks)
     second = run_toy(tmp_path, **small)
     for a, b in zip(first["models"], second["models"], strict=True):
         assert a["per_image"] == b["per_image"] and a["worst_case"] == b["worst_case"]
@@ -266,7 +267,7 @@ def test_config_validation() -> None:
         rb.SuiteConfig(temperatures=(0.0,))
     with pytest.raises(ValueError):
         rb.SuiteConfig(n_robust=0)
-    assert rb.fmt_eps(8 / 255) == "8/255" and rb.fmt_eps(0.03) == "0.03"
+    assert fmt_eps(8 / 255) == "8/255" and fmt_eps(0.03) == "0.03"
 
 
 # --- end to end: a real (tiny) artifact through the CLI, with card update --------------------------------------

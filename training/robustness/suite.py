@@ -1,30 +1,9 @@
-"""Robustness evaluation suite (DESIGN section 6, issue 5): adaptive attacks on k-NN artifacts, reports.
-
-Every attack is crafted on a differentiable stand-in and scored by the hard k-NN vote the product
-serves. The suite, per model:
-  clean accuracy     all requested test images, and the exact leading subset (1,017 images) separately
-  surrogate          soft-kNN temperature (and whole bank vs the k nearest) picked on held-out training
-                     images (never the test set) as the one whose PGD leaves the lowest accuracy; reported
-  attacks at eps     PGD-20/50 (random start, CE), APGD-CE and APGD-DLR (Croce & Hein 2020) on the
-                     surrogate; the paper's k-NN-guided embedding attack (Chen et al. 2020); a label-free
-                     embedding attack; transfer from a source model (the supervised baseline); each on all
-                     clean-correct images, then the per-image worst case (robust = survives every attack)
-  eps sweep          0, 2, 4, 8, 12, 16 /255, 0.03, 0.06: worst case of APGD-CE then APGD-DLR on the images
-                     still robust (cascade, nested over eps), and the paper's guided attack
-  paper protocol     defence success rate (attacked, originally correct images whose vote is unchanged)
-                     under the guided attack at eps 0.03 and 0.06, beside the adaptive worst case
-  masking checks     accuracy -> ~0 at a large eps; more steps never raise accuracy;
-                     white-box at least as strong as transfer; random noise weaker than every attack;
-                     zero surrogate gradients; surrogate/hard-vote agreement
-Results go to `<out>/robustness.{json,md}` + PNG plots; per-attack results are cached under
-`<out>/cache/<model sha>/` so an interrupted run resumes. `satml robustness --help` for the CLI.
-"""
+"""The suite itself: models under test, the stages (clean, surrogate choice, attacks, eps sweep, paper
+protocol, masking checks, abstention) and `run_suite`."""
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import logging
 import math
 import os
@@ -32,138 +11,37 @@ import platform
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from training import attacks, conformal, knn, knn_attacks
-from training.artifact import CARD, load_artifact, update_artifact
-from training.card import fmt_eps, suite_section, with_suite_section
-from training.card import pct as _pct
-from training.card import verdict as _verdict
+from training.artifact import load_artifact
+from training.card import fmt_eps
 from training.data import ImageDataset, load_dataset
 from training.evaluate import KnnModel, predictions, robust_mask
 from training.knn_attacks import AttackFn, Surrogate
-from training.manifest import KnnSurrogate, Manifest, Metrics, RobustResult
+from training.manifest import Manifest
+from training.robustness.cache import Cache, from_bits, to_bits
+from training.robustness.config import (
+    EXACT_TEST,
+    PAPER_REPORTED,
+    AttackSpec,
+    SuiteConfig,
+    attack_specs,
+    budget,
+    describe,
+)
+from training.robustness.diagnostics import torchattacks_agreement, zero_gradient_share
+from training.robustness.report import finite, update_card, write_reports
 
-log = logging.getLogger(__name__)
-
-CACHE_VERSION = 1  # bump when an attack's implementation changes so cached results are not reused
-EXACT_TEST = 1017  # leading CIFAR-10 test images that are pixel-exact (../shared/data/cifar10/README.md)
-EPS_SWEEP = (0.0, 2 / 255, 4 / 255, 8 / 255, 12 / 255, 16 / 255, 0.03, 0.06)
-PAPER_EPS = (0.03, 0.06)
-# defence success rate at eps 0.03 that the paper reports, by training method (DESIGN section 1)
-PAPER_REPORTED = {"supervised": "~0.19", "ssl": "~0.52", "sat": "~0.63-0.85"}
-
-
-@dataclass(frozen=True)
-class SuiteConfig:
-    """Budgets of the evaluation. Defaults are the full protocol; `quick()` the CI/test one. eps in [0, 1]."""
-
-    data: str = "data"
-    out: str = "benchmarks/results"
-    cache_dir: str | None = None  # per-attack results for resuming (None: <out>/cache)
-    n_robust: int = 1000  # first N test images attacked
-    n_clean: int | None = None  # test images for clean accuracy (None: all)
-    eps: float = 8 / 255  # main radius of the per-attack table
-    eps_sweep: tuple[float, ...] = EPS_SWEEP
-    paper_eps: tuple[float, ...] = PAPER_EPS
-    large_eps: float = 64 / 255  # masking check: every image should fall here
-    temperatures: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
-    topk_surrogate: bool = True  # also try the surrogate over the model's k nearest (large T -> the exact vote share)
-    n_sweep: int = 200  # held-out training images for the temperature choice
-    sweep_steps: int = 10  # PGD steps of the temperature sweep
-    pgd_steps: tuple[int, int] = (20, 50)
-    apgd_steps: int = 100  # APGD-CE / APGD-DLR at the main eps and in the eps sweep
-    embedding_steps: int = 50
-    guided_steps: int = 10  # the paper's attack: 10 steps of eps/6 (0.005 at eps 0.03), random start
-    guided_alpha: float = 1 / 6  # step as a fraction of eps
-    guides: int = 300  # the paper guides with ~300 other-class samples
-    transfer_steps: int = 100  # APGD-CE on the source model's surrogate
-    large_eps_steps: int = 20
-    targets: int = 3  # targeted attacks aim at each of the top other classes of the clean surrogate
-    targeted_steps: int = 100  # APGD steps per target
-    sw_guides: int = 75  # Sitawarin & Wagner's guide-sample attack: m nearest bank samples of the target class
-    sw_steps: int = 50
-    cw_steps: int = 50  # PGD on the surrogate's CW margin (the /attack "adaptive" method)
-    alt_surrogates: int = 2  # APGD-CE again with the next-best surrogates of the temperature sweep
-    square_queries: int = 1000  # score-based black-box Square attack on the vote margin
-    abstain_coverage: float = 0.9  # abstention: credibility threshold answering this share of the clean images
-    abstain_steps: int = 100  # APGD steps of the abstention attacks (per target for the adaptive one)
-    validate_n: int = 200  # images for the torchattacks cross-check (0: skip)
-    validate_eps: float = 1 / 255  # small enough that the supervised model keeps part of its accuracy (informative)
-    batch_size: int = 250
-    seed: int = 0
-    device: str = "auto"
-    resume: bool = True
-    progress: bool = True
-    quick: bool = False
-
-    def __post_init__(self) -> None:
-        if self.n_robust < 1:
-            raise ValueError(f"n_robust must be >= 1, got {self.n_robust}")
-        if not 0 < self.eps <= 1 or any(not 0 <= e <= 1 for e in self.eps_sweep):
-            raise ValueError(f"eps values must be in [0, 1] pixel units, got {self.eps}, {self.eps_sweep}")
-        if not self.temperatures or min(self.temperatures) <= 0:
-            raise ValueError(f"temperatures must be positive, got {self.temperatures}")
-
-    @classmethod
-    def quick_config(cls, **overrides: Any) -> SuiteConfig:
-        """A few dozen images and a few steps: the whole suite in about a minute on a tiny model."""
-        base = dict(n_robust=32, n_clean=256, temperatures=(0.01, 0.05, 0.2), n_sweep=32, sweep_steps=5,
-                    pgd_steps=(5, 10), apgd_steps=10, embedding_steps=10, guides=50, transfer_steps=10,
-                    large_eps_steps=5, validate_n=32, batch_size=64, targets=2, targeted_steps=10, sw_guides=20,
-                    sw_steps=10, cw_steps=10, alt_surrogates=1, square_queries=50, abstain_steps=10,
-                    quick=True)
-        return cls(**{**base, **overrides})
-
-
-@dataclass(frozen=True)
-class AttackSpec:
-    """One row of the per-attack table: a named attack kind with its budget."""
-
-    name: str
-    kind: str  # name in knn_attacks.CATALOGUE
-    steps: int
-    alpha: float = 0.25  # step as a fraction of eps (PGD-style attacks)
-    worst_case: bool = True  # part of the per-image worst case
-    track: bool = True  # keep the first iterate that flips the hard vote (AutoAttack-style)
-    chain: bool = False  # attack only the images still robust after every worst-case attack listed before it
-    surrogate_rank: int = 0  # 0: the surrogate the sweep selected; r: its r-th runner-up
-
-
-def attack_specs(cfg: SuiteConfig) -> list[AttackSpec]:
-    """The white-box attacks of the main table (transfer and noise are added by the suite)."""
-    short, long = cfg.pgd_steps
-    return [  # PGD step 2.5 * eps / steps (Madry et al. 2018), so more steps means a finer, not longer, search
-        AttackSpec(f"pgd{short}", "pgd_ce", short, alpha=2.5 / short),
-        AttackSpec(f"pgd{long}", "pgd_ce", long, alpha=2.5 / long),
-        AttackSpec("apgd_ce", "apgd_ce", cfg.apgd_steps),
-        AttackSpec("apgd_dlr", "apgd_dlr", cfg.apgd_steps),
-        AttackSpec("knn_guided", "guided", cfg.guided_steps, alpha=cfg.guided_alpha, track=False),
-        AttackSpec("embedding", "embedding", cfg.embedding_steps, alpha=0.1),
-        # the stronger, costlier attacks run on the survivors of the ones above (AutoAttack-style cascade):
-        # the per-image worst case is the same as running them on every image
-        AttackSpec("cw", "cw", cfg.cw_steps, alpha=2.5 / cfg.cw_steps, chain=True),
-        *(AttackSpec(f"apgd_ce_alt{r}", "apgd_ce", cfg.apgd_steps, chain=True, surrogate_rank=r)
-          for r in range(1, cfg.alt_surrogates + 1)),
-        AttackSpec("apgd_t", "apgd_targeted", cfg.targeted_steps, chain=True),
-        AttackSpec("sw_guided", "sw_guided", cfg.sw_steps, alpha=2.5 / cfg.sw_steps, chain=True),
-        AttackSpec("square", "square", cfg.square_queries, chain=True, track=False),
-    ]
-
-
-def budget(spec: AttackSpec, eps: float, cfg: SuiteConfig) -> knn_attacks.Budget:
-    """The catalogue budget of one suite row at radius eps."""
-    return knn_attacks.Budget(eps, spec.steps, spec.alpha, spec.track, cfg.guides, cfg.sw_guides, cfg.targets)
-
+log = logging.getLogger("training.robustness")
 
 @torch.no_grad()
 def credibility(m: KnnModel, calibration: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -192,35 +70,6 @@ def abstention_attack(m: KnnModel, t: Surrogate, calibration: Tensor, threshold:
     return run
 
 
-_TRANSFER = ("transfer: APGD-CE crafted on the source model's soft-kNN surrogate (best-loss point), scored on this "
-             "model")
-
-
-def describe(kind: str, steps: int, eps: float, surrogate: Surrogate | None, cfg: SuiteConfig, n: int,
-             alpha: float = 0.25, track: bool = True, extra: str = "") -> str:
-    """The protocol sentence stored beside a number: the catalogue's description of `kind` (or the transfer
-    stage), its budget, surrogate and scoring."""
-    if kind == "transfer":
-        what, uses_surrogate = _TRANSFER, True
-    else:
-        what = knn_attacks.describe(kind, knn_attacks.Budget(eps, steps, alpha, track, cfg.guides, cfg.sw_guides,
-                                                             cfg.targets))
-        uses_surrogate = knn_attacks.CATALOGUE[kind].uses_surrogate
-    parts = [f"L-inf eps={fmt_eps(eps)}", what]
-    if kind != "noise":
-        parts.append(f"{steps} steps")
-    if surrogate is not None and uses_surrogate:
-        parts.append(f"surrogate {surrogate}")
-    if track and kind not in ("noise", "transfer", "guided", "square"):
-        parts.append("an image counts as broken at its first iterate that flips the hard vote")
-    parts.append(f"scored by the hard k-NN vote on the first {n} test images (clean-wrong images count as broken), "
-                 f"seed {cfg.seed}")
-    return "; ".join(parts) + (f"; {extra}" if extra else "")
-
-
-# --- per-model state, cache ------------------------------------------------------------------------------------
-
-
 @dataclass
 class ModelUnderTest:
     """A k-NN model being evaluated: identity (name, path, manifest, sha256), the chosen surrogate, results."""
@@ -245,55 +94,6 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> ModelUnd
     art = load_artifact(path, device)
     return ModelUnderTest(art.name, Path(path), art.spec, KnnModel.from_artifact(art), art.spec.model_sha256,
                           calibration=art.calibration)
-
-
-class Cache:
-    """Per-model JSON results and tensors under `<out>/cache/<model sha[:16]>/`, keyed by the full protocol."""
-
-    def __init__(self, root: Path, enabled: bool) -> None:
-        self.root, self.enabled = root, enabled
-
-    def _path(self, sha: str, name: str, key: dict[str, Any], suffix: str) -> Path:
-        digest = hashlib.sha256(json.dumps({**key, "v": CACHE_VERSION}, sort_keys=True).encode()).hexdigest()[:16]
-        return self.root / sha[:16] / f"{name}-{digest}{suffix}"
-
-    def get(self, sha: str, name: str, key: dict[str, Any]) -> dict[str, Any] | None:
-        p = self._path(sha, name, key, ".json")
-        if self.enabled and p.is_file():
-            try:
-                return json.loads(p.read_text())
-            except json.JSONDecodeError:
-                log.warning("ignoring unreadable cache file %s", p)
-        return None
-
-    def put(self, sha: str, name: str, key: dict[str, Any], value: dict[str, Any]) -> None:
-        p = self._path(sha, name, key, ".json")
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, **value}))
-        os.replace(tmp, p)
-
-    def get_tensor(self, sha: str, name: str, key: dict[str, Any]) -> Tensor | None:
-        p = self._path(sha, name, key, ".safetensors")
-        return load_file(p)["x"] if self.enabled and p.is_file() else None
-
-    def put_tensor(self, sha: str, name: str, key: dict[str, Any], x: Tensor) -> None:
-        p = self._path(sha, name, key, ".safetensors")
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(".tmp")
-        save_file({"x": x.contiguous()}, tmp)
-        os.replace(tmp, p)
-
-
-def _bits(mask: np.ndarray) -> str:
-    return "".join("1" if b else "0" for b in mask)
-
-
-def _unbits(s: str) -> np.ndarray:
-    return np.frombuffer(s.encode(), dtype=np.uint8) == ord("1")
-
-
-# --- the suite -------------------------------------------------------------------------------------------------
 
 
 class Suite:
@@ -352,7 +152,7 @@ class Suite:
         key = {**key, "idx": hashlib.sha256(idx.astype(np.int64).tobytes()).hexdigest()[:16]}
         hit = self.cache.get(m.model_sha256, name, key)
         if hit is not None:
-            return _unbits(hit["mask"]), float(hit["seconds"])
+            return from_bits(hit["mask"]), float(hit["seconds"])
         t0 = time.time()
         mask = np.zeros(len(self.labels), dtype=bool)
         if len(idx):
@@ -360,7 +160,7 @@ class Suite:
                                        batch_size=self.cfg.batch_size, seed=self.cfg.seed, progress=self.cfg.progress,
                                        desc=desc)
         seconds = time.time() - t0
-        self.cache.put(m.model_sha256, name, key, {"mask": _bits(mask), "seconds": seconds})
+        self.cache.put(m.model_sha256, name, key, {"mask": to_bits(mask), "seconds": seconds})
         return mask, seconds
 
     def spec_surrogate(self, m: ModelUnderTest, spec: AttackSpec) -> Surrogate:
@@ -397,9 +197,9 @@ class Suite:
         if hit is None:
             t0 = time.time()
             pred = predictions(m.model, self.test.images[:n], self.cfg.batch_size * 2)
-            hit = {"correct": _bits(pred == self.test.labels[:n]), "seconds": time.time() - t0}
+            hit = {"correct": to_bits(pred == self.test.labels[:n]), "seconds": time.time() - t0}
             self.cache.put(m.model_sha256, "clean", key, hit)
-        correct = _unbits(hit["correct"])
+        correct = from_bits(hit["correct"])
         n_exact = min(EXACT_TEST, n)
         return {"acc": float(correct.mean()), "n": int(n), "exact_acc": float(correct[:n_exact].mean()),
                 "exact_n": int(n_exact), "seconds": hit["seconds"],
@@ -523,7 +323,7 @@ class Suite:
         res["attacks"] = rows
         res["eps_sweep"] = self.eps_sweep(m, correct, masks, at_eps)
         main_row = next(r for r in res["eps_sweep"] if math.isclose(r["eps"], cfg.eps))
-        worst = _unbits(main_row["worst_case_bits"])
+        worst = from_bits(main_row["worst_case_bits"])
         res["worst_case"] = {"acc": float(worst.mean()), "n": n, "eps": cfg.eps, "attacks": worst_names,
                              "acc_attacks_at_eps_only": float(at_eps.mean()),
                              "protocol": f"an image counts as robust only if it is classified correctly clean, after "
@@ -531,8 +331,8 @@ class Suite:
                                          "after the APGD-CE/DLR cascade at every smaller eps of the sweep"}
         res["noise"] = {"acc": float(noise_mask.mean()), "n": n, "eps": cfg.eps,
                         "protocol": describe("noise", 1, cfg.eps, None, cfg, n, track=False)}
-        res["per_image"] = {"clean_correct": _bits(correct), **{k: _bits(v) for k, v in masks.items()},
-                            "worst_case": _bits(worst), "noise": _bits(noise_mask)}
+        res["per_image"] = {"clean_correct": to_bits(correct), **{k: to_bits(v) for k, v in masks.items()},
+                            "worst_case": to_bits(worst), "noise": to_bits(noise_mask)}
         res["paper_protocol"] = self.paper_table(m, res["eps_sweep"], correct)
         res["masking_checks"] = self.masking_checks(m, res, idx)
         if m.calibration is not None:
@@ -592,13 +392,13 @@ class Suite:
                 "robust_acc_without_abstention": float(((p_adv == self.labels[idx]).sum()) / n),
                 "robust_acc_with_abstention": float(defended.mean()),
                 "abstained_on_adversarial": float((c_adv < threshold)[flipped].mean()) if flipped.any() else None,
-                "auroc_clean_vs_adversarial": _finite(conformal.auroc(torch.as_tensor(cred[idx]),
+                "auroc_clean_vs_adversarial": finite(conformal.auroc(torch.as_tensor(cred[idx]),
                                                                       torch.as_tensor(c_adv[flipped]))),
                 "seconds": round(float(hit["seconds"]), 2)})
         return {"threshold": threshold, "coverage": float(answered.mean()), "target_coverage": cfg.abstain_coverage,
                 "selective_clean_acc": float(correct[answered].mean()) if answered.any() else None,
                 "clean_acc": float(correct.mean()),
-                "coverage_curve": [{k: _finite(v) for k, v in r.items()} for r in conformal.coverage_curve(
+                "coverage_curve": [{k: finite(v) for k, v in r.items()} for r in conformal.coverage_curve(
                     torch.as_tensor(cred), torch.as_tensor(correct))],
                 "attacks": rows,
                 "protocol": f"credibility = conformal p-value of the predicted class (calibration scores of the "
@@ -639,7 +439,7 @@ class Suite:
                                      f"{fmt_eps(cfg.eps)}: after every main-table attack); "
                                      f"guided = "
                                      f"{describe('guided', cfg.guided_steps, eps, None, cfg, n, cfg.guided_alpha)}",
-                         "worst_case_bits": _bits(alive)})
+                         "worst_case_bits": to_bits(alive)})
         return rows
 
     def paper_table(self, m: ModelUnderTest, sweep: list[dict[str, Any]], correct: np.ndarray) -> list[dict[str, Any]]:
@@ -648,7 +448,7 @@ class Suite:
         n_att = int(correct.sum())
         for eps in self.cfg.paper_eps:
             row = next(r for r in sweep if math.isclose(r["eps"], eps))
-            worst = _unbits(row["worst_case_bits"])
+            worst = from_bits(row["worst_case_bits"])
             out.append({"eps": eps, "n_attacked": n_att,
                         "defence_success_rate": row["guided_acc"] * len(self.labels) / max(1, n_att),
                         "adaptive_defence_rate": float(worst.sum()) / max(1, n_att),
@@ -762,7 +562,7 @@ def suite_code_version() -> str:
     version = code_version()
     try:
         out = subprocess.run(["git", "status", "--porcelain", "--", "."], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent)
+                             cwd=Path(__file__).parents[1])
         dirty = bool(out.stdout.strip()) and out.returncode == 0
     except (OSError, subprocess.SubprocessError):
         dirty = False
@@ -775,282 +575,6 @@ def _loadavg() -> list[float] | None:
         return [round(v, 2) for v in os.getloadavg()]
     except OSError:
         return None
-
-
-def zero_gradient_share(model: KnnModel, surrogate: Surrogate, images: np.ndarray, labels: np.ndarray,
-                        batch_size: int = 250) -> float:
-    """Share of images whose surrogate cross-entropy has an all-zero or non-finite input gradient (a saturated
-    softmax: the classic gradient-masking symptom that AutoAttack checks for)."""
-    bad = 0
-    sur = surrogate.build(model)
-    device = model.bank.device
-    with attacks.eval_mode(model.encoder):
-        for i in range(0, len(labels), batch_size):
-            x = knn.to_float_images(images[i:i + batch_size], device).requires_grad_(True)
-            y = torch.as_tensor(labels[i:i + batch_size], device=device).long()
-            (g,) = torch.autograd.grad(attacks.cross_entropy_objective(sur, y)(x).sum(), x)
-            flat = g.flatten(1)
-            bad += int(((flat.abs().amax(1) == 0) | ~torch.isfinite(flat).all(1)).sum())
-    return bad / max(1, len(labels))
-
-
-def torchattacks_agreement(classifier: torch.nn.Module, images: np.ndarray, labels: np.ndarray, *, eps: float,
-                           pgd_steps: int, apgd_steps: int, seed: int = 0,
-                           device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Robust accuracy (argmax of `classifier`) under our PGD / APGD-CE / APGD-DLR and torchattacks' versions.
-
-    Same images, eps, steps and step size (PGD: eps/4, random start; APGD: 1 restart, rho 0.75). Raises
-    ImportError when torchattacks is absent.
-    """
-    import torchattacks
-
-    x = torch.as_tensor(images).to(device).permute(0, 3, 1, 2).float().div(255) if images.dtype == np.uint8 else \
-        torch.as_tensor(images).to(device)
-    y = torch.as_tensor(labels, device=device).long()
-    classifier = classifier.to(device)
-
-    def acc(x_adv: Tensor) -> float:
-        with torch.no_grad(), attacks.eval_mode(classifier):
-            return float((classifier(x_adv).argmax(1) == y).float().mean())
-
-    def fooled(xb: Tensor) -> Tensor:
-        with torch.no_grad():
-            return classifier(xb).argmax(1) != y
-
-    g = torch.Generator(device=device).manual_seed(seed)
-    ours = {
-        "pgd": attacks.pgd(attacks.cross_entropy_objective(classifier, y), x, eps=eps, alpha=eps / 4,
-                           steps=pgd_steps, model=classifier, generator=g),
-        "apgd_ce": attacks.apgd_ce(classifier, x, y, eps=eps, steps=apgd_steps, model=classifier, generator=g,
-                                   is_adversarial=fooled),
-        "apgd_dlr": attacks.apgd_dlr(classifier, x, y, eps=eps, steps=apgd_steps, model=classifier, generator=g,
-                                     is_adversarial=fooled),
-    }
-    torch.manual_seed(seed)
-    theirs = {
-        "pgd": torchattacks.PGD(classifier, eps=eps, alpha=eps / 4, steps=pgd_steps, random_start=True)(x, y),
-        "apgd_ce": torchattacks.APGD(classifier, eps=eps, steps=apgd_steps, loss="ce", seed=seed)(x, y),
-        "apgd_dlr": torchattacks.APGD(classifier, eps=eps, steps=apgd_steps, loss="dlr", seed=seed)(x, y),
-    }
-    rows = []
-    for name in ours:
-        a, b = acc(ours[name]), acc(theirs[name])
-        rows.append({"attack": name, "ours": a, "torchattacks": b, "diff_points": round(100 * (a - b), 2)})
-    return {"torchattacks_version": torchattacks.__version__, "n": len(y), "eps": eps, "clean": acc(x),
-            "pgd_steps": pgd_steps, "apgd_steps": apgd_steps, "rows": rows,
-            "protocol": "accuracy of the attacked classifier's argmax (here the soft-kNN surrogate) after each "
-                        "implementation's attack on the same images and budget"}
-
-
-# --- reports ---------------------------------------------------------------------------------------------------
-
-
-def _finite(x: float) -> float | None:
-    """JSON has no NaN: undefined numbers (no image to measure on) are null."""
-    return None if isinstance(x, float) and math.isnan(x) else x
-
-
-def markdown_report(result: dict[str, Any]) -> str:
-    """The human-readable report: worst case first, then each attack, eps sweep, paper table, checks."""
-    models, cfg = result["models"], result["config"]
-    eps = fmt_eps(cfg["eps"])
-    n_att = models[0]["worst_case"]["n"] if models else 0
-    names = [r["attack"] for r in models[0]["attacks"]] if models else []
-    for m in models[1:]:
-        names += [r["attack"] for r in m["attacks"] if r["attack"] not in names]
-    lines = [f"# Robustness report{' (quick mode: not the full protocol)' if result['quick'] else ''}", "",
-             f"Code {result['code_version']}, seed {result['seed']}, {result['device']}, torch {result['torch']}, "
-             f"{result['created']}, {result['seconds'] / 60:.1f} min. "
-             f"Threat model: {result['protocol']['threat_model']}. "
-             f"Scoring: {result['protocol']['scoring']}.", "",
-             f"## Worst case at eps {eps} (an image is robust only if it survives every attack)", "",
-             f"| model | method | clean (n) | clean, exact images (n) | **worst case** (n={n_att}) | surrogate T |",
-             "|---|---|---|---|---|---|"]
-    for m in models:
-        c = m["clean"]
-        lines.append(f"| {m['name']} | {m['method']} | {_pct(c['acc'])} % ({c['n']}) | {_pct(c['exact_acc'])} % "
-                     f"({c['exact_n']}) | **{_pct(m['worst_case']['acc'])} %** | {m['temperature']['surrogate']} |")
-    lines += ["", f"## Accuracy (%) under each attack at eps {eps}", "",
-              "| model | clean (attacked images) | " + " | ".join(names) + " | worst case | noise |",
-              "|---|---|" + "---|" * len(names) + "---|---|"]
-    for m in models:
-        acc = {r["attack"]: r["acc"] for r in m["attacks"]}
-        lines.append(f"| {m['name']} | {_pct(m['attacked']['acc'])} | " + " | ".join(_pct(acc.get(a)) for a in names)
-                     + f" | **{_pct(m['worst_case']['acc'])}** | {_pct(m['noise']['acc'])} |")
-    lines += ["", "Attack protocols:", ""]
-    seen = set()
-    for m in models:
-        for r in m["attacks"]:
-            if r["attack"] not in seen:
-                seen.add(r["attack"])
-                lines.append(f"- `{r['attack']}`: {r['protocol']}")
-    sweep_eps = [r["eps"] for r in models[0]["eps_sweep"]] if models else []
-    lines += ["", "## Accuracy (%) vs eps: adaptive worst case / paper's guided attack", "",
-              "| model | " + " | ".join(fmt_eps(e) for e in sweep_eps) + " |", "|---|" + "---|" * len(sweep_eps)]
-    for m in models:
-        lines.append(f"| {m['name']} | " + " | ".join(f"{_pct(r['worst_case_acc'])} / {_pct(r['guided_acc'])}"
-                                                   for r in m["eps_sweep"]) + " |")
-    if models:
-        lines += ["", f"Worst case here: {models[0]['eps_sweep'][-1]['protocol'].split('; guided')[0]}. "
-                  "Plot: `robustness_eps.png`."]
-    lines += ["", "## The paper's protocol: defence success rate", "",
-              "Share of the attacked, originally correct images whose k-NN prediction is unchanged (Chen et al. 2020, "
-              "100 test images there); ours under the paper's guided attack and under our adaptive worst case.", "",
-              "| model | method | eps | attacked | paper's guided attack | adaptive worst case | paper reports |",
-              "|---|---|---|---|---|---|---|"]
-    for m in models:
-        for r in m["paper_protocol"]:
-            lines.append(f"| {m['name']} | {m['method']} | {r['eps']:g} | {r['n_attacked']} | "
-                         f"{r['defence_success_rate']:.2f} | {r['adaptive_defence_rate']:.2f} | "
-                         f"{r['paper_reported'] or '-'} |")
-    with_abst = [m for m in models if m.get("abstention")]
-    if with_abst:
-        lines += ["", f"## Abstention (conformal credibility) at eps {eps}", "",
-                  "| model | threshold | clean coverage | selective clean acc | attack | robust acc, no abstention | "
-                  "**robust acc with abstention** | adversarial abstained on | AUROC clean vs adv |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for m in with_abst:
-            a = m["abstention"]
-            for r in a["attacks"]:
-                abst = "-" if r["abstained_on_adversarial"] is None else _pct(r["abstained_on_adversarial"])
-                lines.append(f"| {m['name']} | {a['threshold']:.3f} | {_pct(a['coverage'])} % | "
-                             f"{_pct(a['selective_clean_acc'])} % | {r['attack']} | "
-                             f"{_pct(r['robust_acc_without_abstention'])} % | "
-                             f"**{_pct(r['robust_acc_with_abstention'])} %** | {abst} % | "
-                             + ("-" if r["auroc_clean_vs_adversarial"] is None else
-                                f"{r['auroc_clean_vs_adversarial']:.3f}") + " |")
-        lines += ["", with_abst[0]["abstention"]["protocol"] + "."]
-    lines += ["", "## Gradient-masking checks", "", "| model | check | result | detail |", "|---|---|---|---|"]
-    for m in models:
-        for c in m["masking_checks"]:
-            lines.append(f"| {m['name']} | {c['check']} | {_verdict(c['passed'])} | {c['detail']} |")
-    lines += ["", "## Surrogate choice (on held-out training images): hard-vote accuracy (%) after PGD", ""]
-    if models:
-        cols = [(r["temperature"], r["k"]) for r in models[0]["temperature"]["sweep"]]
-        lines += ["| model | " + " | ".join(f"T={t:g}" + ("" if k is None else f", k={k}") for t, k in cols) + " |",
-                  "|---|" + "---|" * len(cols)]
-        for m in models:
-            cells = [_pct(r["acc"]) + " (0 grad)" * (r["zero_gradient_share"] > 0.01)
-                     for r in m["temperature"]["sweep"]]
-            lines.append(f"| {m['name']} | " + " | ".join(cells) + " |")
-        lines += ["", models[0]["temperature"]["protocol"] + ". (0 grad): over 1 % of the images have an all-zero "
-                  "input gradient on that surrogate (saturated softmax)."]
-    v = result.get("torchattacks_validation")
-    lines += ["", "## Cross-check against torchattacks", ""]
-    if not v:
-        lines.append("Not run.")
-    elif "skipped" in v:
-        lines.append(f"Skipped: {v['skipped']}.")
-    else:
-        lines += [f"torchattacks {v['torchattacks_version']} on {v['model']}, {v['n']} images, "
-                  f"eps {fmt_eps(v['eps'])}, "
-                  f"PGD {v['pgd_steps']} steps, APGD {v['apgd_steps']} steps; {v['protocol']}. Clean "
-                  f"{_pct(v['clean'])} %.", "", "| attack | ours | torchattacks | difference (points) |",
-                  "|---|---|---|---|"]
-        lines += [f"| {r['attack']} | {_pct(r['ours'])} | {_pct(r['torchattacks'])} | {r['diff_points']:+.1f} |"
-                  for r in v["rows"]]
-    lines += ["", "## Models", ""]
-    lines += [f"- {m['name']}: `{m['path']}`, model sha256 `{m['model_sha256'][:16]}...` (encoder + bank), "
-              f"{m['encoder'].get('arch', '?')} width {m['encoder'].get('width', '?')}, k={m['knn'].get('k', '?')}; "
-              f"evaluated in {m['seconds'] / 60:.1f} min" for m in models]
-    return "\n".join(lines) + "\n"
-
-
-def _save_plot(fig: Any, ax: Any, path: Path) -> Path:
-    """Common finish of the report plots: grid, legend, tight layout, PNG, figure closed."""
-    import matplotlib.pyplot as plt
-
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def plot_eps(result: dict[str, Any], path: Path) -> Path:
-    """Accuracy vs eps for all models on one figure: worst case solid, paper's guided attack dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for i, m in enumerate(result["models"]):
-        rows = sorted(m["eps_sweep"], key=lambda r: r["eps"])
-        e = [r["eps"] * 255 for r in rows]
-        color = f"C{i}"
-        ax.plot(e, [100 * r["worst_case_acc"] for r in rows], "o-", color=color, label=f"{m['name']}: worst case")
-        ax.plot(e, [100 * r["guided_acc"] for r in rows], "s--", color=color, alpha=0.6,
-                label=f"{m['name']}: paper's guided attack")
-    ax.axvline(result["config"]["eps"] * 255, color="grey", lw=0.8, ls=":")
-    ax.set_xlabel("L-inf eps (/255)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(-2, 102)
-    ax.set_title("k-NN accuracy vs attack radius" + (" (quick mode)" if result["quick"] else ""))
-    return _save_plot(fig, ax, path)
-
-
-def plot_temperature(result: dict[str, Any], path: Path) -> Path:
-    """Hard-vote accuracy after PGD on the surrogate vs its temperature, per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.6, 3.8), dpi=120)
-    for i, m in enumerate(result["models"]):
-        for k, style in ((None, "o-"), ("topk", "s--")):
-            rows = [r for r in m["temperature"]["sweep"] if (r["k"] is None) == (k is None)]
-            if rows:
-                ax.semilogx([r["temperature"] for r in rows], [100 * r["acc"] for r in rows], style, color=f"C{i}",
-                            label=f"{m['name']}, " + ("whole bank" if k is None else f"{rows[0]['k']} nearest")
-                            + f" (chosen: {m['temperature']['surrogate']})" * (k is None))
-    ax.set_xlabel("soft-kNN temperature")
-    ax.set_ylabel("accuracy after PGD (%)")
-    ax.set_title("Surrogate temperature sweep (held-out images)")
-    return _save_plot(fig, ax, path)
-
-
-def write_reports(result: dict[str, Any], out: str | Path, stem: str = "robustness") -> dict[str, str]:
-    """`<stem>.json`, `<stem>.md`, `<stem>_eps.png`, `<stem>_temperature.png` in `out`; returns their paths."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / f"{stem}.json", "markdown": out / f"{stem}.md", "eps_plot": out / f"{stem}_eps.png",
-             "temperature_plot": out / f"{stem}_temperature.png"}
-    paths["json"].write_text(json.dumps(result, indent=1) + "\n")
-    paths["markdown"].write_text(markdown_report(result))
-    plot_eps(result, paths["eps_plot"])
-    plot_temperature(result, paths["temperature_plot"])
-    return {k: str(v) for k, v in paths.items()}
-
-
-def update_card(artifact: str | Path, model: dict[str, Any], result: dict[str, Any], plot: str | Path | None) -> None:
-    """Write the suite's section into card.md (replacing an earlier one), copy the plot, record the results in
-    `metrics.robust` and the chosen surrogate in `knn.surrogate`; `update_artifact` re-hashes, so the artifact
-    still verifies."""
-    path = Path(artifact)
-    card = (path / CARD).read_text() if (path / CARD).is_file() else f"# Model card: {model['name']}\n"
-    files = {CARD: with_suite_section(card, suite_section(model, result)).encode()}
-    if plot is not None:
-        files["robustness_eps.png"] = Path(plot).read_bytes()
-
-    def record(manifest: Manifest) -> None:
-        if manifest.model_sha256 != model["model_sha256"]:
-            raise ValueError(f"{path}: encoder/bank differ from the evaluated model {model['model_sha256'][:12]}")
-        metrics = manifest.metrics = manifest.metrics or Metrics()
-        robust = [r for r in metrics.robust or [] if r.suite != "robustness"]
-        most = max((r["steps"] for r in model["attacks"]), default=0)  # the worst case's longest attack
-        for r in model["attacks"] + [{"attack": "worst_case", "steps": most, **model["worst_case"]}]:
-            robust.append(RobustResult(attack=r["attack"], norm="linf", eps=r["eps"], steps=r.get("steps"),
-                                       acc=r["acc"], n=r["n"], suite="robustness", code_version=result["code_version"],
-                                       quick=result["quick"]))
-        metrics.robust = robust
-        sur = model["temperature"]  # what /attack differentiates: the suite's strongest
-        manifest.knn.surrogate = KnnSurrogate(temperature=sur["selected"], k=sur["selected_k"],
-                                              chosen_by="robustness suite temperature sweep")
-
-    update_artifact(path, record, files)
 
 
 def run_suite(cfg: SuiteConfig, artifacts: Sequence[str | Path], transfer_source: str | Path | None = None,
@@ -1067,67 +591,3 @@ def run_suite(cfg: SuiteConfig, artifacts: Sequence[str | Path], transfer_source
                                    "attacks": {r["attack"]: r["acc"] for r in m["attacks"]},
                                    "checks_failed": [c["check"] for c in m["masking_checks"] if c["passed"] is False]}
                        for m in result["models"]}}
-
-
-# --- CLI -------------------------------------------------------------------------------------------------------
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("artifacts", nargs="+", help="artifact folders, e.g. artifacts/default artifacts/supervised")
-    p.add_argument("--transfer-source", default=None,
-                   help="artifact whose adversarial images are transferred (default: the supervised one; 'none')")
-    p.add_argument("--data", default="data", help="dataset path (CIFAR-10 python layout)")
-    p.add_argument("--out", default=None, help="folder for robustness.{json,md} and the plots (default: "
-                   "benchmarks/results; with --quick: test-output/robustness_quick, so quick runs never overwrite)")
-    p.add_argument("--cache-dir", default=None, help="per-attack results for resuming (default: <out>/cache)")
-    p.add_argument("--quick", action="store_true", help="a few dozen images and few steps (tests, CI)")
-    p.add_argument("--n-robust", type=int, default=None, help="first N test images attacked (full: 1000)")
-    p.add_argument("--n-clean", type=int, default=None, help="test images for clean accuracy (full: all)")
-    p.add_argument("--eps", type=parse_eps, default=None, help="main L-inf radius in [0, 1], e.g. 8/255 (full: 8/255)")
-    p.add_argument("--eps-sweep", type=parse_eps, nargs="+", default=None,
-                   help="radii of the accuracy-vs-eps sweep (full: 0 2/255 4/255 8/255 12/255 16/255 0.03 0.06)")
-    p.add_argument("--validate-n", type=int, default=None, help="images for the torchattacks cross-check (0: skip)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per attack batch")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random start")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="reuse per-attack results from the cache folder")
-    p.add_argument("--update-cards", action="store_true",
-                   help="write the results into each artifact's card.md and re-hash it in manifest.json")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
-
-
-def parse_eps(text: str) -> float:
-    """'8/255' or '0.03' -> float in [0, 1] pixel units."""
-    try:
-        num, _, den = text.partition("/")
-        value = float(num) / float(den) if den else float(num)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected a number or a fraction like 8/255, got {text!r}") from e
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"eps must be in [0, 1] pixel units, got {text!r}")
-    return value
-
-
-def config_from_args(args: argparse.Namespace) -> SuiteConfig:
-    sweep = tuple(args.eps_sweep) if args.eps_sweep else None
-    over = {k: v for k, v in {"n_robust": args.n_robust, "n_clean": args.n_clean, "eps": args.eps, "eps_sweep": sweep,
-                                "validate_n": args.validate_n, "batch_size": args.batch_size}.items() if v is not None}
-    out = args.out or ("test-output/robustness_quick" if args.quick else "benchmarks/results")
-    common = dict(data=args.data, out=out, cache_dir=args.cache_dir, seed=args.seed, device=args.device,
-                  resume=args.resume, progress=args.progress)
-    cfg = SuiteConfig.quick_config(**common) if args.quick else SuiteConfig(**common)
-    return replace(cfg, **over)
-
-
-def cmd_robustness(args: argparse.Namespace) -> dict[str, Any]:
-    return run_suite(config_from_args(args), args.artifacts, args.transfer_source, args.update_cards)
-
-
-def add_cli(sub: Any) -> None:
-    """Register `satml robustness`."""
-    p = sub.add_parser("robustness", help="robustness evaluation suite: adaptive attacks, eps sweep, paper protocol, "
-                       "masking checks; JSON + markdown + plots",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=cmd_robustness)

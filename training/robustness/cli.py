@@ -1,0 +1,71 @@
+"""`satml robustness`: arguments -> `SuiteConfig` -> `run_suite`."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from typing import Any
+
+from training.robustness.config import SuiteConfig
+from training.robustness.suite import run_suite
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifacts", nargs="+", help="artifact folders, e.g. artifacts/default artifacts/supervised")
+    p.add_argument("--transfer-source", default=None,
+                   help="artifact whose adversarial images are transferred (default: the supervised one; 'none')")
+    p.add_argument("--data", default="data", help="dataset path (CIFAR-10 python layout)")
+    p.add_argument("--out", default=None, help="folder for robustness.{json,md} and the plots (default: "
+                   "benchmarks/results; with --quick: test-output/robustness_quick, so quick runs never overwrite)")
+    p.add_argument("--cache-dir", default=None, help="per-attack results for resuming (default: <out>/cache)")
+    p.add_argument("--quick", action="store_true", help="a few dozen images and few steps (tests, CI)")
+    p.add_argument("--n-robust", type=int, default=None, help="first N test images attacked (full: 1000)")
+    p.add_argument("--n-clean", type=int, default=None, help="test images for clean accuracy (full: all)")
+    p.add_argument("--eps", type=parse_eps, default=None, help="main L-inf radius in [0, 1], e.g. 8/255 (full: 8/255)")
+    p.add_argument("--eps-sweep", type=parse_eps, nargs="+", default=None,
+                   help="radii of the accuracy-vs-eps sweep (full: 0 2/255 4/255 8/255 12/255 16/255 0.03 0.06)")
+    p.add_argument("--validate-n", type=int, default=None, help="images for the torchattacks cross-check (0: skip)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per attack batch")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random start")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse per-attack results from the cache folder")
+    p.add_argument("--update-cards", action="store_true",
+                   help="write the results into each artifact's card.md and re-hash it in manifest.json")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+
+
+def parse_eps(text: str) -> float:
+    """'8/255' or '0.03' -> float in [0, 1] pixel units."""
+    try:
+        num, _, den = text.partition("/")
+        value = float(num) / float(den) if den else float(num)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a number or a fraction like 8/255, got {text!r}") from e
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"eps must be in [0, 1] pixel units, got {text!r}")
+    return value
+
+
+def config_from_args(args: argparse.Namespace) -> SuiteConfig:
+    sweep = tuple(args.eps_sweep) if args.eps_sweep else None
+    over = {k: v for k, v in {"n_robust": args.n_robust, "n_clean": args.n_clean, "eps": args.eps, "eps_sweep": sweep,
+                                "validate_n": args.validate_n, "batch_size": args.batch_size}.items() if v is not None}
+    out = args.out or ("test-output/robustness_quick" if args.quick else "benchmarks/results")
+    common = dict(data=args.data, out=out, cache_dir=args.cache_dir, seed=args.seed, device=args.device,
+                  resume=args.resume, progress=args.progress)
+    cfg = SuiteConfig.quick_config(**common) if args.quick else SuiteConfig(**common)
+    return replace(cfg, **over)
+
+
+def cmd_robustness(args: argparse.Namespace) -> dict[str, Any]:
+    return run_suite(config_from_args(args), args.artifacts, args.transfer_source, args.update_cards)
+
+
+def add_cli(sub: Any) -> None:
+    """Register `satml robustness`."""
+    p = sub.add_parser("robustness", help="robustness evaluation suite: adaptive attacks, eps sweep, paper protocol, "
+                       "masking checks; JSON + markdown + plots",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=cmd_robustness)
