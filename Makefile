@@ -33,6 +33,7 @@ serve: install
 
 test: install-dev
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 lint: install-dev

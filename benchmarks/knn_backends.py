@@ -12,6 +12,7 @@ Backends: `faiss` (IndexFlatL2 / IP, what the server used), `torch` (`knn.knn_pr
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         ref = backends["torch"](q)
         row = {}
         for name, fn in backends.items():
-            s = timed(lambda fn=fn, q=q: fn(q), a.seconds)
+            s = timed(functools.partial(fn, q), a.seconds)
             pred, counts = fn(q)
             row[name] = {"ms": round(1000 * s, 3), "images_per_s": round(b / s, 1),
                          "same_votes": bool(torch.equal(pred, ref[0]) and torch.equal(counts, ref[1]))}

@@ -81,7 +81,8 @@ class _SuccessTracker:
 
     def __init__(self, is_adversarial: SuccessFn | None, x0: Tensor) -> None:
         self.fn = is_adversarial
-        self.found = self.best = None
+        self.found: Tensor | None = None
+        self.best: Tensor | None = None
         if self.fn is not None:
             self.found = torch.zeros(x0.shape[0], dtype=torch.bool, device=x0.device)
             self.best = x0.detach().clone()
@@ -91,6 +92,7 @@ class _SuccessTracker:
     def update(self, x: Tensor) -> None:
         if self.fn is None:
             return
+        assert self.found is not None and self.best is not None
         new = self.fn(x.detach()).to(self.found.device).bool() & ~self.found
         self.best[new] = x.detach()[new]
         self.found |= new
@@ -98,6 +100,7 @@ class _SuccessTracker:
     def result(self, fallback: Tensor) -> Tensor:
         if self.fn is None:
             return fallback
+        assert self.found is not None and self.best is not None
         return torch.where(self.found.view(-1, *([1] * (fallback.dim() - 1))), self.best, fallback)
 
 
@@ -200,6 +203,7 @@ def apgd(
         x_cur = x + _project_clamp(x, delta, eps, norm)
         tracker = _SuccessTracker(is_adversarial, x_cur)
         f_cur, grad = _value_and_grad(objective, x_cur)
+        assert grad is not None
         x_prev, x_best, f_best, grad_best = x_cur, x_cur.clone(), f_cur.clone(), grad.clone()
         eta = torch.full((x.shape[0],), 2 * eps, device=x.device, dtype=x.dtype)
         n_rises = torch.zeros_like(f_cur)  # steps since the last checkpoint where the objective rose
@@ -208,6 +212,7 @@ def apgd(
         last_check = 0
         for k in range(steps):
             a = 1.0 if k == 0 else momentum
+            assert grad is not None  # only the last step skips its gradient
             z = x + _project_clamp(x, x_cur + eta.view(view) * _ascent_direction(grad, norm) - x, eps, norm)
             x_new = x_cur + a * (z - x_cur) + (1 - a) * (x_cur - x_prev)
             x_prev, x_cur = x_cur, x + _project_clamp(x, x_new - x, eps, norm)
@@ -226,6 +231,7 @@ def apgd(
                 eta = torch.where(halve, eta / 2, eta)
                 x_cur = torch.where(halve.view(view), x_best, x_cur)
                 x_prev = torch.where(halve.view(view), x_best, x_prev)
+                assert grad is not None  # not the last step
                 grad = torch.where(halve.view(view), grad_best, grad)
                 f_cur = torch.where(halve, f_best, f_cur)
                 halved_at_check, f_best_at_check, last_check = halve, f_best.clone(), k + 1

@@ -198,7 +198,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from training.artifact import load_artifact
 
     art = load_artifact(args.artifact, resolve_device(args.device))
-    model = KnnModel(art.encoder, art.bank, art.bank_labels, art.num_classes, art.k, art.metric)
+    model = KnnModel.from_artifact(art)
     val = None
     if not has_test_split(args.data):  # report on the validation split the artifact was exported with
         _, val = load_split(args.data, split_of(art.manifest["training"].get("hyperparameters", {})))

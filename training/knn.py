@@ -9,7 +9,7 @@ have zero gradient.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -163,6 +163,8 @@ class SoftKnnClassifier(nn.Module):
     ) -> None:
         super().__init__()
         self.encoder = encoder
+        self.bank: Tensor
+        self.bank_labels: Tensor
         self.register_buffer("bank", bank.float())
         self.register_buffer("bank_labels", bank_labels.long())
         self.num_classes, self.temperature, self.k = num_classes, temperature, k
@@ -252,7 +254,7 @@ class FaissKnn:
             vecs = vecs / np.linalg.norm(vecs, axis=1, keepdims=True).clip(1e-12)
         if not 1 <= k <= len(vecs):
             raise ValueError(f"k must be in [1, {len(vecs)}] (bank size), got {k}")
-        index = faiss.IndexFlatIP(vecs.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(vecs.shape[1])
+        index: Any = faiss.IndexFlatIP(vecs.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(vecs.shape[1])
         self.on_gpu = False
         if use_gpu:
             if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:

@@ -274,7 +274,7 @@ class Manifest(_Section):
             raise ValueError("files must map each file name to its sha256 hex digest")
         if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
             raise ValueError("classes must be a non-empty list of names")
-        section = {"training": TrainingInfo, "metrics": Metrics, "calibration": Calibration}
+        section: dict[str, Any] = {"training": TrainingInfo, "metrics": Metrics, "calibration": Calibration}
         optional = {k: None if d.get(k) is None else c.from_dict(d[k]) for k, c in section.items()}
         return cls(format_version=d.get("format_version", FORMAT_VERSION), name=str(d["name"]),
                    description=str(d.get("description", "")), dataset=_opt(d, "dataset", str), classes=list(classes),

@@ -7,6 +7,7 @@ the API - feeds raw [0, 1] pixels and eps is always in pixel units.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +58,7 @@ class EncoderConfig:
     @classmethod
     def from_dict(cls, d: dict) -> EncoderConfig:
         keys = {"arch", "width", "proj_dim", "mean", "std"}
-        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in keys}
+        kw: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in keys}
         return cls(**kw)
 
 
@@ -133,6 +134,9 @@ class Encoder(nn.Module):
     separate module because contrastive losses want it and k-NN is better without it.
     """
 
+    mean: Tensor
+    std: Tensor
+
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -170,6 +174,9 @@ class ContrastiveModel(nn.Module):
     style), so a wider student can learn from a narrower teacher; the served embedding is the student's own.
     """
 
+    encoder: Encoder
+    align: nn.Linear | None
+
     def __init__(self, cfg: EncoderConfig, align_dim: int | None = None) -> None:
         super().__init__()
         self.encoder = Encoder(cfg)
@@ -200,6 +207,14 @@ class SupervisedModel(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Images in [0, 1] -> logits [B, num_classes]."""
         return self.head(self.encoder.features(x))
+
+
+def encoder_of(model: nn.Module) -> Encoder:
+    """The `Encoder` inside a contrastive or supervised model (typed: `model.encoder` is an nn.Module attribute)."""
+    enc = model.encoder
+    if not isinstance(enc, Encoder):
+        raise TypeError(f"{type(model).__name__} has no Encoder at .encoder")
+    return enc
 
 
 def build_encoder(cfg: EncoderConfig) -> Encoder:

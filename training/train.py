@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -50,7 +50,7 @@ from training.checkpoint import (
 from training.config import TrainConfig, resolve_device
 from training.data import ImageDataset, load_split
 from training.evaluate import KnnModel, clean_accuracy, pgd_accuracy
-from training.models import ContrastiveModel, Encoder, SupervisedModel
+from training.models import ContrastiveModel, Encoder, SupervisedModel, encoder_of
 from training.widen import widen_encoder
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ class Step:
 
     def _sat_adversary(self, v: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Adversarial views of v and a mask of the ones that count (all, or the successful ones)."""
-        cfg, enc = self.cfg, self.model.encoder
+        cfg, enc = self.cfg, encoder_of(self.model)
         with attacks.eval_mode(self.model), torch.no_grad():
             z = enc(v).float()  # B x D
         if cfg.attack == "guided":
@@ -151,7 +151,7 @@ class Step:
 
     def distill(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
         """Labels unused: teacher match on x + robustness of the student's own embedding around x."""
-        cfg, enc = self.cfg, self.model.encoder
+        cfg, enc = self.cfg, encoder_of(self.model)
         assert self.teacher is not None
         x = augment.crop_flip(x, g=self.g)
         with torch.no_grad():
@@ -319,7 +319,7 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.init:
         init_from(model, cfg.init, cfg.seed)
     if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stub lacks it
     base_lr = cfg.lr * cfg.batch_size / 256
     g = torch.Generator(device=device)
     g.manual_seed(cfg.seed + 7919 * dist.rank)  # each rank augments and attacks differently
@@ -342,7 +342,7 @@ def parallelize(run: Run) -> nn.Module:
         else:
             net = DistributedDataParallel(run.model, find_unused_parameters=unused)
         run.model = net.module  # SyncBatchNorm conversion made new modules (sharing the parameters)
-    return torch.compile(net) if cfg.compile else net
+    return cast(nn.Module, torch.compile(net)) if cfg.compile else net
 
 
 # --- restore --------------------------------------------------------------------------------------
@@ -354,10 +354,11 @@ def init_from(model: nn.Module, path: str, seed: int = 0) -> None:
     (`training.widen`, Net2WiderNet), with the distillation map back to its embedding when the model has one."""
     init = load_checkpoint(path)
     weights = served_weights(init)
-    src, own = config_of(init).encoder_config(), model.encoder.cfg
+    src, own = config_of(init).encoder_config(), encoder_of(model).cfg
     if src.arch == own.arch and src.width < own.width:
         weights, align = widen_encoder(weights, src, own.width, seed=seed)
-        if getattr(model, "align", None) is not None and model.align.weight.shape == align.shape:
+        align_map = getattr(model, "align", None)
+        if isinstance(align_map, nn.Linear) and align_map.weight.shape == align.shape:
             weights["align.weight"] = align
         log.info("widened %s width %d -> %d (Net2WiderNet)", src.arch, src.width, own.width)
     missing, _ = model.load_state_dict(weights, strict=False)
@@ -459,7 +460,7 @@ def validate(run: Run, query: ImageDataset, progress: bool = False) -> dict[str,
     """k-NN accuracy of `query` against a bank of the training split (`val_knn_acc`), and with `eval_robust`
     the hard-vote accuracy of its first images under PGD-10 at 8/255 on the soft-kNN surrogate (T = 0.1,
     `val_pgd10_acc`): a cheap robustness signal for model selection, not the suite."""
-    encoder, bank_set, device = run.served().encoder, run.data.train_set, run.device
+    encoder, bank_set, device = encoder_of(run.served()), run.data.train_set, run.device
     bank = knn.embed(encoder, bank_set.images, device=device, progress=progress).to(device)
     model = KnnModel(encoder, bank, torch.as_tensor(bank_set.labels, device=device), len(bank_set.classes),
                      min(run.cfg.knn_k, len(bank)))

@@ -360,9 +360,9 @@ class Suite:
         threshold = conformal.threshold_for_coverage(torch.as_tensor(cred), cfg.abstain_coverage)
         answered = cred >= threshold
         idx = np.flatnonzero(correct)
-        rows = []
+        rows: list[dict[str, Any]] = []
         tracked = AttackSpec("abstain_apgd_ce", "apgd_ce", cfg.abstain_steps)
-        attacks_ = {
+        attacks_: dict[str, tuple[AttackFn, dict[str, Any]]] = {
             "apgd_ce (first flip; not adaptive to the detector)": (
                 knn_attacks.build("apgd_ce", m.model, budget(tracked, cfg.eps, cfg), m.surrogate),
                 {"spec": asdict(tracked)}),
