@@ -117,7 +117,7 @@ class Step:
 
     def _sat_adversary(self, v: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Adversarial views of v and a mask of the ones that count (all, or the successful ones)."""
-        cfg, enc = self.cfg, encoder_of(self.model)
+        cfg, enc = self.cfg, self.model.get_submodule("encoder")
         with attacks.eval_mode(self.model), torch.no_grad():
             z = enc(v).float()  # B x D
         if cfg.attack == "guided":
@@ -151,7 +151,7 @@ class Step:
 
     def distill(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
         """Labels unused: teacher match on x + robustness of the student's own embedding around x."""
-        cfg, enc = self.cfg, encoder_of(self.model)
+        cfg, enc = self.cfg, self.model.get_submodule("encoder")
         assert self.teacher is not None
         x = augment.crop_flip(x, g=self.g)
         with torch.no_grad():
@@ -460,7 +460,7 @@ def validate(run: Run, query: ImageDataset, progress: bool = False) -> dict[str,
     """k-NN accuracy of `query` against a bank of the training split (`val_knn_acc`), and with `eval_robust`
     the hard-vote accuracy of its first images under PGD-10 at 8/255 on the soft-kNN surrogate (T = 0.1,
     `val_pgd10_acc`): a cheap robustness signal for model selection, not the suite."""
-    encoder, bank_set, device = encoder_of(run.served()), run.data.train_set, run.device
+    encoder, bank_set, device = run.served().get_submodule("encoder"), run.data.train_set, run.device
     bank = knn.embed(encoder, bank_set.images, device=device, progress=progress).to(device)
     model = KnnModel(encoder, bank, torch.as_tensor(bank_set.labels, device=device), len(bank_set.classes),
                      min(run.cfg.knn_k, len(bank)))
