@@ -15,13 +15,13 @@ $(BIN)/python:
 # torch first, pinned, so the project's torch range never pulls a multi-GB CUDA build here.
 $(VENV)/.installed-$(EXTRA): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[$(EXTRA)]"
+	$(BIN)/pip install -q -e ".[$(EXTRA),serve]"
 	touch $@
 
 # torchattacks (test-only cross-check of our PGD/APGD) without its torchvision dependency, which does
 # not import beside torch 2.13; it needs only torch, numpy and scipy.
 $(VENV)/.installed-dev: $(VENV)/.installed-$(EXTRA)
-	$(BIN)/pip install -q -e ".[$(EXTRA),dev]"
+	$(BIN)/pip install -q -e ".[$(EXTRA),serve,train,dev]"
 	$(BIN)/pip install -q --no-deps "torchattacks==3.5.1"
 	touch $@
 
@@ -37,7 +37,7 @@ test: install-dev
 	$(BIN)/python -m pytest -q
 
 lint: install-dev
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/mypy && $(BIN)/ruff format --check .
 
 # Materialise CIFAR-10 from ../shared/data/cifar10 into data/ (official python layout).
 data:

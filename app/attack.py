@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -82,7 +82,7 @@ class AttackService:
         wait = self._mean_s * max(self._active, 1) / self.concurrency
         return int(min(max(math.ceil(wait), 1), math.ceil(self.timeout_s)))
 
-    def _release(self, _: Future | None = None) -> None:
+    def _release(self, _: Future[Any] | None = None) -> None:
         with self._lock:
             self._active -= 1
             self._depth.set(self._active)

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
@@ -311,4 +311,4 @@ class LiveBank:
         if not gone:
             return cur, []
         z = cur.embeddings[rows] if rows else torch.zeros(0, self.dim)
-        return self._commit(cur.classes, tuple(cur.examples[i] for i in rows), cast(Tensor, z)), gone
+        return self._commit(cur.classes, tuple(cur.examples[i] for i in rows), z), gone

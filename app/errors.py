@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from http import HTTPStatus
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -76,11 +77,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 # The statuses a route can answer with besides 200, for the OpenAPI document (schemathesis checks them).
-COMMON_ERRORS: dict[int | str, dict] = {422: {"model": ErrorResponse, "description": "Bad parameters"},
+COMMON_ERRORS: dict[int | str, dict[str, Any]] = {422: {"model": ErrorResponse, "description": "Bad parameters"},
                                         500: {"model": ErrorResponse, "description": "Internal error"}}
 
 
-def responses(*statuses: int) -> dict[int | str, dict]:
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses=` entry declaring the error shape for each status."""
     out = dict(COMMON_ERRORS)
     for s in statuses:

@@ -11,6 +11,8 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -19,7 +21,7 @@ from training.models import ContrastiveModel, EncoderConfig
 CANDIDATES = [("resnet10", 16), ("resnet18", 16), ("cnn8", 16), ("cnn8", 24), ("cnn8", 32), ("cnn8", 48)]
 
 
-def _rate(fn, batch: int, seconds: float) -> float:
+def _rate(fn: Callable[[], object], batch: int, seconds: float) -> float:
     fn()  # warm-up (allocator, oneDNN primitive cache)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
@@ -28,7 +30,7 @@ def _rate(fn, batch: int, seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def measure(arch: str, width: int, batch: int, seconds: float, channels_last: bool) -> dict:
+def measure(arch: str, width: int, batch: int, seconds: float, channels_last: bool) -> dict[str, Any]:
     model = ContrastiveModel(EncoderConfig(arch=arch, width=width)).train()
     x = torch.rand(batch, 3, 32, 32)
     if channels_last:

@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ from app.main import create_app
 from training import knn
 from training.artifact import load_artifact, update_artifact
 from training.data import load_cifar10
+from training.manifest import Manifest
 
 REMOVED = ("cat", "truck")
 SHOTS = (1, 5, 10, 50)
@@ -60,7 +62,7 @@ def reduced_copy(src: Path, dst: Path) -> list[str]:
     tensors = {"embeddings": bank["embeddings"][rows].contiguous(), "labels": new_id[bank["labels"][rows]].contiguous()}
     kept = [classes[i] for i in keep]
 
-    def edit(m) -> None:
+    def edit(m: Manifest) -> None:
         m.classes = kept
         m.description = f"{m.description} (few-shot benchmark copy: {', '.join(REMOVED)} removed from the bank)"
 
@@ -152,8 +154,9 @@ def main() -> None:
                  t_embed, time.perf_counter() - t_start)
 
 
-def write_report(args, rows, kept, ref_new, ref_old, capped_is_majority, times, agree, n_api, t_embed,
-                 total) -> None:
+def write_report(args: argparse.Namespace, rows: list[dict[str, Any]], kept: list[str], ref_new: Any, ref_old: Any,
+                 capped_is_majority: bool, times: list[float], agree: Any, n_api: int, t_embed: float,
+                 total: float) -> None:
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     cpu = platform.processor() or platform.machine()
     lines = [

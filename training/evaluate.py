@@ -6,6 +6,7 @@ result is scored by the hard vote the product serves (DESIGN section 6).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -70,7 +71,8 @@ class KnnModel:
         return self.bank[d.topk(m, dim=1, largest=False).indices].to(z.dtype)
 
 
-def _batches(images: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device, desc: str, progress: bool):
+def _batches(images: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device, desc: str,
+             progress: bool) -> Iterator[tuple[Tensor, Tensor]]:
     for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
         yield knn.to_float_images(images[i:i + batch_size], device), torch.as_tensor(labels[i:i + batch_size],
                                                                                       device=device).long()

@@ -52,11 +52,11 @@ class EncoderConfig:
     def embed_dim(self) -> int:
         return 8 * self.width
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "embed_dim": self.embed_dim}
 
     @classmethod
-    def from_dict(cls, d: dict) -> EncoderConfig:
+    def from_dict(cls, d: dict[str, Any]) -> EncoderConfig:
         keys = {"arch", "width", "proj_dim", "mean", "std"}
         kw: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in keys}
         return cls(**kw)

@@ -233,7 +233,8 @@ def _tensor(inp: dict[str, Any], blob: bytes | None, size: int) -> torch.Tensor:
     return x
 
 
-def _outputs(m: ServedModel, pred: torch.Tensor, counts: torch.Tensor, wanted: list[str] | None) -> list[dict]:
+def _outputs(m: ServedModel, pred: torch.Tensor, counts: torch.Tensor,
+             wanted: list[str] | None) -> list[dict[str, Any]]:
     n = len(pred)
     shares = counts.float() / counts.sum(1, keepdim=True).clamp_min(1)
     every = {

@@ -1,0 +1,50 @@
+"""The dependency split (issue 12): a server install needs no training-only package, training needs no web stack."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+TRAIN_ONLY = {"onnx", "onnxscript", "matplotlib", "sklearn"}
+SERVE_ONLY = {"fastapi", "starlette", "uvicorn", "pydantic", "pydantic_settings", "prometheus_client", "multipart"}
+
+
+def _top_level_modules_after(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", f"{code}\nimport sys, json\n"
+                          "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT, check=True)
+    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def _names(requirements: list[str]) -> set[str]:
+    return {r.split(">")[0].split("=")[0].split("[")[0].split("<")[0].strip() for r in requirements}
+
+
+@pytest.mark.slow
+def test_the_server_imports_no_training_only_package() -> None:
+    loaded = _top_level_modules_after("import app.main, app.serve; app.main.create_app()")
+    assert not loaded & TRAIN_ONLY, loaded & TRAIN_ONLY
+
+
+@pytest.mark.slow
+def test_training_imports_no_web_stack() -> None:
+    loaded = _top_level_modules_after("import training.cli, training.train, training.export, training.robustness")
+    assert not loaded & SERVE_ONLY, loaded & SERVE_ONLY
+
+
+def test_extras_hold_what_each_side_needs() -> None:
+    core, extras = _names(PROJECT["dependencies"]), {k: _names(v) for k, v in PROJECT["optional-dependencies"].items()}
+    assert {"fastapi", "uvicorn", "pydantic-settings"} <= extras["serve"]
+    assert {"onnx", "onnxscript", "matplotlib"} <= extras["train"]
+    assert not core & (extras["serve"] | extras["train"]), "a split package must not stay in the core list"
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert "['optional-dependencies']['serve']" in dockerfile, "the image installs the serve extra"
+    makefile = (ROOT / "Makefile").read_text()
+    assert '".[$(EXTRA),serve]"' in makefile and '".[$(EXTRA),serve,train,dev]"' in makefile
