@@ -14,8 +14,8 @@ import torch
 from training.data import SplitSpec
 from training.models import EncoderConfig
 
-Method = Literal["ssl", "sat", "supervised", "pgd_at", "distill"]
-METHODS = ("ssl", "sat", "supervised", "pgd_at", "distill")
+Method = Literal["ssl", "sat", "supervised", "pgd_at", "distill", "pseudo_at"]
+METHODS = ("ssl", "sat", "supervised", "pgd_at", "distill", "pseudo_at")
 
 
 @dataclass
@@ -24,7 +24,8 @@ class TrainConfig:
 
     method: Method = field(default="ssl", metadata={
         "help": "ssl: SimCLR contrastive pre-training; sat: self-supervised adversarial training (paper); distill: "
-                "robust distillation of an ssl teacher (DeACL style, label-free); supervised: cross-entropy "
+                "robust distillation of an ssl teacher (DeACL style, label-free); pseudo_at: PGD adversarial training "
+                "on k-means clusters of an ssl teacher's embedding (label-free); supervised: cross-entropy "
                 "baseline; pgd_at: supervised PGD adversarial training baseline"})
     data: str = field(default="data", metadata={
         "help": "dataset path: CIFAR-10 python folder or .tar.gz, STL-10 binary folder, or image folder "
@@ -64,7 +65,10 @@ class TrainConfig:
         "help": "checkpoint.pt to initialise from (e.g. an ssl run for sat); a narrower cnn8 is widened to --width "
                 "keeping its function (Net2WiderNet), e.g. a wide distillation student from its teacher"})
     teacher: str | None = field(default=None, metadata={
-        "help": "distill: checkpoint.pt of the frozen clean SSL teacher whose embedding the student matches"})
+        "help": "distill: checkpoint.pt of the frozen clean SSL teacher whose embedding the student matches; "
+                "pseudo_at: the teacher whose embedding is clustered into pseudo-labels"})
+    clusters: int = field(default=100, metadata={
+        "help": "pseudo_at: k-means clusters of the teacher's embedding used as classes (no labels are used)"})
     ema_decay: float = field(default=0.0, metadata={
         "help": "keep an exponential moving average of the weights with this decay (0: off); validation and export "
                 "use the average"})
@@ -103,11 +107,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {'|'.join(METHODS)}, got {self.method!r}")
-        if self.method == "distill" and not self.teacher:
-            raise ValueError("method distill needs --teacher (checkpoint.pt of a clean ssl run)")
+        if self.method in ("distill", "pseudo_at") and not self.teacher:
+            raise ValueError(f"method {self.method} needs --teacher (checkpoint.pt of a clean ssl run)")
+        if self.clusters < 2:
+            raise ValueError(f"clusters must be >= 2, got {self.clusters}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if not 0 <= self.alpha <= max(self.eps, 1e-12) <= 1 and self.method in ("sat", "pgd_at", "distill"):
+        if not 0 <= self.alpha <= max(self.eps, 1e-12) <= 1 and self.method in ("sat", "pgd_at", "distill",
+                                                                                 "pseudo_at"):
             raise ValueError(f"need 0 <= alpha <= eps <= 1, got alpha={self.alpha}, eps={self.eps}")
         for name, allowed in (("optimizer", ("sgd", "adam")), ("attack", ("guided", "embedding")),
                               ("keep", ("all", "successful"))):

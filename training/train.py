@@ -1,4 +1,4 @@
-"""Training loops for the four methods: `ssl`, `sat`, `supervised`, `pgd_at`.
+"""Training loops for the methods: `ssl`, `sat`, `distill`, `pseudo_at` (label-free) and `supervised`, `pgd_at`.
 
 ssl        SimCLR-style contrastive pre-training (NT-Xent over two augmented views).
 sat        Self-supervised Adversarial Training (Chen et al., ICASSP 2020, arXiv 1911.06470): craft
@@ -11,6 +11,8 @@ distill    robust self-supervised distillation (DeACL style, Zhang et al. 2022):
            clean embedding of a frozen SSL teacher (`teacher`, e.g. an ssl run's checkpoint) and a
            TRADES-like term keeps its embedding of a PGD point x' close to its embedding of x, where x'
            maximises that distance. Labels are never used.
+pseudo_at  label-free PGD-AT: the classes are k-means clusters (`clusters`) of a frozen SSL teacher's
+           embedding (`training.pseudo_labels`); the encoder starts from `init` (the teacher).
 
 Runs are resumable: `run_dir/checkpoint.pt` is written every `checkpoint_minutes` and at the end
 (with optimizer, step and RNG state), and `train()` picks it up when called again with the same
@@ -37,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from training import attacks, augment, knn, losses
+from training import attacks, augment, knn, losses, pseudo_labels
 from training.checkpoint import (
     CHECKPOINT,
     config_of,
@@ -167,6 +169,10 @@ class Step:
 
     def supervised(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
         return losses.cross_entropy(self.net(augment.crop_flip(x, g=self.g)).float(), y), {}
+
+    def pseudo_at(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """PGD-AT where y are the teacher's cluster ids (setup replaced the labels): no label is used."""
+        return self.pgd_at(x, y)
 
     def pgd_at(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
         cfg = self.cfg
@@ -302,6 +308,17 @@ def load_data(cfg: TrainConfig, device: torch.device) -> Data:
     return Data(train_set, val_set, images, labels, n // cfg.batch_size)
 
 
+def cluster_labels(cfg: TrainConfig, data: Data, device: torch.device) -> Tensor:
+    """pseudo_at: k-means ids of the training images under the frozen teacher (deterministic in the seed, so a
+    resumed run recomputes the same ones); their purity against the real labels is logged, never trained on."""
+    teacher = encoder_from_checkpoint(load_checkpoint(cfg.teacher or "", device)).to(device).eval()
+    assign = pseudo_labels.teacher_pseudo_labels(teacher, data.train_set.images, cfg.clusters, seed=cfg.seed,
+                                                 device=device)
+    log.info("pseudo_at: %d clusters of the teacher's embedding, purity %.3f against the real labels (a "
+             "diagnostic)", cfg.clusters, pseudo_labels.purity(assign, torch.as_tensor(data.train_set.labels)))
+    return assign.to(device)
+
+
 def setup(cfg: TrainConfig) -> Run:
     """Process group, device, data, model (from `--init` when given), optimizer, weight average, generator.
 
@@ -315,7 +332,10 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.batch_size % dist.world:
         raise ValueError(f"batch_size {cfg.batch_size} must divide evenly over {dist.world} processes")
     data = load_data(cfg, device)
-    model = build_model(cfg, len(data.train_set.classes)).to(device)
+    num_classes = len(data.train_set.classes)
+    if cfg.method == "pseudo_at":  # the labels the steps see become the teacher's clusters
+        data.labels, num_classes = cluster_labels(cfg, data, device), cfg.clusters
+    model = build_model(cfg, num_classes).to(device)
     if cfg.init:
         init_from(model, cfg.init, cfg.seed)
     if device.type == "cuda":
