@@ -40,6 +40,7 @@ from training.robustness.config import (
 )
 from training.robustness.diagnostics import torchattacks_agreement, zero_gradient_share
 from training.robustness.report import finite, update_card, write_reports
+from training.robustness.rows import AttackRow, CleanResult, EpsRow, MaskingCheck, PaperRow, WorstCase, to_json
 
 log = logging.getLogger("training.robustness")
 
@@ -190,7 +191,7 @@ class Suite:
 
     # --- stages
 
-    def clean(self, m: ModelUnderTest) -> dict[str, Any]:
+    def clean(self, m: ModelUnderTest) -> CleanResult:
         n = len(self.test) if self.cfg.n_clean is None else min(self.cfg.n_clean, len(self.test))
         key = self._key(m, stage="clean", n_clean=n)
         hit = self.cache.get(m.model_sha256, "clean", key)
@@ -201,11 +202,11 @@ class Suite:
             self.cache.put(m.model_sha256, "clean", key, hit)
         correct = from_bits(hit["correct"])
         n_exact = min(EXACT_TEST, n)
-        return {"acc": float(correct.mean()), "n": int(n), "exact_acc": float(correct[:n_exact].mean()),
-                "exact_n": int(n_exact), "seconds": hit["seconds"],
-                "protocol": f"hard k-NN vote (k={m.model.k}, {m.model.metric}) on the first {n} test images; "
-                            f"exact_acc on the first {n_exact}, whose pixels are exact (the rest of the test set "
-                            "is rebuilt from JPEG copies)"}
+        return CleanResult(acc=float(correct.mean()), n=int(n), exact_acc=float(correct[:n_exact].mean()),
+                           exact_n=int(n_exact), seconds=hit["seconds"],
+                           protocol=f"hard k-NN vote (k={m.model.k}, {m.model.metric}) on the first {n} test images; "
+                                    f"exact_acc on the first {n_exact}, whose pixels are exact (the rest of the test "
+                                    "set is rebuilt from JPEG copies)")
 
     def temperature_sweep(self, m: ModelUnderTest) -> dict[str, Any]:
         """Pick the surrogate whose PGD leaves the lowest hard-vote accuracy on held-out images (sets m.surrogate)."""
@@ -284,7 +285,8 @@ class Suite:
         idx = np.flatnonzero(correct)
         res: dict[str, Any] = {"attacked": {"n": n, "clean_correct": int(correct.sum()),
                                             "acc": float(correct.mean())}}
-        rows, masks = [], {}
+        rows: list[AttackRow] = []
+        masks: dict[str, np.ndarray] = {}
         specs = attack_specs(cfg)
         alive = correct.copy()  # robust to every worst-case attack so far (the input of chained attacks)
         for spec in tqdm(specs, desc=f"{m.name[:16]} attacks {fmt_eps(cfg.eps)}", disable=not cfg.progress):
@@ -293,14 +295,14 @@ class Suite:
             masks[spec.name] = mask
             if spec.worst_case:
                 alive &= mask
-            rows.append({"attack": spec.name, "kind": spec.kind, "eps": cfg.eps, "steps": spec.steps, "norm": "linf",
-                         "acc": float(mask.mean()), "n": n, "worst_case": spec.worst_case, "seconds": round(sec, 2),
-                         "surrogate": asdict(sur) if spec.kind not in ("guided", "embedding", "sw_guided") else None,
-                         "chained": spec.chain,
-                         "protocol": describe(spec.kind, spec.steps, cfg.eps, sur, cfg, n, spec.alpha, spec.track,
-                                              extra="run only on the images still robust after every attack listed "
-                                                    "before it, so its column is a running worst case"
-                                              if spec.chain else "")})
+            rows.append(AttackRow(
+                attack=spec.name, kind=spec.kind, eps=cfg.eps, steps=spec.steps, acc=float(mask.mean()), n=n,
+                worst_case=spec.worst_case, seconds=round(sec, 2),
+                surrogate=asdict(sur) if spec.kind not in ("guided", "embedding", "sw_guided") else None,
+                chained=spec.chain,
+                protocol=describe(spec.kind, spec.steps, cfg.eps, sur, cfg, n, spec.alpha, spec.track,
+                                  extra="run only on the images still robust after every attack listed before it, "
+                                        "so its column is a running worst case" if spec.chain else "")))
         x_tr = self.transfer_images(cfg.eps) if self.source is not None and self.source is not m else None
         if x_tr is not None:
             assert self.source is not None
@@ -308,33 +310,36 @@ class Suite:
             mask = np.zeros(n, dtype=bool)
             mask[idx] = predictions(m.model, x_tr[idx], cfg.batch_size * 2) == self.labels[idx]
             masks["transfer"] = mask
-            rows.append({"attack": "transfer", "kind": "transfer", "eps": cfg.eps, "steps": cfg.transfer_steps,
-                         "norm": "linf", "acc": float(mask.mean()), "n": n, "worst_case": True,
-                         "seconds": round(time.time() - t0, 2), "source": self.source.name,
-                         "source_sha256": self.source.model_sha256, "surrogate": asdict(self.source.surrogate),
-                         "protocol": describe("transfer", cfg.transfer_steps, cfg.eps, self.source.surrogate, cfg,
-                                              n, extra=f"source model {self.source.name}")})
+            rows.append(AttackRow(
+                attack="transfer", kind="transfer", eps=cfg.eps, steps=cfg.transfer_steps, acc=float(mask.mean()),
+                n=n, worst_case=True, seconds=round(time.time() - t0, 2), source=self.source.name,
+                source_sha256=self.source.model_sha256, surrogate=asdict(self.source.surrogate),
+                protocol=describe("transfer", cfg.transfer_steps, cfg.eps, self.source.surrogate, cfg, n,
+                                  extra=f"source model {self.source.name}")))
         noise_spec = AttackSpec("noise", "noise", 1, worst_case=False, track=False)
         noise_mask, sec = self._spec_attack(m, noise_spec, cfg.eps, idx)
-        worst_names = [r["attack"] for r in rows if r["worst_case"]]
+        worst_names = [r.attack for r in rows if r.worst_case]
         at_eps = correct.copy()
         for name in worst_names:
             at_eps &= masks[name]
-        res["attacks"] = rows
-        res["eps_sweep"] = self.eps_sweep(m, correct, masks, at_eps)
-        main_row = next(r for r in res["eps_sweep"] if math.isclose(r["eps"], cfg.eps))
-        worst = from_bits(main_row["worst_case_bits"])
-        res["worst_case"] = {"acc": float(worst.mean()), "n": n, "eps": cfg.eps, "attacks": worst_names,
-                             "acc_attacks_at_eps_only": float(at_eps.mean()),
-                             "protocol": f"an image counts as robust only if it is classified correctly clean, after "
-                                         f"every one of {', '.join(worst_names)} at L-inf eps {fmt_eps(cfg.eps)}, and "
-                                         "after the APGD-CE/DLR cascade at every smaller eps of the sweep"}
-        res["noise"] = {"acc": float(noise_mask.mean()), "n": n, "eps": cfg.eps,
+        sweep = self.eps_sweep(m, correct, masks, at_eps)
+        main_row = next(r for r in sweep if math.isclose(r.eps, cfg.eps))
+        worst = from_bits(main_row.worst_case_bits)
+        worst_case = WorstCase(acc=float(worst.mean()), n=n, eps=cfg.eps, attacks=worst_names,
+                               acc_attacks_at_eps_only=float(at_eps.mean()),
+                               protocol=f"an image counts as robust only if it is classified correctly clean, after "
+                                        f"every one of {', '.join(worst_names)} at L-inf eps {fmt_eps(cfg.eps)}, and "
+                                        "after the APGD-CE/DLR cascade at every smaller eps of the sweep")
+        noise_acc = float(noise_mask.mean())
+        res["attacks"] = to_json(rows)
+        res["eps_sweep"] = to_json(sweep)
+        res["worst_case"] = worst_case.to_json()
+        res["noise"] = {"acc": noise_acc, "n": n, "eps": cfg.eps,
                         "protocol": describe("noise", 1, cfg.eps, None, cfg, n, track=False)}
         res["per_image"] = {"clean_correct": to_bits(correct), **{k: to_bits(v) for k, v in masks.items()},
                             "worst_case": to_bits(worst), "noise": to_bits(noise_mask)}
-        res["paper_protocol"] = self.paper_table(m, res["eps_sweep"], correct)
-        res["masking_checks"] = self.masking_checks(m, res, idx)
+        res["paper_protocol"] = to_json(self.paper_table(m, sweep, correct))
+        res["masking_checks"] = to_json(self.masking_checks(m, rows, noise_acc, float(correct.mean()), idx))
         if m.calibration is not None:
             res["abstention"] = self.abstention(m, correct)
         return res
@@ -408,7 +413,7 @@ class Suite:
                             "(correct) vs adversarial (vote flipped); claim only the adaptive row"}
 
     def eps_sweep(self, m: ModelUnderTest, correct: np.ndarray, masks: dict[str, np.ndarray],
-                  at_eps: np.ndarray) -> list[dict[str, Any]]:
+                  at_eps: np.ndarray) -> list[EpsRow]:
         """Worst case (APGD-CE then APGD-DLR on the survivors) and the paper's guided attack at every eps.
 
         Nested cascade (AutoAttack-style, attacking only images still robust): eps grows, and an image broken
@@ -416,7 +421,8 @@ class Suite:
         attacks only the survivors of the previous. At the main eps the survivors of every main-table attack
         (`at_eps`) are used, so the curve there is the headline worst case.
         """
-        cfg, n, rows = self.cfg, len(self.labels), []
+        cfg, n = self.cfg, len(self.labels)
+        rows: list[EpsRow] = []
         ce = AttackSpec("apgd_ce", "apgd_ce", cfg.apgd_steps)
         dlr = AttackSpec("apgd_dlr", "apgd_dlr", cfg.apgd_steps)
         guided = AttackSpec("knn_guided", "guided", cfg.guided_steps, alpha=cfg.guided_alpha, track=False)
@@ -432,69 +438,67 @@ class Suite:
                 alive, _ = self._spec_attack(m, ce, eps, np.flatnonzero(alive), tag="sweep-")
                 alive, _ = self._spec_attack(m, dlr, eps, np.flatnonzero(alive), tag="sweep-")
                 guided_mask, _ = self._spec_attack(m, guided, eps, np.flatnonzero(correct))
-            rows.append({"eps": eps, "eps_255": round(eps * 255, 3), "worst_case_acc": float(alive.mean()),
-                         "guided_acc": float(guided_mask.mean()), "n": n,
-                         "protocol": f"worst case = APGD-CE then APGD-DLR ({cfg.apgd_steps} steps, surrogate "
-                                     f"{m.surrogate}) on the images still robust at every smaller eps (at "
-                                     f"{fmt_eps(cfg.eps)}: after every main-table attack); "
-                                     f"guided = "
-                                     f"{describe('guided', cfg.guided_steps, eps, None, cfg, n, cfg.guided_alpha)}",
-                         "worst_case_bits": to_bits(alive)})
+            rows.append(EpsRow(
+                eps=eps, eps_255=round(eps * 255, 3), worst_case_acc=float(alive.mean()),
+                guided_acc=float(guided_mask.mean()), n=n,
+                protocol=f"worst case = APGD-CE then APGD-DLR ({cfg.apgd_steps} steps, surrogate {m.surrogate}) on "
+                         f"the images still robust at every smaller eps (at {fmt_eps(cfg.eps)}: after every "
+                         f"main-table attack); guided = "
+                         f"{describe('guided', cfg.guided_steps, eps, None, cfg, n, cfg.guided_alpha)}",
+                worst_case_bits=to_bits(alive)))
         return rows
 
-    def paper_table(self, m: ModelUnderTest, sweep: list[dict[str, Any]], correct: np.ndarray) -> list[dict[str, Any]]:
+    def paper_table(self, m: ModelUnderTest, sweep: list[EpsRow], correct: np.ndarray) -> list[PaperRow]:
         """Defence success rate (the paper's metric) with its guided attack, beside our adaptive worst case."""
-        out = []
+        out: list[PaperRow] = []
         n_att = int(correct.sum())
         for eps in self.cfg.paper_eps:
-            row = next(r for r in sweep if math.isclose(r["eps"], eps))
-            worst = from_bits(row["worst_case_bits"])
-            out.append({"eps": eps, "n_attacked": n_att,
-                        "defence_success_rate": row["guided_acc"] * len(self.labels) / max(1, n_att),
-                        "adaptive_defence_rate": float(worst.sum()) / max(1, n_att),
-                        "paper_reported": PAPER_REPORTED.get(m.method) if math.isclose(eps, 0.03) else None,
-                        "protocol": "share of the attacked, originally correct images whose k-NN prediction is "
-                                    "unchanged; paper: its guided attack "
-                                    f"({self.cfg.guided_steps} steps of eps/6, {self.cfg.guides} guides); adaptive: "
-                                    "our eps-sweep worst case"})
+            row = next(r for r in sweep if math.isclose(r.eps, eps))
+            worst = from_bits(row.worst_case_bits)
+            out.append(PaperRow(
+                eps=eps, n_attacked=n_att, defence_success_rate=row.guided_acc * len(self.labels) / max(1, n_att),
+                adaptive_defence_rate=float(worst.sum()) / max(1, n_att),
+                paper_reported=PAPER_REPORTED.get(m.method) if math.isclose(eps, 0.03) else None,
+                protocol="share of the attacked, originally correct images whose k-NN prediction is unchanged; paper: "
+                         f"its guided attack ({self.cfg.guided_steps} steps of eps/6, {self.cfg.guides} guides); "
+                         "adaptive: our eps-sweep worst case"))
         return out
 
-    def masking_checks(self, m: ModelUnderTest, res: dict[str, Any], idx: np.ndarray) -> list[dict[str, Any]]:
+    def masking_checks(self, m: ModelUnderTest, rows: list[AttackRow], noise: float, clean: float,
+                       idx: np.ndarray) -> list[MaskingCheck]:
         """AutoAttack-style sanity checks that the numbers are not inflated by gradient masking."""
         cfg, n = self.cfg, len(self.labels)
         tol = 1 / n + 1e-9  # one image
-        acc = {r["attack"]: r["acc"] for r in res["attacks"]}
+        acc = {r.attack: r.acc for r in rows}
         checks = []
         big = AttackSpec("large_eps", "apgd_ce", cfg.large_eps_steps)
         big_mask, _ = self._spec_attack(m, big, cfg.large_eps, idx)
-        checks.append({"check": "large eps drives accuracy to ~0", "passed": bool(big_mask.mean() <= 0.05),
-                       "value": float(big_mask.mean()),
-                       "detail": f"APGD-CE {cfg.large_eps_steps} steps at eps {fmt_eps(cfg.large_eps)}: "
-                                 f"{100 * big_mask.mean():.1f} % (pass: <= 5 %)"})
+        checks.append(MaskingCheck("large eps drives accuracy to ~0", bool(big_mask.mean() <= 0.05),
+                                   float(big_mask.mean()),
+                                   f"APGD-CE {cfg.large_eps_steps} steps at eps {fmt_eps(cfg.large_eps)}: "
+                                   f"{100 * big_mask.mean():.1f} % (pass: <= 5 %)"))
         short, long = (f"pgd{s}" for s in cfg.pgd_steps)
-        checks.append({"check": "more steps never raise accuracy", "passed": bool(acc[long] <= acc[short] + tol),
-                       "value": [acc[short], acc[long]],
-                       "detail": f"{short} {100 * acc[short]:.1f} % vs {long} {100 * acc[long]:.1f} %"})
+        checks.append(MaskingCheck("more steps never raise accuracy", bool(acc[long] <= acc[short] + tol),
+                                   [acc[short], acc[long]],
+                                   f"{short} {100 * acc[short]:.1f} % vs {long} {100 * acc[long]:.1f} %"))
         white = min(v for k, v in acc.items() if k != "transfer")
         if "transfer" in acc:
-            checks.append({"check": "white-box at least as strong as transfer",
-                           "passed": bool(white <= acc["transfer"] + tol), "value": [white, acc["transfer"]],
-                           "detail": f"best white-box {100 * white:.1f} % vs transfer {100 * acc['transfer']:.1f} %"})
-        noise = res["noise"]["acc"]
+            checks.append(MaskingCheck("white-box at least as strong as transfer",
+                                       bool(white <= acc["transfer"] + tol), [white, acc["transfer"]],
+                                       f"best white-box {100 * white:.1f} % vs transfer {100 * acc['transfer']:.1f} %"))
         weaker = [k for k, v in acc.items() if v > noise + tol]
-        checks.append({"check": "every attack beats random noise", "passed": not weaker,
-                       "value": {"noise": noise, "clean": res["attacked"]["acc"]},
-                       "detail": f"noise {100 * noise:.1f} % (clean {100 * res['attacked']['acc']:.1f} %)"
-                                 + (f"; weaker than noise: {weaker}" if weaker else "")})
+        checks.append(MaskingCheck("every attack beats random noise", not weaker, {"noise": noise, "clean": clean},
+                                   f"noise {100 * noise:.1f} % (clean {100 * clean:.1f} %)"
+                                   + (f"; weaker than noise: {weaker}" if weaker else "")))
         zero = zero_gradient_share(m.model, m.surrogate, self.images[idx], self.labels[idx], self.cfg.batch_size)
-        checks.append({"check": "surrogate gradients are non-zero", "passed": bool(zero <= 0.01), "value": zero,
-                       "detail": f"{100 * zero:.1f} % of clean-correct images have an all-zero or non-finite "
-                                 f"input gradient on the surrogate {m.surrogate} (pass: <= 1 %)"})
+        checks.append(MaskingCheck("surrogate gradients are non-zero", bool(zero <= 0.01), zero,
+                                   f"{100 * zero:.1f} % of clean-correct images have an all-zero or non-finite "
+                                   f"input gradient on the surrogate {m.surrogate} (pass: <= 1 %)"))
         agree = self.surrogate_agreement(m)
-        checks.append({"check": "surrogate agrees with the hard vote (information)", "passed": None, "value": agree,
-                       "detail": f"argmax of the soft-kNN surrogate equals the k-NN vote on {100 * agree:.1f} % of "
-                                 "the attacked clean images; low agreement means a weaker stand-in, which the other "
-                                 "attacks (embedding, guided, transfer) hedge"})
+        checks.append(MaskingCheck("surrogate agrees with the hard vote (information)", None, agree,
+                                   f"argmax of the soft-kNN surrogate equals the k-NN vote on {100 * agree:.1f} % of "
+                                   "the attacked clean images; low agreement means a weaker stand-in, which the other "
+                                   "attacks (embedding, guided, transfer) hedge"))
         return checks
 
     def validate_torchattacks(self, m: ModelUnderTest) -> dict[str, Any]:
@@ -516,7 +520,7 @@ class Suite:
             res = {"name": m.name, "path": str(m.path), "model_sha256": m.model_sha256,
                    "files": dict(m.manifest.files), "method": m.method,
                    "encoder": m.manifest.encoder.to_dict(), "knn": m.manifest.knn.to_dict(),
-                   "clean": self.clean(m), "temperature": m.result["temperature"]}
+                   "clean": self.clean(m).to_json(), "temperature": m.result["temperature"]}
             res |= self.evaluate(m)
             res["seconds"] = round(time.time() - t_model, 1)
             m.result = res
