@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -48,3 +49,15 @@ def toy_model() -> KnnModel:
 
 def toy_data() -> tuple[np.ndarray, np.ndarray]:
     return colour_images(30, seed=1)
+
+
+@pytest.fixture(scope="module", name="model")
+def model_fixture() -> KnnModel:
+    """`model`: the toy k-NN model (import this into a test module to use it)."""
+    return toy_model()
+
+
+@pytest.fixture(scope="module", name="data")
+def data_fixture() -> tuple[np.ndarray, np.ndarray]:
+    """`data`: 30 held-out toy images and labels."""
+    return toy_data()

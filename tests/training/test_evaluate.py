@@ -7,21 +7,11 @@ import pytest
 import torch
 from torch import Tensor
 
-from tests.training.colour_toy import NUM_CLASSES, toy_data, toy_model
+from tests.training.colour_toy import NUM_CLASSES, data_fixture, model_fixture  # noqa: F401  (fixtures)
 from training import knn, knn_attacks
 from training.evaluate import KnnModel, clean_accuracy, pgd_accuracy, predictions, robust_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def model() -> KnnModel:
-    return toy_model()
-
-
-@pytest.fixture(scope="module")
-def data() -> tuple[np.ndarray, np.ndarray]:
-    return toy_data()
 
 
 def test_predict_and_votes(model: KnnModel, data: tuple[np.ndarray, np.ndarray]) -> None:

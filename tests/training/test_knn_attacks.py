@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.training.colour_toy import NUM_CLASSES, toy_data, toy_model
+from tests.training.colour_toy import NUM_CLASSES, data_fixture, model_fixture  # noqa: F401  (fixtures)
 from training import attacks, knn
 from training.evaluate import KnnModel, robust_mask
 from training.knn_attacks import (
@@ -24,16 +24,6 @@ from training.knn_attacks import (
 from training.manifest import KnnSurrogate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def model() -> KnnModel:
-    return toy_model()
-
-
-@pytest.fixture(scope="module")
-def data() -> tuple[np.ndarray, np.ndarray]:
-    return toy_data()
 
 GRADIENT_ATTACKS = ["fgsm", "pgd_ce", "apgd_ce", "apgd_dlr", "guided", "embedding", "cw"]
 
