@@ -300,3 +300,16 @@ def test_cli_quick_run_updates_the_card(tiny_artifact: Path, tiny_cifar: Path, t
     card = (tiny_artifact / "card.md").read_text()
     assert card.count(CARD_BEGIN) == 1 and card.startswith("# Model card: tiny")
     verify_artifact(tiny_artifact)
+
+
+def test_cache_returns_what_was_put_for_the_same_protocol_only(tmp_path: Path) -> None:
+    cache = rb.Cache(tmp_path, enabled=True)
+    key = {"model": "abc", "eps": 8 / 255, "steps": (20, 50)}  # tuples come back from JSON as lists
+    cache.put("abc", "pgd20", key, {"mask": "101", "seconds": 1.5})
+    assert cache.get("abc", "pgd20", key) == {"mask": "101", "seconds": 1.5}
+    assert cache.get("abc", "pgd20", {**key, "eps": 4 / 255}) is None
+    path = next(tmp_path.rglob("pgd20-*.json"))
+    path.write_text(json.dumps({"key": {**key, "model": "other"}, "mask": "000", "seconds": 0}))
+    assert cache.get("abc", "pgd20", key) is None, "a file for another protocol is never served"
+    assert rb.Cache(tmp_path, enabled=False).get("abc", "pgd20", key) is None
+

@@ -32,9 +32,14 @@ class Cache:
         p = self._path(sha, name, key, ".json")
         if self.enabled and p.is_file():
             try:
-                return json.loads(p.read_text())
+                stored = json.loads(p.read_text())
             except json.JSONDecodeError:
                 log.warning("ignoring unreadable cache file %s", p)
+                return None
+            if stored.pop("key", None) != json.loads(json.dumps(key)):  # a digest collision, or a hand-edited file
+                log.warning("ignoring cache file %s: its protocol key differs", p)
+                return None
+            return dict(stored)
         return None
 
     def put(self, sha: str, name: str, key: dict[str, Any], value: dict[str, Any]) -> None:
