@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from training import knn
+
 MAX_ATTACK_EPS = 16 / 255  # DESIGN section 5: /attack never exceeds this L-inf radius
 MAX_ATTACK_STEPS = 100  # DESIGN section 5: nor this many gradient steps
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
@@ -30,6 +32,15 @@ class Settings(BaseSettings):
     # encoder.onnx and onnxruntime imports (1.4x the img/s of torch under load, benchmarks/results), else torch
     runtime: Literal["auto", "torch", "onnxruntime"] = "auto"
     index: Literal["auto", "faiss-cpu", "faiss-gpu", "torch"] = "auto"  # k-NN backend; auto: best available
+    # faiss index type (training.knn.IndexSpec): flat is exact; ivf_flat, ivf_pq, hnsw are approximate, for banks
+    # of millions (benchmarks/results/index_types.md measures recall, vote agreement, latency, memory); a type
+    # other than flat needs faiss (index auto then picks faiss-gpu or faiss-cpu, never torch)
+    index_type: Literal["flat", "ivf_flat", "ivf_pq", "hnsw"] = "flat"
+    index_nlist: Annotated[int, Field(ge=1)] = 1024  # ivf_*: coarse cells
+    index_nprobe: Annotated[int, Field(ge=1)] = 32  # ivf_*: cells searched per query
+    index_pq_m: Annotated[int, Field(ge=1)] = 16  # ivf_pq: bytes per vector
+    index_hnsw_m: Annotated[int, Field(ge=1)] = 32  # hnsw: links per node
+    index_ef_search: Annotated[int, Field(ge=1)] = 128  # hnsw: candidates per query
     # abstain (answer "abstained": true) below this conformal credibility; 0: never. Models without calibration
     # scores never abstain and report credibility null. Per request: /classify field min_credibility.
     min_credibility: Annotated[float, Field(ge=0, le=1)] = 0.0
@@ -89,6 +100,10 @@ class Settings(BaseSettings):
     # SIGTERM: in-flight requests get this long, then are cut and the process exits; keep it below the
     # orchestrator's kill timeout (compose stop_grace_period: 20 s)
     shutdown_grace_s: Annotated[float, Field(gt=0, le=300)] = 15.0
+
+    def index_spec(self) -> knn.IndexSpec:
+        return knn.IndexSpec(self.index_type, self.index_nlist, self.index_nprobe, self.index_pq_m,
+                             self.index_hnsw_m, self.index_ef_search)
 
     @field_validator("log_level", mode="before")
     @classmethod

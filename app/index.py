@@ -24,11 +24,21 @@ def _faiss() -> Any | None:
     return faiss
 
 
-def resolve_index(setting: str, device: torch.device) -> str:
+def resolve_index(setting: str, device: torch.device, index_type: str = "flat") -> str:
     """auto -> faiss-gpu on a GPU build with a GPU, else torch (`knn.TorchKnn`: on a CPU one matmul + top-k
-    over the cached bank is 2-3x faster than faiss' flat index at batch 1-64, benchmarks/knn_backends.py)."""
+    over the cached bank is 2-3x faster than faiss' flat index at batch 1-64, benchmarks/knn_backends.py).
+    An approximate `index_type` exists only in faiss: auto then means faiss-gpu (not for hnsw) or faiss-cpu."""
     faiss = _faiss()
     gpu_ok = faiss is not None and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    if index_type != "flat":
+        if faiss is None:
+            raise RuntimeError(f"index type '{index_type}' (SATML_INDEX_TYPE) needs faiss, which is not installed")
+        if setting == "torch":
+            raise RuntimeError(f"index type '{index_type}' needs a faiss backend, not SATML_INDEX=torch")
+        if setting == "auto":
+            return "faiss-gpu" if device.type == "cuda" and gpu_ok and index_type != "hnsw" else "faiss-cpu"
+        if setting == "faiss-gpu" and index_type == "hnsw":
+            raise RuntimeError("faiss has no GPU HNSW index: use SATML_INDEX=faiss-cpu with SATML_INDEX_TYPE=hnsw")
     if setting == "auto":
         return "faiss-gpu" if device.type == "cuda" and gpu_ok else "torch"
     if setting in ("faiss-cpu", "faiss-gpu") and faiss is None:
@@ -38,16 +48,19 @@ def resolve_index(setting: str, device: torch.device) -> str:
     return setting
 
 
-def build_index(kind: str, art: Artifact) -> Callable[[Tensor], Votes]:
+def build_index(kind: str, art: Artifact, spec: knn.IndexSpec | None = None) -> Callable[[Tensor], Votes]:
     """(pred [B], counts [B, C]) on the CPU from embeddings [B, D]; every backend ends in `knn.vote`."""
-    return build_index_over(kind, art.bank, art.bank_labels, art.num_classes, art.k, cast(knn.Metric, art.metric))
+    return build_index_over(kind, art.bank, art.bank_labels, art.num_classes, art.k, cast(knn.Metric, art.metric),
+                            spec=spec)
 
 
 def build_index_over(kind: str, bank: Tensor, labels: Tensor, num_classes: int, k: int, metric: knn.Metric,
-                     cap: int | None = None) -> Callable[[Tensor], Votes]:
-    """`build_index` over any bank (the shipped one plus live additions, app.bank), vote capped by `cap`."""
+                     cap: int | None = None, spec: knn.IndexSpec | None = None) -> Callable[[Tensor], Votes]:
+    """`build_index` over any bank (the shipped one plus live additions, app.bank), vote capped by `cap`;
+    `spec` the faiss index type (torch is always exact)."""
     if kind in ("faiss-cpu", "faiss-gpu"):
-        index = knn.FaissKnn(bank.cpu(), labels.cpu(), num_classes, k, metric, use_gpu=kind == "faiss-gpu", cap=cap)
+        index = knn.FaissKnn(bank.cpu(), labels.cpu(), num_classes, k, metric, use_gpu=kind == "faiss-gpu", cap=cap,
+                             spec=spec)
         return index.predict
     index_t = knn.TorchKnn(bank, labels, num_classes, k, metric, cap=cap)  # ValueError on a bad k
 

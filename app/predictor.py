@@ -18,6 +18,7 @@ from app.bank import LiveBank
 from app.batching import PredictFn, Votes
 from app.index import build_index
 from app.runtimes import OnnxEmbed, TorchEmbed
+from training import knn
 from training.artifact import ENCODER_ONNX, Artifact
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ class Predictor:
     device: torch.device
     index_kind: str
     live: LiveBank
+    index_spec: knn.IndexSpec | None = None  # the faiss index type (settings); None: flat
     runtime_name: str = ""  # set by `setup`: "torch" or "onnxruntime (<provider>)"
 
     def setup(self) -> PredictFn:
@@ -48,7 +50,7 @@ class Predictor:
         live = self.live
         shipped = live.state
         if not shipped.examples and shipped.cap is None:  # the bank as shipped: the index the artifact describes
-            shipped.index = build_index(self.index_kind, self.art)
+            shipped.index = build_index(self.index_kind, self.art, self.index_spec)
         live.index()  # built here, on the worker thread, if not yet (faiss GPU state lives on this thread)
 
         def predict(x: Tensor) -> Votes:

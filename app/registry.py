@@ -121,11 +121,13 @@ def load_served_model(folder: Path, settings: Settings, device: torch.device, in
     if runtime == "onnxruntime" and not (folder / ENCODER_ONNX).is_file():
         raise ArtifactError(f"{folder}: runtime onnxruntime requested but the artifact has no {ENCODER_ONNX}")
     metric = cast(knn.Metric, art.metric)
+    spec = settings.index_spec()
     live = LiveBank(name, art, index_kind, settings.vote or art.spec.knn.vote,
-                    lambda kind, bank, labels, n, cap: build_index_over(kind, bank, labels, n, art.k, metric, cap),
+                    lambda kind, bank, labels, n, cap: build_index_over(kind, bank, labels, n, art.k, metric, cap,
+                                                                        spec),
                     settings.state_dir)
     live.replay()  # the overlay of added examples, if any and sound (else logged, shipped bank only)
-    predictor = Predictor(art, folder, runtime, device, index_kind, live)
+    predictor = Predictor(art, folder, runtime, device, index_kind, live, spec)
 
     batch_size = metrics.batch_size.labels(name)
     batch_latency = metrics.batch_latency.labels(name)
@@ -203,7 +205,7 @@ def public_reason(reason: str, folder: Path) -> str:
 def load_registry(settings: Settings, metrics: Metrics) -> Registry:
     """Load every artifact folder; a bad one is logged and skipped, the others serve."""
     device = resolve_serving_device(settings.device)
-    index_kind = resolve_index(settings.index, device)
+    index_kind = resolve_index(settings.index, device, settings.index_type)
     reg = Registry()
     root = Path(settings.artifacts_dir)
     if not root.is_dir():

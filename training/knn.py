@@ -9,6 +9,7 @@ have zero gradient.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -26,22 +27,26 @@ VOTES: tuple[str, ...] = ("majority", "capped")
 def vote(neighbor_labels: Tensor, num_classes: int, cap: int | None = None) -> tuple[Tensor, Tensor]:
     """Majority vote of the k neighbours; with `cap`, each class counts at most `cap` of them.
 
-    neighbor_labels: [B, k] int64. Returns (pred [B], counts [B, C]), counts after the cap. Ties go to the
-    class of the nearest neighbour among the tied classes (deterministic, and what a 1-NN would say).
-    `cap=None` (or cap >= k) is the paper's unweighted majority vote; see `capped_vote` for why a cap.
+    neighbor_labels: [B, k] int64; -1 marks a missing neighbour (an approximate index that found fewer than k),
+    which casts no vote. Returns (pred [B], counts [B, C]), counts after the cap. Ties go to the class of the
+    nearest neighbour among the tied classes (deterministic, and what a 1-NN would say); a query with no
+    neighbour at all gets class 0 and zero counts. `cap=None` (or cap >= k) is the paper's unweighted
+    majority vote; see `capped_vote` for why a cap.
     """
     b, k = neighbor_labels.shape
+    present = neighbor_labels >= 0
+    labels = neighbor_labels.clamp_min(0)
     counts = torch.zeros(b, num_classes, dtype=torch.long, device=neighbor_labels.device)
-    counts.scatter_add_(1, neighbor_labels, torch.ones_like(neighbor_labels))
+    counts.scatter_add_(1, labels, present.long())
     if cap is not None and cap < k:
         if cap < 1:
             raise ValueError(f"cap must be >= 1, got {cap}")
         counts = counts.clamp_max(cap)
     tied = counts == counts.amax(dim=1, keepdim=True)  # B x C
     # rank of each neighbour among the tied classes: first (nearest) tied neighbour wins
-    is_tied = tied.gather(1, neighbor_labels)  # B x k
+    is_tied = tied.gather(1, labels) & present  # B x k
     first = torch.where(is_tied, torch.arange(k, device=neighbor_labels.device), k).argmin(dim=1)
-    pred = neighbor_labels.gather(1, first[:, None]).squeeze(1)
+    pred = labels.gather(1, first[:, None]).squeeze(1) * is_tied.any(1)
     return pred, counts
 
 
@@ -242,27 +247,83 @@ class TorchKnn:
         return vote(self.labels[self.search(query)], self.num_classes, self.cap)
 
 
+IndexType = Literal["flat", "ivf_flat", "ivf_pq", "hnsw"]
+INDEX_TYPES: tuple[str, ...] = ("flat", "ivf_flat", "ivf_pq", "hnsw")
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """Which faiss index searches a bank: `flat` is exact (every other type trades recall for speed or memory
+    on banks far beyond the shipped 45,000; benchmarks/index_types.py measures the trade)."""
+
+    type: IndexType = "flat"
+    nlist: int = 1024  # ivf_*: coarse cells (faiss advises 4 sqrt(N) to 16 sqrt(N)); capped at N / 39
+    nprobe: int = 32  # ivf_*: cells searched per query
+    pq_m: int = 16  # ivf_pq: sub-quantisers, i.e. bytes per vector (8-bit codes); must divide the dimension
+    hnsw_m: int = 32  # hnsw: links per node
+    ef_search: int = 128  # hnsw: candidates kept per query (raised to k when smaller)
+
+    def __post_init__(self) -> None:
+        if self.type not in INDEX_TYPES:
+            raise ValueError(f"index type must be one of {INDEX_TYPES}, got {self.type!r}")
+        if min(self.nlist, self.nprobe, self.pq_m, self.hnsw_m, self.ef_search) < 1:
+            raise ValueError(f"index parameters must be positive, got {self}")
+
+
+def build_faiss_index(vecs: np.ndarray, spec: IndexSpec, metric: Metric, k: int) -> Any:
+    """A trained, filled faiss CPU index over float32 vecs [N, D] (normalised already for cosine)."""
+    import faiss  # optional dependency: training works without it
+
+    n, d = vecs.shape
+    inner = metric == "cosine"
+    fmetric = faiss.METRIC_INNER_PRODUCT if inner else faiss.METRIC_L2
+    index: Any
+    if spec.type == "flat":
+        index = faiss.IndexFlatIP(d) if inner else faiss.IndexFlatL2(d)
+    elif spec.type == "hnsw":
+        index = faiss.IndexHNSWFlat(d, spec.hnsw_m, fmetric)
+        index.hnsw.efSearch = max(spec.ef_search, k)
+    else:
+        nlist = max(1, min(spec.nlist, n // 39))  # faiss' k-means wants >= 39 points per cell
+        quantizer = faiss.IndexFlatIP(d) if inner else faiss.IndexFlatL2(d)
+        if spec.type == "ivf_flat":
+            index = faiss.IndexIVFFlat(quantizer, d, nlist, fmetric)
+        else:
+            if d % spec.pq_m:
+                raise ValueError(f"ivf_pq: pq_m={spec.pq_m} must divide the embedding dimension {d}")
+            index = faiss.IndexIVFPQ(quantizer, d, nlist, spec.pq_m, 8, fmetric)
+        sample = vecs if n <= 256 * nlist else vecs[np.random.default_rng(0).choice(n, 256 * nlist, replace=False)]
+        index.train(sample)
+        index.nprobe = min(spec.nprobe, nlist)
+    index.add(vecs)
+    return index
+
+
 class FaissKnn:
-    """Exact k-NN with faiss (flat index; GPU when requested and available), same vote as torch."""
+    """k-NN with faiss (exact flat index, or an approximate `IndexSpec` type; GPU when requested and available),
+    same vote as torch. An approximate index may find fewer than k neighbours; the missing ones cast no vote."""
 
     def __init__(self, bank: Tensor | np.ndarray, bank_labels: Tensor | np.ndarray, num_classes: int,
-                 k: int = 75, metric: Metric = "l2", use_gpu: bool = False, cap: int | None = None) -> None:
+                 k: int = 75, metric: Metric = "l2", use_gpu: bool = False, cap: int | None = None,
+                 spec: IndexSpec | None = None) -> None:
         import faiss  # optional dependency: training works without it
 
+        spec = spec or IndexSpec()
         vecs = np.ascontiguousarray(torch.as_tensor(bank).float().numpy())
         if metric == "cosine":
             vecs = vecs / np.linalg.norm(vecs, axis=1, keepdims=True).clip(1e-12)
         if not 1 <= k <= len(vecs):
             raise ValueError(f"k must be in [1, {len(vecs)}] (bank size), got {k}")
-        index: Any = faiss.IndexFlatIP(vecs.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(vecs.shape[1])
-        self.on_gpu = False
+        index = build_faiss_index(vecs, spec, metric, k)
+        self.on_gpu, self.spec = False, spec
         if use_gpu:
             if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
                 raise RuntimeError("faiss GPU index requested but this faiss build has no usable GPU")
+            if spec.type == "hnsw":
+                raise RuntimeError("faiss has no GPU HNSW index: use SATML_INDEX=faiss-cpu with hnsw")
             self._res = faiss.StandardGpuResources()
             index = faiss.index_cpu_to_gpu(self._res, 0, index)
             self.on_gpu = True
-        index.add(vecs)
         self.index, self.metric, self.k, self.num_classes, self.cap = index, metric, k, num_classes, cap
         self.labels = torch.as_tensor(bank_labels).long()
 
@@ -272,8 +333,10 @@ class FaissKnn:
         if self.metric == "cosine":
             q = q / np.linalg.norm(q, axis=1, keepdims=True).clip(1e-12)
         _, idx = self.index.search(q, self.k)
-        return torch.from_numpy(idx).long()
+        return torch.from_numpy(idx).long()  # -1 where an approximate index found fewer than k
 
     def predict(self, query: Tensor | np.ndarray) -> tuple[Tensor, Tensor]:
         """(pred [B], counts [B, C]) exactly as `knn_predict` (with `cap`: `vote`'s per-class cap)."""
-        return vote(self.labels[self.search(query)], self.num_classes, self.cap)
+        idx = self.search(query)
+        labels = torch.where(idx >= 0, self.labels[idx.clamp_min(0)], -1)  # a missing neighbour casts no vote
+        return vote(labels, self.num_classes, self.cap)

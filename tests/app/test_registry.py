@@ -64,6 +64,32 @@ def test_runtimes_and_indexes_agree_with_training_library(good_root: Path, runti
         reg.close()
 
 
+@pytest.mark.parametrize("index_type", ["ivf_flat", "hnsw"])
+def test_approximate_index_types_serve_the_exact_answers_on_a_small_bank(good_root: Path, index_type: str) -> None:
+    """SATML_INDEX_TYPE picks the faiss index (issue 16); auto then means faiss, and on the toy bank (every IVF cell
+    searched, HNSW with a wide candidate list) the answers equal the exact search's."""
+    settings = make_settings(good_root, index_type=index_type, index_nlist=4, index_nprobe=4, device="cpu")
+    reg = load_registry(settings, Metrics())
+    try:
+        m = reg.get("default")
+        assert m.index == "faiss-cpu"
+        images, _ = toy_images(6, seed=12)
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+        pred, _ = m.worker.submit(x).result(30)
+        assert torch.equal(pred, reference(good_root, "default", x))
+    finally:
+        reg.close()
+
+
+def test_index_type_needs_a_faiss_backend() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_index("auto", cpu, "ivf_pq") == "faiss-cpu"
+    with pytest.raises(RuntimeError, match="faiss backend"):
+        resolve_index("torch", cpu, "hnsw")
+    with pytest.raises(RuntimeError, match="GPU HNSW"):
+        resolve_index("faiss-gpu", cpu, "hnsw")
+
+
 def test_onnx_runtime_needs_the_onnx_file(tmp_path: Path) -> None:
     export_toy(tmp_path / "default", 0, name="no-onnx", onnx=False)
     reg = load_registry(make_settings(tmp_path, runtime="onnxruntime"), Metrics())

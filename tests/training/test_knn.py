@@ -226,3 +226,63 @@ def test_balanced_vote_divides_by_class_size() -> None:
     balanced = torch.arange(3).repeat_interleave(20)  # equal sizes: the majority vote
     rows = torch.randint(0, 3, (30, 9), generator=torch.Generator().manual_seed(1))
     assert torch.equal(knn.balanced_vote(rows, 3, balanced)[0], knn.vote(rows, 3)[0])
+
+
+# ---------------------------------------------------------------- faiss index types (issue 16)
+
+def _clustered_bank(n: int = 3000, d: int = 16, classes: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    centres = torch.randn(classes, d, generator=torch.Generator().manual_seed(1234)) * 3  # the same for every seed
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % classes
+    return centres[labels] + torch.randn(n, d, generator=g), labels
+
+
+@pytest.mark.parametrize("kind", knn.INDEX_TYPES)
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_every_index_type_votes_like_the_exact_search(kind: str, metric: str) -> None:
+    pytest.importorskip("faiss")
+    bank, labels = _clustered_bank()
+    queries, truth = _clustered_bank(200, seed=1)
+    exact = knn.TorchKnn(bank, labels, 5, k=25, metric=metric)
+    spec = knn.IndexSpec(kind, nlist=16, nprobe=4, pq_m=8, hnsw_m=16, ef_search=64)
+    approx = knn.FaissKnn(bank, labels, 5, k=25, metric=metric, spec=spec)
+    ref_pred, _ = exact.predict(queries)
+    pred, counts = approx.predict(queries)
+    assert (pred == ref_pred).float().mean() >= 0.97, "the vote survives an approximate search"
+    assert (pred == truth).float().mean() >= 0.9 and counts.shape == (200, 5)
+    found = approx.search(queries)
+    recall = np.mean([len(set(a.tolist()) & set(b.tolist())) / 25 for a, b in zip(found, exact.search(queries),
+                                                                                   strict=True)])
+    assert recall >= (0.999 if kind == "flat" else 0.5), recall
+
+
+def test_ivf_searching_every_cell_is_exact() -> None:
+    pytest.importorskip("faiss")
+    bank, labels = _clustered_bank()
+    queries, _ = _clustered_bank(50, seed=2)
+    ivf = knn.FaissKnn(bank, labels, 5, k=10, spec=knn.IndexSpec("ivf_flat", nlist=16, nprobe=16))
+    assert torch.equal(ivf.search(queries), knn.TorchKnn(bank, labels, 5, k=10).search(queries))
+
+
+def test_missing_neighbours_cast_no_vote() -> None:
+    """An approximate index may return -1 for neighbours it did not find: they count for no class."""
+    pred, counts = knn.vote(torch.tensor([[2, -1, -1], [-1, 1, 1], [-1, -1, -1]]), 3)
+    assert pred.tolist() == [2, 1, 0]
+    assert counts.tolist() == [[0, 0, 1], [0, 2, 0], [0, 0, 0]]
+    pytest.importorskip("faiss")
+    bank, labels = _clustered_bank(400)
+    sparse = knn.FaissKnn(bank, labels, 5, k=300, spec=knn.IndexSpec("ivf_flat", nlist=8, nprobe=1))
+    idx = sparse.search(bank[:20])
+    assert (idx == -1).any(), "one cell of ~50 vectors cannot hold 300 neighbours"
+    pred, counts = sparse.predict(bank[:20])
+    assert (counts.sum(1) == (idx >= 0).sum(1)).all() and (pred == labels[:20]).all()
+
+
+def test_index_spec_rejects_bad_parameters() -> None:
+    with pytest.raises(ValueError, match="index type"):
+        knn.IndexSpec("annoy")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="positive"):
+        knn.IndexSpec("ivf_flat", nprobe=0)
+    pytest.importorskip("faiss")
+    with pytest.raises(ValueError, match="divide"):
+        knn.FaissKnn(*_clustered_bank(200), 5, k=5, spec=knn.IndexSpec("ivf_pq", nlist=4, pq_m=5))
