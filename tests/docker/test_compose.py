@@ -70,8 +70,8 @@ def test_compose_local_override_valid_and_host_network_only(compose: list[str]) 
 
 
 def test_services_structure() -> None:
-    services = RAW["services"]
-    assert set(services) == {"api", "api-gpu"}
+    assert set(RAW["services"]) == {"api", "api-gpu", "replica", "proxy"}
+    services = {k: RAW["services"][k] for k in ("api", "api-gpu")}  # the profile `replicas`: its own test below
     for name, svc in services.items():
         assert svc["restart"] in ("unless-stopped", "always", "on-failure"), name
         assert svc["healthcheck"]["test"][-1] == "/usr/local/bin/healthcheck.py", name
@@ -98,3 +98,26 @@ def test_local_override_structure() -> None:
         assert svc["network_mode"] == "host", name
         assert svc["build"]["network"] == "host", name
         assert svc["environment"]["SATML_HOST"] == "127.0.0.1", name
+
+
+def test_replicas_profile_puts_nginx_in_front_of_healthy_replicas() -> None:
+    services = RAW["services"]
+    replica, proxy = services["replica"], services["proxy"]
+    assert replica["profiles"] == proxy["profiles"] == ["replicas"]
+    assert "ports" not in replica, "replicas are reached through the proxy only"
+    assert replica["healthcheck"] == services["api"]["healthcheck"] and replica["read_only"] is True
+    assert proxy["depends_on"]["replica"]["condition"] == "service_healthy"
+    mounts = {v.split(":")[0]: v.split(":")[1] for v in proxy["volumes"]}
+    assert mounts == {"./docker/nginx/upstream-compose.conf": "/etc/nginx/conf.d/00-upstream.conf",
+                      "./docker/nginx/satml.conf": "/etc/nginx/conf.d/default.conf"}
+    assert all((REPO / m).is_file() for m in mounts)
+    assert proxy["ports"] == ["${SATML_BIND:-127.0.0.1}:${SATML_PROXY_HOST_PORT:-8080}:8080"]
+    upstream = (REPO / "docker" / "nginx" / "upstream-compose.conf").read_text()
+    assert "upstream satml" in upstream and "server replica:8000" in upstream
+
+
+def test_replicas_profile_is_valid_compose(compose: list[str]) -> None:
+    cfg = _config(compose, COMPOSE, profiles=("replicas",))
+    assert cfg["services"]["replica"]["deploy"]["replicas"] == 2
+    assert {"replica", "proxy"} <= set(cfg["services"])
+
