@@ -6,6 +6,7 @@ environment is only the default source. Units are in the field comments.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -32,6 +33,12 @@ class Settings(BaseSettings):
     # encoder.onnx and onnxruntime imports (1.4x the img/s of torch under load, benchmarks/results), else torch
     runtime: Literal["auto", "torch", "onnxruntime"] = "auto"
     index: Literal["auto", "faiss-cpu", "faiss-gpu", "torch"] = "auto"  # k-NN backend; auto: best available
+    # uvicorn worker processes, each with its own copy of every model (memory x workers; benchmarks/README.md
+    # measures what a second process buys on 2 cores); the OS spreads connections over them
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
+    # intra-op threads of torch and onnxruntime in each process; None: torch's default (one per core) with one
+    # worker, cores / workers with several (so N processes do not oversubscribe the cores)
+    compute_threads: Annotated[int, Field(ge=1, le=256)] | None = None
     # faiss index type (training.knn.IndexSpec): flat is exact; ivf_flat, ivf_pq, hnsw are approximate, for banks
     # of millions (benchmarks/results/index_types.md measures recall, vote agreement, latency, memory); a type
     # other than flat needs faiss (index auto then picks faiss-gpu or faiss-cpu, never torch)
@@ -100,6 +107,12 @@ class Settings(BaseSettings):
     # SIGTERM: in-flight requests get this long, then are cut and the process exits; keep it below the
     # orchestrator's kill timeout (compose stop_grace_period: 20 s)
     shutdown_grace_s: Annotated[float, Field(gt=0, le=300)] = 15.0
+
+    def threads_per_process(self) -> int | None:
+        """The intra-op thread count to set in each serving process (None: leave torch's default)."""
+        if self.compute_threads is not None:
+            return self.compute_threads
+        return max(1, (os.cpu_count() or 1) // self.workers) if self.workers > 1 else None
 
     def index_spec(self) -> knn.IndexSpec:
         return knn.IndexSpec(self.index_type, self.index_nlist, self.index_nprobe, self.index_pq_m,

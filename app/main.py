@@ -64,6 +64,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # created on the serving loop (asyncio primitives bind to the loop they first wait on)
         app.state.decode_slots = asyncio.Semaphore(settings.decode_slots or max(2, os.cpu_count() or 2))
+        threads = settings.threads_per_process()
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
         registry = await run_in_threadpool(load_registry, settings, metrics)
         attacks = AttackService(settings.attack_concurrency, settings.attack_queue, settings.attack_timeout_s,
                                 metrics)

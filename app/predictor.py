@@ -37,13 +37,14 @@ class Predictor:
     index_kind: str
     live: LiveBank
     index_spec: knn.IndexSpec | None = None  # the faiss index type (settings); None: flat
+    threads: int | None = None  # onnxruntime intra-op threads (settings.threads_per_process)
     runtime_name: str = ""  # set by `setup`: "torch" or "onnxruntime (<provider>)"
 
     def setup(self) -> PredictFn:
         """Build the runtime and the index, warm up once (a broken runtime fails now, not on a request)."""
         embed: Callable[[Tensor], Tensor]
         if self.runtime == "onnxruntime":
-            onnx = OnnxEmbed(self.folder / ENCODER_ONNX, self.device)
+            onnx = OnnxEmbed(self.folder / ENCODER_ONNX, self.device, self.threads)
             embed, self.runtime_name = onnx, onnx.name
         else:
             embed, self.runtime_name = TorchEmbed(self.art.encoder, self.device), "torch"

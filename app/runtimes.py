@@ -60,7 +60,7 @@ class TorchEmbed:
 class OnnxEmbed:
     """onnxruntime session of `encoder.onnx`; refuses to run on another provider than the device asks for."""
 
-    def __init__(self, path: Path, device: torch.device) -> None:
+    def __init__(self, path: Path, device: torch.device, threads: int | None = None) -> None:
         import onnxruntime as ort
 
         want = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
@@ -72,6 +72,8 @@ class OnnxEmbed:
         options = ort.SessionOptions()
         # no busy-waiting between ops: on a CPU the event loop and the decoders need the same cores
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if threads is not None:  # SATML_COMPUTE_THREADS / workers: this process's share of the cores
+            options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         active = self.session.get_providers()
         if not active or active[0] != want:

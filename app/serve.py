@@ -10,10 +10,11 @@ import argparse
 import math
 import os
 import sys
+from typing import Any
 
 from app.config import Settings
 
-FLAGS = ("host", "port", "artifacts_dir", "default_model", "device", "runtime", "index", "log_level")
+FLAGS = ("host", "port", "artifacts_dir", "default_model", "device", "runtime", "index", "log_level", "workers")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,6 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--index", choices=["auto", "faiss-cpu", "faiss-gpu", "torch"], help="SATML_INDEX, default auto")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"],
                    help="SATML_LOG_LEVEL, default info")
+    p.add_argument("--workers", type=int, help="uvicorn worker processes, each with its own model copies "
+                   "(SATML_WORKERS, default 1)")
     return p.parse_args(argv)
 
 
@@ -54,9 +57,27 @@ def main(argv: list[str] | None = None) -> None:
     from app.main import create_app
 
     configure_logging(settings.log_level)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                log_config=None, access_log=False, proxy_headers=False,
-                timeout_graceful_shutdown=graceful_timeout(settings))
+    common: dict[str, Any] = dict(host=settings.host, port=settings.port, log_level=settings.log_level,
+                                  log_config=None, access_log=False, proxy_headers=False,
+                                  timeout_graceful_shutdown=graceful_timeout(settings))
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings), **common)
+        return
+    # several processes: each builds its app from the environment, so the flags travel as SATML_* variables
+    for key in FLAGS:
+        if key in overrides:
+            os.environ[f"SATML_{key.upper()}"] = str(overrides[key])
+    uvicorn.run("app.serve:worker_app", factory=True, workers=settings.workers, **common)
+
+
+def worker_app() -> Any:
+    """The app of one of several worker processes: settings from the environment, logging as `main` sets it."""
+    from app.logs import configure_logging
+    from app.main import create_app
+
+    settings = Settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ def test_training_imports_no_web_stack() -> None:
 def test_extras_hold_what_each_side_needs() -> None:
     core, extras = _names(PROJECT["dependencies"]), {k: _names(v) for k, v in PROJECT["optional-dependencies"].items()}
     assert {"fastapi", "uvicorn", "pydantic-settings"} <= extras["serve"]
+    # uvloop + httptools (uvicorn picks them when installed): what benchmarks/serve_bench.py measured
+    assert any(r.startswith("uvicorn[standard]") for r in PROJECT["optional-dependencies"]["serve"])
     assert {"onnx", "onnxscript", "matplotlib"} <= extras["train"]
     assert not core & (extras["serve"] | extras["train"]), "a split package must not stay in the core list"
     dockerfile = (ROOT / "docker" / "Dockerfile").read_text()

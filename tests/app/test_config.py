@@ -51,3 +51,11 @@ def test_invariants(kw: dict) -> None:
 
 def test_eps_limit_is_design_bound() -> None:
     assert Settings(attack_max_eps=MAX_ATTACK_EPS).attack_max_eps == MAX_ATTACK_EPS
+
+
+def test_threads_per_process_shares_the_cores_between_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    assert Settings(workers=1).threads_per_process() is None, "one process: torch's own default"
+    assert Settings(workers=2).threads_per_process() == 2
+    assert Settings(workers=8).threads_per_process() == 1
+    assert Settings(workers=2, compute_threads=3).threads_per_process() == 3

@@ -103,3 +103,37 @@ def test_real_server_huge_body(server: str) -> None:
         assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
     with httpx.Client(base_url=server, timeout=REQUEST_TIMEOUT_S) as c:
         assert c.get("/health/live").status_code == 200
+
+
+@pytest.mark.slow
+def test_several_worker_processes_serve_the_same_answers(good_root: Path, tmp_path: Path) -> None:
+    """--workers 2: uvicorn runs two processes, each with its own models (flags reach them through SATML_*),
+    every request is answered alike, and SIGTERM stops them all."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SATML_")}
+    log = (tmp_path / "server.log").open("w+")
+    proc = subprocess.Popen([sys.executable, "-m", "app.serve", "--port", str(port), "--artifacts-dir", str(good_root),
+                             "--workers", "2", "--default-model", "other"], env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(lambda: proc.poll() is None, f"{url}/health/ready", poll_s=0.2)
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(children) >= 2, f"two worker processes (and uvicorn's helpers) under the master: {children}"
+        images, _ = toy_images(1, seed=52)
+        with httpx.Client(base_url=url, timeout=REQUEST_TIMEOUT_S) as c:
+            for _ in range(3):  # every worker must be ready before its answers count
+                wait_ready(lambda: proc.poll() is None, f"{url}/health/ready", poll_s=0.2)
+            answers = [c.post("/classify", files=[("files", ("x.png", png(images[0]), "image/png"))]).json()
+                       for _ in range(8)]
+        assert all(a["model"] == "other" for a in answers), "--default-model reached every worker"
+        assert len({str(a["results"]) for a in answers}) == 1
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()
+    assert subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True).returncode != 0, "no orphan workers"
