@@ -259,12 +259,18 @@ def server(cmd: list[str], env: dict[str, str], ready_url: str, log_path: Path) 
 
 
 def process_cpu_s(pid: int) -> float | None:
-    """User + system CPU seconds of a process and all its threads so far (Linux /proc), None elsewhere."""
+    """User + system CPU seconds so far of a process, its threads and its live child processes (uvicorn's
+    workers with SATML_WORKERS > 1), from Linux /proc; None elsewhere."""
     try:
         fields_ = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return (int(fields_[11]) + int(fields_[12])) / os.sysconf("SC_CLK_TCK")
+    total = (int(fields_[11]) + int(fields_[12])) / os.sysconf("SC_CLK_TCK")
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    return total + sum(process_cpu_s(int(c)) or 0.0 for c in children)
 
 
 def children_cpu_s() -> float:
