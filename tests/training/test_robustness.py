@@ -196,7 +196,10 @@ def test_abstention_stage_with_calibrated_models(tmp_path: Path) -> None:
     colour, pattern = by_name(result)["colour"]["abstention"], by_name(result)["pattern"]["abstention"]
     assert colour["attacks"][1]["robust_acc_with_abstention"] >= 0.85
     assert pattern["attacks"][1]["robust_acc_without_abstention"] <= 0.1
-    assert "Abstention (conformal credibility)" in rb.markdown_report(result)
+    report = rb.markdown_report(result)
+    assert "Abstention (conformal credibility)" in report and "| colour | " in report.split("coverage >= 100%")[1]
+    paths = rb.write_reports(result, tmp_path / "reports")
+    assert Path(paths["coverage_plot"]).stat().st_size > 1000, "the accuracy-vs-coverage plot"
 
 
 def test_attack_success_increases_with_eps(toy_result: dict) -> None:

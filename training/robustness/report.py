@@ -13,6 +13,8 @@ from training.card import pct as _pct
 from training.card import verdict as _verdict
 from training.manifest import KnnSurrogate, Manifest, Metrics, RobustResult
 
+COVERAGE_POINTS = (1.0, 0.9, 0.8, 0.5)  # the coverages the markdown table reports
+
 
 def finite(x: float) -> float | None:
     """JSON has no NaN: undefined numbers (no image to measure on) are null."""
@@ -88,7 +90,18 @@ def markdown_report(result: dict[str, Any]) -> str:
                              f"**{_pct(r['robust_acc_with_abstention'])} %** | {abst} % | "
                              + ("-" if r["auroc_clean_vs_adversarial"] is None else
                                 f"{r['auroc_clean_vs_adversarial']:.3f}") + " |")
-        lines += ["", with_abst[0]["abstention"]["protocol"] + "."]
+        lines += ["", with_abst[0]["abstention"]["protocol"] + ".", "",
+                  "Clean accuracy against coverage (answering only images whose credibility reaches each threshold; "
+                  "`robustness_coverage.png`):", "",
+                  "| model | " + " | ".join(f"coverage >= {c:.0%}" for c in COVERAGE_POINTS) + " |",
+                  "|---|" + "---|" * len(COVERAGE_POINTS)]
+        for m in with_abst:
+            cells = []
+            for c in COVERAGE_POINTS:
+                ok = [r for r in m["abstention"]["coverage_curve"] if r["coverage"] >= c and r["accuracy"] is not None]
+                best = max(ok, key=lambda r: r["accuracy"], default=None)
+                cells.append("-" if best is None else f"{_pct(best['accuracy'])} % ({_pct(best['coverage'])} %)")
+            lines.append(f"| {m['name']} | " + " | ".join(cells) + " |")
     lines += ["", "## Gradient-masking checks", "", "| model | check | result | detail |", "|---|---|---|---|"]
     for m in models:
         for c in m["masking_checks"]:
@@ -181,8 +194,33 @@ def plot_temperature(result: dict[str, Any], path: Path) -> Path:
     return _save_plot(fig, ax, path)
 
 
+def plot_coverage(result: dict[str, Any], path: Path) -> Path | None:
+    """Clean accuracy vs coverage under the credibility threshold, per model with calibration (None: no model has)."""
+    models = [m for m in result["models"] if m.get("abstention")]
+    if not models:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.6, 3.8), dpi=120)
+    for i, m in enumerate(result["models"]):
+        if not m.get("abstention"):
+            continue
+        rows = sorted((r for r in m["abstention"]["coverage_curve"] if r["accuracy"] is not None),
+                      key=lambda r: r["coverage"])
+        ax.plot([100 * r["coverage"] for r in rows], [100 * r["accuracy"] for r in rows], "o-", color=f"C{i}",
+                label=m["name"])
+    ax.set_xlabel("coverage: clean test images answered (%)")
+    ax.set_ylabel("accuracy on the answered (%)")
+    ax.set_title("Abstention by conformal credibility")
+    return _save_plot(fig, ax, path)
+
+
 def write_reports(result: dict[str, Any], out: str | Path, stem: str = "robustness") -> dict[str, str]:
-    """`<stem>.json`, `<stem>.md`, `<stem>_eps.png`, `<stem>_temperature.png` in `out`; returns their paths."""
+    """`<stem>.json`, `<stem>.md`, `<stem>_eps.png`, `<stem>_temperature.png` (and `<stem>_coverage.png` when a
+    model has calibration scores) in `out`; returns their paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{stem}.json", "markdown": out / f"{stem}.md", "eps_plot": out / f"{stem}_eps.png",
@@ -191,6 +229,9 @@ def write_reports(result: dict[str, Any], out: str | Path, stem: str = "robustne
     paths["markdown"].write_text(markdown_report(result))
     plot_eps(result, paths["eps_plot"])
     plot_temperature(result, paths["temperature_plot"])
+    coverage = plot_coverage(result, out / f"{stem}_coverage.png")
+    if coverage is not None:
+        paths["coverage_plot"] = coverage
     return {k: str(v) for k, v in paths.items()}
 
 
