@@ -71,8 +71,8 @@ def hanging_index(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
     """Models built now get a k-NN index that blocks while the returned event is set (fault injection)."""
     hang, real = threading.Event(), app.predictor.build_index
 
-    def build(kind, art):
-        index = real(kind, art)
+    def build(kind, art, spec=None):
+        index = real(kind, art, spec)
 
         def predict(z):
             deadline = time.monotonic() + 10

@@ -44,8 +44,8 @@ def fault(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, threading.Event
     events = {"hang": threading.Event(), "die": threading.Event()}
     real = app.predictor.build_index
 
-    def build(kind, art):
-        index = real(kind, art)
+    def build(kind, art, spec=None):
+        index = real(kind, art, spec)
 
         def predict(z):
             if events["die"].is_set():

@@ -31,8 +31,8 @@ def test_exit_within_grace_with_a_stuck_batch(good_root: Path, monkeypatch: pyte
     hang = threading.Event()
     real = app.predictor.build_index
 
-    def build(kind, art):
-        index = real(kind, art)
+    def build(kind, art, spec=None):
+        index = real(kind, art, spec)
 
         def predict(z):
             deadline = time.monotonic() + 15  # stuck far past the grace period
