@@ -25,6 +25,7 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -142,8 +143,8 @@ def main() -> None:
     base = seeds(nrng)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SATML_")}
-    log_path = Path(a.out) / "fuzz_server.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path = Path(tempfile.mkdtemp(prefix="fuzz_")) / "server.log"  # kept for a look when a 5xx shows up
+    Path(a.out).mkdir(parents=True, exist_ok=True)
     server = subprocess.Popen([sys.executable, "-m", "app.serve", "--port", str(port), "--artifacts-dir", a.artifacts,
                                "--log-level", "warning"], env=env, cwd=ROOT, stdout=log_path.open("w"),
                               stderr=subprocess.STDOUT)
