@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from training import knn
+if TYPE_CHECKING:
+    from training import knn
+
 
 MAX_ATTACK_EPS = 16 / 255  # DESIGN section 5: /attack never exceeds this L-inf radius
 MAX_ATTACK_STEPS = 100  # DESIGN section 5: nor this many gradient steps
@@ -115,6 +117,8 @@ class Settings(BaseSettings):
         return max(1, (os.cpu_count() or 1) // self.workers) if self.workers > 1 else None
 
     def index_spec(self) -> knn.IndexSpec:
+        from training import knn  # here, not at the top: the settings must not import torch (the --workers master)
+
         return knn.IndexSpec(self.index_type, self.index_nlist, self.index_nprobe, self.index_pq_m,
                              self.index_hnsw_m, self.index_ef_search)
 

@@ -7,6 +7,7 @@ given here wins over the environment.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sys
@@ -54,15 +55,17 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from app.logs import configure_logging
-    from app.main import create_app
 
     configure_logging(settings.log_level)
     common: dict[str, Any] = dict(host=settings.host, port=settings.port, log_level=settings.log_level,
                                   log_config=None, access_log=False, proxy_headers=False,
                                   timeout_graceful_shutdown=graceful_timeout(settings))
     if settings.workers == 1:
+        from app.main import create_app
+
         uvicorn.run(create_app(settings), **common)
         return
+    # the supervising process never imports the app (torch, the models): only the workers do
     # several processes: each builds its app from the environment, so the flags travel as SATML_* variables
     for key in FLAGS:
         if key in overrides:
@@ -77,6 +80,7 @@ def worker_app() -> Any:
 
     settings = Settings()
     configure_logging(settings.log_level)
+    logging.getLogger("uvicorn.access").disabled = True  # as access_log=False does in one process: app.access logs
     return create_app(settings)
 
 

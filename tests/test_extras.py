@@ -50,3 +50,10 @@ def test_extras_hold_what_each_side_needs() -> None:
     assert "['optional-dependencies']['serve']" in dockerfile, "the image installs the serve extra"
     makefile = (ROOT / "Makefile").read_text()
     assert '".[$(EXTRA),serve]"' in makefile and '".[$(EXTRA),serve,train,dev]"' in makefile
+
+
+@pytest.mark.slow
+def test_the_settings_and_the_launcher_import_no_torch() -> None:
+    """`satml-serve --workers N`: the master process only parses settings and runs uvicorn's supervisor."""
+    loaded = _top_level_modules_after("import app.config, app.serve; app.config.Settings()")
+    assert "torch" not in loaded and "training" not in loaded
