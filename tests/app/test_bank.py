@@ -21,8 +21,7 @@ import torch
 
 from app.bank import Example, OverlayStore
 from tests.app.routes.test_examples import files, yellow
-from tests.app.servers import wait_ready
-from tests.app.test_serve import free_port
+from tests.app.servers import free_port, stop, wait_ready
 
 IDENTITY = {"encoder_sha256": "e" * 64, "bank_sha256": "b" * 64}
 DIM = 8
@@ -136,12 +135,12 @@ def test_real_server_killed_during_updates_keeps_every_acknowledged_example(good
 
     proc, url = start()
     acked: list[str] = []
-    stop = threading.Event()
+    halt = threading.Event()
 
     def writer() -> None:  # updates back to back until the server dies under them
         i = 0
         with httpx.Client(base_url=url, timeout=10) as c:
-            while not stop.is_set():
+            while not halt.is_set():
                 try:
                     r = c.post("/models/default/examples", data={"label": "yellow"}, files=files(yellow(2, i)))
                 except httpx.TransportError:
@@ -159,7 +158,7 @@ def test_real_server_killed_during_updates_keeps_every_acknowledged_example(good
         assert len(acked) >= 6, "the server acknowledged too few updates"
         proc.send_signal(signal.SIGKILL)  # while the writer keeps a request in flight
         proc.wait(10)
-        stop.set()
+        halt.set()
         t.join(15)
         assert not t.is_alive()
         proc, url = start()
@@ -173,11 +172,5 @@ def test_real_server_killed_during_updates_keeps_every_acknowledged_example(good
         assert [res["label"] for res in r.json()["results"]] == ["yellow", "yellow"]
         assert np.all([e["label"] == "yellow" for e in listed["examples"]])
     finally:
-        stop.set()
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        halt.set()
+        stop(proc)

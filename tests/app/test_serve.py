@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,16 +13,10 @@ import httpx
 import pytest
 
 from tests.app.corpus import CORPUS, streamed_multipart
-from tests.app.servers import wait_ready
+from tests.app.servers import free_port, stop, wait_ready
 from tests.app.toy import png, toy_images
 
 REQUEST_TIMEOUT_S = 30
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +32,7 @@ def server(good_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         wait_ready(lambda: proc.poll() is None, f"{url}/health/ready", poll_s=0.2)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop(proc)
         log.seek(0)
         server_log = log.read()
         log.close()
@@ -122,18 +110,11 @@ def test_several_worker_processes_serve_the_same_answers(good_root: Path, tmp_pa
         assert len(children) >= 2, f"two worker processes (and uvicorn's helpers) under the master: {children}"
         images, _ = toy_images(1, seed=52)
         with httpx.Client(base_url=url, timeout=REQUEST_TIMEOUT_S) as c:
-            for _ in range(3):  # every worker must be ready before its answers count
-                wait_ready(lambda: proc.poll() is None, f"{url}/health/ready", poll_s=0.2)
             answers = [c.post("/classify", files=[("files", ("x.png", png(images[0]), "image/png"))]).json()
                        for _ in range(8)]
         assert all(a["model"] == "other" for a in answers), "--default-model reached every worker"
         assert len({str(a["results"]) for a in answers}) == 1
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop(proc, 30)
         log.close()
     assert subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True).returncode != 0, "no orphan workers"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,19 +16,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.app.servers import wait_ready
+from tests.app.servers import free_port, stop, wait_ready
 from tests.app.toy import export_toy, png, toy_images
 from tests.docker.dockertools import REPO
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").is_file() else None)
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(NGINX is None, reason="nginx not installed (apt-get install nginx; .ci/run does)")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +43,7 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[tuple[su
         yield procs
     finally:
         for proc, _ in procs:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop(proc)
 
 
 @pytest.fixture(scope="module")
