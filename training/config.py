@@ -62,11 +62,11 @@ class TrainConfig:
     limit: int | None = field(default=None, metadata={
         "help": "use only the first N training images (quick runs and tests)"})
     init: str | None = field(default=None, metadata={
-        "help": "checkpoint.pt to initialise from (e.g. an ssl run for sat); a narrower cnn8 is widened to --width "
-                "keeping its function (Net2WiderNet), e.g. a wide distillation student from its teacher"})
+        "help": "checkpoint.pt or exported artifact dir to initialise from (e.g. an ssl run for sat); a narrower "
+                "cnn8 is widened to --width keeping its function (Net2WiderNet), e.g. a wide distillation student"})
     teacher: str | None = field(default=None, metadata={
-        "help": "distill: checkpoint.pt of the frozen clean SSL teacher whose embedding the student matches; "
-                "pseudo_at: the teacher whose embedding is clustered into pseudo-labels"})
+        "help": "distill: checkpoint.pt or artifact dir of the frozen clean SSL teacher whose embedding the "
+                "student matches; pseudo_at: the teacher whose embedding is clustered into pseudo-labels"})
     clusters: int = field(default=100, metadata={
         "help": "pseudo_at: k-means clusters of the teacher's embedding used as classes (no labels are used)"})
     ema_decay: float = field(default=0.0, metadata={

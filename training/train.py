@@ -45,6 +45,7 @@ from training.checkpoint import (
     config_of,
     encoder_from_checkpoint,
     load_checkpoint,
+    load_weights_source,
     save_checkpoint,
     served_weights,
     training_state,
@@ -104,7 +105,7 @@ class Step:
         self.teacher: Encoder | None = None
         if cfg.method == "distill":
             device = next(model.parameters()).device
-            self.teacher = encoder_from_checkpoint(load_checkpoint(cfg.teacher or "", device)).to(device).eval()
+            self.teacher = encoder_from_checkpoint(load_weights_source(cfg.teacher or "", device)).to(device).eval()
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
 
@@ -221,7 +222,7 @@ def _optimizer(cfg: TrainConfig, model: nn.Module, lr: float) -> torch.optim.Opt
 
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     if cfg.method == "distill":  # a student wider or narrower than its teacher gets a linear map for the match
-        teacher_dim = config_of(load_checkpoint(cfg.teacher or "")).encoder_config().embed_dim
+        teacher_dim = config_of(load_weights_source(cfg.teacher or "")).encoder_config().embed_dim
         own = cfg.encoder_config().embed_dim
         return ContrastiveModel(cfg.encoder_config(), align_dim=teacher_dim if teacher_dim != own else None)
     if cfg.method in ("ssl", "sat"):
@@ -311,7 +312,7 @@ def load_data(cfg: TrainConfig, device: torch.device) -> Data:
 def cluster_labels(cfg: TrainConfig, data: Data, device: torch.device) -> Tensor:
     """pseudo_at: k-means ids of the training images under the frozen teacher (deterministic in the seed, so a
     resumed run recomputes the same ones); their purity against the real labels is logged, never trained on."""
-    teacher = encoder_from_checkpoint(load_checkpoint(cfg.teacher or "", device)).to(device).eval()
+    teacher = encoder_from_checkpoint(load_weights_source(cfg.teacher or "", device)).to(device).eval()
     assign = pseudo_labels.teacher_pseudo_labels(teacher, data.train_set.images, cfg.clusters, seed=cfg.seed,
                                                  device=device)
     log.info("pseudo_at: %d clusters of the teacher's embedding, purity %.3f against the real labels (a "
@@ -372,7 +373,7 @@ def init_from(model: nn.Module, path: str, seed: int = 0) -> None:
     """`--init`: start from another run's (served) weights; its heads may differ, its encoder may not, except
     that a narrower plain CNN of the same arch is widened to this model's width keeping its function
     (`training.widen`, Net2WiderNet), with the distillation map back to its embedding when the model has one."""
-    init = load_checkpoint(path)
+    init = load_weights_source(path)
     weights = served_weights(init)
     src, own = config_of(init).encoder_config(), encoder_of(model).cfg
     if src.arch == own.arch and src.width < own.width:
