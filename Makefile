@@ -21,7 +21,7 @@ $(VENV)/.installed-$(EXTRA): $(BIN)/python pyproject.toml
 # torchattacks (test-only cross-check of our PGD/APGD) without its torchvision dependency, which does
 # not import beside torch 2.13; it needs only torch, numpy and scipy.
 $(VENV)/.installed-dev: $(VENV)/.installed-$(EXTRA)
-	$(BIN)/pip install -q -e ".[$(EXTRA),serve,train,dev]"
+	$(BIN)/pip install -q -e ".[$(EXTRA),serve,train,ray,dev]"
 	$(BIN)/pip install -q --no-deps "torchattacks==3.5.1"
 	touch $@
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from app.errors import ErrorBody
@@ -23,9 +23,19 @@ async def live() -> Live:
 async def ready(request: Request) -> Ready | JSONResponse:
     """200 when the configured default model serves and every batch worker is alive and making progress
     (no batch past the request deadline), with each model's device, runtime, index backend and worker; else 503."""
-    registry = getattr(request.app.state, "registry", None)
-    settings = request.app.state.settings
-    states = {} if registry is None else registry.worker_states(settings.request_timeout_s, request.app.state.metrics)
+    body, problem = readiness(request.app)
+    if problem is None:
+        return body
+    not_ready = NotReady(**body.model_dump(), error=ErrorBody(code="not_ready", message=problem))
+    return JSONResponse(not_ready.model_dump(), status_code=503)
+
+
+def readiness(app: FastAPI) -> tuple[Ready, str | None]:
+    """The readiness report and, when the app is not ready, why (None when it is). One definition for
+    /health/ready, /v2/health/ready and a Ray Serve replica's health check."""
+    registry = getattr(app.state, "registry", None)
+    settings = app.state.settings
+    states = {} if registry is None else registry.worker_states(settings.request_timeout_s, app.state.metrics)
     models = {} if registry is None else {
         name: ModelReadiness(device=m.device, runtime=m.runtime, index=m.index, classes=len(m.classes),
                              bank_size=m.bank_size, worker=states[name])
@@ -39,8 +49,7 @@ async def ready(request: Request) -> Ready | JSONResponse:
                  default_model=None if registry is None else registry.default,
                  skipped={} if registry is None else dict(registry.skipped))
     if models and not problems:
-        return body
+        return body, None
     message = "; ".join(problems) if models else "no model loaded"
     message += f"; skipped: {', '.join(body.skipped)}" if body.skipped else ""
-    not_ready = NotReady(**body.model_dump(), error=ErrorBody(code="not_ready", message=message))
-    return JSONResponse(not_ready.model_dump(), status_code=503)
+    return body, message

@@ -105,7 +105,7 @@ async def server_live() -> dict[str, bool]:
 @router.get("/health/ready", summary="server ready", responses={503: {"description": "not ready"}})
 async def server_ready(request: Request) -> Response:
     """Ready exactly when /health/ready is (the configured default serves, every batch worker healthy)."""
-    ok = not isinstance(await health.ready(request), JSONResponse)  # /health/ready answers 503 as a JSONResponse
+    ok = health.readiness(request.app)[1] is None
     return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
 
