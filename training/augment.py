@@ -108,6 +108,14 @@ def two_views(
     return augment(x, cfg, g), augment(x, cfg, g)
 
 
+def gaussian_noise(x: Tensor, sigma: float, g: torch.Generator | None = None) -> Tensor:
+    """x + N(0, sigma^2) per pixel in [0, 1] pixel units, not clipped: the noise randomized smoothing votes
+    under (Cohen et al. 2019 train with exactly this), so an encoder trained with it stays accurate there."""
+    if sigma == 0:
+        return x
+    return x + sigma * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=g)
+
+
 def crop_flip(x: Tensor, pad: int = 4, g: torch.Generator | None = None) -> Tensor:
     """Supervised CIFAR augmentation: random crop with reflection padding + horizontal flip."""
     b, _, h, w = x.shape

@@ -47,6 +47,9 @@ class TrainConfig:
     weight_decay: float = field(default=5e-4, metadata={"help": "L2 weight decay"})
     warmup_epochs: float = field(default=1.0, metadata={"help": "epochs of linear learning-rate warm-up"})
     temperature: float = field(default=0.5, metadata={"help": "temperature of the NT-Xent and MI (InfoNCE) losses"})
+    noise_sigma: float = field(default=0.0, metadata={
+        "help": "Gaussian noise std ([0, 1] pixel units, unclipped) added to every training view, for an encoder "
+                "certified by randomized smoothing (`satml certify` with the same sigma); 0: off"})
     # validation split (training.data.validation_split, shared by export, calibrate, evaluate): CIFAR-10's
     # documented last 5,000 (DESIGN section 6); other data stratified, val_fraction of each class, seeded
     val_size: int | None = field(default=None, metadata={
@@ -109,6 +112,8 @@ class TrainConfig:
             raise ValueError(f"method must be one of {'|'.join(METHODS)}, got {self.method!r}")
         if self.method in ("distill", "pseudo_at") and not self.teacher:
             raise ValueError(f"method {self.method} needs --teacher (checkpoint.pt of a clean ssl run)")
+        if not 0 <= self.noise_sigma <= 4:
+            raise ValueError(f"noise_sigma must be in [0, 4], got {self.noise_sigma}")
         if self.clusters < 2:
             raise ValueError(f"clusters must be >= 2, got {self.clusters}")
         if not 0 <= self.ema_decay < 1:

@@ -112,8 +112,19 @@ class Step:
     def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
         return getattr(self, self.cfg.method)(x, y)
 
-    def ssl(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def _noisy(self, x: Tensor) -> Tensor:
+        """`noise_sigma`: every training view gets Gaussian noise (after augmentation, before any attack)."""
+        return augment.gaussian_noise(x, self.cfg.noise_sigma, self.g)
+
+    def _two_views(self, x: Tensor) -> tuple[Tensor, Tensor]:
         v1, v2 = augment.two_views(x, self.aug, self.g)
+        return self._noisy(v1), self._noisy(v2)
+
+    def _crop_flip(self, x: Tensor) -> Tensor:
+        return self._noisy(augment.crop_flip(x, g=self.g))
+
+    def ssl(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+        v1, v2 = self._two_views(x)
         p = self.net(torch.cat([v1, v2]))  # 2B x P
         p1, p2 = p.chunk(2)
         return losses.info_nce(p1.float(), p2.float(), self.cfg.temperature), {}
@@ -143,7 +154,7 @@ class Step:
 
     def sat(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
         cfg = self.cfg
-        v1, v2 = augment.two_views(x, self.aug, self.g)
+        v1, v2 = self._two_views(x)
         v_adv, keep = self._sat_adversary(v1, y)
         p = self.net(torch.cat([v1, v2, v_adv])).float()  # 3B x P
         p1, p2, pa = p.chunk(3)
@@ -156,7 +167,7 @@ class Step:
         """Labels unused: teacher match on x + robustness of the student's own embedding around x."""
         cfg, enc = self.cfg, self.model.get_submodule("encoder")
         assert self.teacher is not None
-        x = augment.crop_flip(x, g=self.g)
+        x = self._crop_flip(x)
         with torch.no_grad():
             t = self.teacher(x).float()
         objective = attacks.embedding_objective(enc, x)  # x' maximises 1 - cos(s(x'), s(x))
@@ -169,7 +180,7 @@ class Step:
         return loss, {"teacher_cos": 1 - match.item(), "adv_cos": 1 - robust.item()}
 
     def supervised(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
-        return losses.cross_entropy(self.net(augment.crop_flip(x, g=self.g)).float(), y), {}
+        return losses.cross_entropy(self.net(self._crop_flip(x)).float(), y), {}
 
     def pseudo_at(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
         """PGD-AT where y are the teacher's cluster ids (setup replaced the labels): no label is used."""
@@ -177,7 +188,7 @@ class Step:
 
     def pgd_at(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
         cfg = self.cfg
-        x = augment.crop_flip(x, g=self.g)
+        x = self._crop_flip(x)
         objective = attacks.cross_entropy_objective(self.model, y)
         x_adv = attacks.pgd(objective, x, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.attack_steps, model=self.model,
                             generator=self.g)

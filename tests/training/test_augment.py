@@ -13,6 +13,7 @@ from training.augment import (
     augment,
     color_jitter,
     crop_flip,
+    gaussian_noise,
     random_grayscale,
     random_resized_crop,
     two_views,
@@ -133,3 +134,14 @@ def test_jitter_off_is_identity_and_hue_keeps_grey_pixels_grey() -> None:
     torch.testing.assert_close(color_jitter(grey, hue_only, _gen()), grey, atol=1e-5, rtol=0)
     # and a coloured image is changed by it
     assert (color_jitter(x, hue_only, _gen()) - x).abs().amax() > 0.05
+
+
+def test_gaussian_noise_statistics_seeding_and_off() -> None:
+    x = torch.full((64, 3, 32, 32), 0.5)
+    assert gaussian_noise(x, 0.0) is x  # off: the very input, no random numbers drawn
+    a = gaussian_noise(x, 0.25, torch.Generator().manual_seed(3))
+    b = gaussian_noise(x, 0.25, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == x.shape
+    d = a - x
+    assert abs(d.mean().item()) < 0.01 and abs(d.std().item() - 0.25) < 0.01
+    assert a.max() > 1.0 and a.min() < 0.0  # not clipped, as Cohen et al. smooth

@@ -73,6 +73,7 @@ def test_lr_schedule_without_warmup_starts_at_the_base() -> None:
         ({"method": "pgd_at", "eps": 2.0, "alpha": 0.1}, "alpha"),
         ({"epochs": 0}, "epochs"),
         ({"batch_size": 1}, "batch_size"),
+        ({"noise_sigma": -0.1}, "noise_sigma"),
     ],
 )
 def test_config_validation(kwargs: dict[str, Any], match: str) -> None:
@@ -228,6 +229,21 @@ def test_distill_step_leaves_the_teacher_frozen(ssl_run: tuple[TrainConfig, dict
     assert all(p.grad is None and not p.requires_grad for p in step.teacher.parameters())
     assert any(p.grad is not None for p in student.encoder.parameters())
     assert all(torch.equal(v, step.teacher.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("method", ["ssl", "supervised"])
+def test_noise_sigma_perturbs_every_training_view(method: str) -> None:
+    """The same seeded step with and without noise: equal at sigma 0 to the plain recipe, different above."""
+    x, y = torch.rand(8, 3, 32, 32), torch.arange(8) % 2
+
+    def loss(sigma: float) -> float:
+        torch.manual_seed(0)
+        cfg = TrainConfig(method=method, noise_sigma=sigma, **TINY_ENCODER)
+        step = Step(cfg, build_model(cfg, num_classes=2).eval(), torch.Generator().manual_seed(0))
+        return float(step(x, y)[0])
+
+    assert loss(0.0) == loss(0.0)
+    assert loss(0.5) != loss(0.0)
 
 
 def test_distill_needs_a_teacher() -> None:
