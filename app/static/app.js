@@ -326,6 +326,7 @@ async function onClassify(event) {
   for (const img of state.images) form.append("files", img.file, img.name);
   form.append("model", $("#classify-model").value);
   form.append("top_k", $("#top-k").value || "3");
+  if ($("#min-credibility").value !== "") form.append("min_credibility", $("#min-credibility").value);
   setBusy(true, $("#classify-button"), "Classifying…");
   $("#classify-results").setAttribute("aria-busy", "true");
   try {

@@ -36,6 +36,7 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 30_000
+CALIBRATION_SCORES = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 4, 4, 5])  # k = 5: nonconformity 0..5
 
 
 def _chromium() -> str | None:
@@ -78,6 +79,9 @@ def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     artifacts = tmp_path_factory.mktemp("artifacts")
     _export_tiny(artifacts, "default", "sat", 0)
     _export_tiny(artifacts, "supervised", "supervised", 1)
+    from training.calibrate import write_calibration  # default gets credibility; supervised stays without
+
+    write_calibration(artifacts / "default", CALIBRATION_SCORES, {"n": len(CALIBRATION_SCORES), "split": "test"})
     settings = Settings(artifacts_dir=artifacts, default_model="default", log_level="warning")
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
@@ -121,6 +125,11 @@ def browser(base_url: str) -> Iterator[Browser]:
             context.close()
 
 
+def _pct(share: float) -> str:
+    """The page's percentage format (app.js `pct`)."""
+    return f"{100 * share:.{0 if share >= 0.995 or share == 0 else 1}f} %"
+
+
 def _samples() -> list[dict]:
     return json.loads((SAMPLES / "index.json").read_text())["samples"]
 
@@ -160,6 +169,44 @@ def test_upload_and_classify_matches_the_api(browser: Browser, base_url: str) ->
         expect(card.locator(".prediction")).to_have_text(want["label"])
         expect(card.locator(".votes li")).to_have_count(len(want["votes"]))
         expect(card).to_contain_text(want["filename"])
+
+
+def test_trust_line_and_abstention_match_the_api(browser: Browser, base_url: str) -> None:
+    page = browser.page
+    expect = sync_api.expect
+    files = [SAMPLES / s["file"] for s in _samples()[:6]]
+    parts = [("files", (f.name, f.read_bytes(), "image/png")) for f in files]
+    page.set_input_files("#file-input", [str(f) for f in files])
+    page.select_option("#classify-model", "default")
+    page.fill("#min-credibility", "")
+    page.click("#classify-button")
+    cards = page.locator("#classify-results .result")
+    expect(cards).to_have_count(len(files))
+    plain = httpx.post(f"{base_url}/classify", files=parts, data={"model": "default"}, timeout=30).json()["results"]
+    for i, want in enumerate(plain):  # the server's default threshold (0) abstains on nothing
+        line = cards.nth(i).locator(".trust")
+        expect(line).to_have_attribute("data-abstained", "false")
+        expect(line).to_contain_text(f"credibility {_pct(want['credibility'])}")
+    levels = sorted({r["credibility"] for r in plain})
+    assert len(levels) > 1, f"the fixture should give several credibility levels, got {levels}"
+    threshold = (levels[0] + levels[-1]) / 2  # some answers below it, some above
+    page.fill("#min-credibility", f"{threshold:.4f}")
+    with page.expect_response(lambda r: r.url.endswith("/classify")) as answer:
+        page.click("#classify-button")
+    assert answer.value.status == 200
+    strict = httpx.post(f"{base_url}/classify", files=parts, data={"model": "default", "min_credibility": threshold},
+                        timeout=30).json()["results"]
+    assert {r["abstained"] for r in strict} == {True, False}
+    for i, want in enumerate(strict):
+        expect(cards.nth(i).locator(".trust")).to_have_attribute("data-abstained", str(want["abstained"]).lower())
+        if want["abstained"]:
+            expect(cards.nth(i).locator(".trust")).to_contain_text("abstained")
+    page.fill("#min-credibility", "")
+    page.select_option("#classify-model", "supervised")  # no calibration: no trust line at all
+    with page.expect_response(lambda r: r.url.endswith("/classify")):
+        page.click("#classify-button")
+    expect(cards).to_have_count(len(files))
+    expect(page.locator("#classify-results .trust")).to_have_count(0)
 
 
 def test_attack_compares_models_and_shows_images(browser: Browser) -> None:
