@@ -4,7 +4,9 @@ Times search + vote over an artifact's real bank for each backend and batch size
 checks that every backend gives the same votes as the reference `training.knn.knn_predict`. Queries
 are the bank's own embeddings plus noise (realistic neighbourhoods, not uniform random vectors).
 Backends: `faiss` (IndexFlatL2 / IP, what the server used), `torch` (`knn.knn_predict`, the reference),
-`torch-bank` (`knn.TorchKnn`: the same formula with the bank's norms and transpose kept).
+`torch-bank` (`knn.TorchKnn`: the same formula with the bank's norms and transpose kept, the product's layout
+chosen by batch size), `torch-one-layout` (the same formula always as q @ bank^T through a transposed view, what
+`knn_search` did before it chose the layout per batch size: the before/after ratio of that change).
 
     python benchmarks/knn_backends.py --artifact artifacts/default [--threads 2] [--seconds 1]
 """
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--artifact", type=Path, default=ROOT / "artifacts" / "default")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--seconds", type=float, default=1.0, help="measuring time per backend and batch size")
-    p.add_argument("--batches", default="1,8,32,64")
+    p.add_argument("--batches", default="1,2,4,8,16,32,64")
     p.add_argument("--out", type=Path, help="write the JSON result here")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -57,6 +59,14 @@ def main(argv: list[str] | None = None) -> int:
         "torch": lambda q: knn.knn_predict(q, bank, labels, c, k, metric),  # type: ignore[arg-type]
         "torch-bank": knn.TorchKnn(bank, labels, c, k, metric).predict,  # type: ignore[arg-type]
     }
+    if metric == "l2":
+        sq = bank.pow(2).sum(1)[None]
+
+        def one_layout(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            idx = torch.addmm(sq, q, bank.t(), alpha=-2).topk(k, dim=1, largest=False).indices
+            return knn.vote(labels[idx], c)
+
+        backends["torch-one-layout"] = one_layout
     try:
         import faiss
 
