@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -100,3 +101,21 @@ def test_body_limit_declared_and_streamed(good_root: Path) -> None:
 def test_cuda_without_gpu_fails_at_startup(good_root: Path) -> None:
     with pytest.raises(RuntimeError, match="cuda"), TestClient(create_app(make_settings(good_root, device="cuda"))):
         pass
+
+
+def test_fastapi_native_telemetry_is_off_unless_asked(good_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FastAPI >= 0.160 looks OpenTelemetry's global providers up on every request; off, it does not."""
+    from fastapi import FastAPI
+
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        pytest.skip("this FastAPI has no native telemetry")
+    from opentelemetry import trace
+
+    calls = []
+    real = trace.get_tracer_provider
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: calls.append(1) or real())
+    for otel, want_calls in ((False, False), (True, True)):
+        calls.clear()
+        with TestClient(create_app(make_settings(good_root, otel=otel))) as c:
+            assert c.get("/health/live").status_code == 200
+        assert bool(calls) == want_calls, (otel, len(calls))
