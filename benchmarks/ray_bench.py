@@ -11,7 +11,6 @@ on an idle machine (the load average is recorded): every server here shares the 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -32,6 +31,7 @@ from serve_bench import (  # a sibling script, not a package
     run_wrk,
     sample_images,
     wait_ready,
+    write_result,
 )
 
 log = logging.getLogger("ray_bench")
@@ -143,10 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         result["servers"][label] = bench_one(label, cmd, port, bodies, args.duration, log_path)
     result["loadavg_at_end"] = list(os.getloadavg())
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    md = markdown(result)
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    write_result(out, result, markdown(result))
     return 0
 
 

@@ -579,13 +579,17 @@ def main(argv: list[str] | None = None) -> int:
         result["summary"] = summarise(result["raw"], result["ceiling"], result["classify"], settings.max_batch,
                                       cfg.gpu)
 
-    cfg.out_prefix.parent.mkdir(parents=True, exist_ok=True)
-    md = markdown(result)
-    cfg.out_prefix.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    cfg.out_prefix.with_suffix(".md").write_text(md)
-    print(md)
-    print(f"written {cfg.out_prefix}.json and .md")
+    write_result(cfg.out_prefix, result, markdown(result))
     return 0
+
+
+def write_result(prefix: Path, result: dict[str, Any], md: str) -> None:
+    """<prefix>.json and <prefix>.md (the table), and the table on stdout: every benchmark's output."""
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    prefix.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    prefix.with_suffix(".md").write_text(md)
+    print(md)
+    print(f"written {prefix}.json and .md")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,15 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_bench import BOUNDARY, ROOT, free_port, multipart_body, sample_images, wait_ready  # a sibling script
+from serve_bench import (  # a sibling script
+    BOUNDARY,
+    ROOT,
+    free_port,
+    multipart_body,
+    sample_images,
+    wait_ready,
+    write_result,
+)
 
 RESULTS = ROOT / "benchmarks" / "results"
 CLIENT_DEADLINE_S = 35.0  # the server's request_timeout_s (30 s) plus margin: no answer by then is a timeout
@@ -337,10 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     result.update(machine=start, loadavg_at_end=[round(x, 2) for x in os.getloadavg()],
                   command="python benchmarks/soak_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     out = Path(args.out or RESULTS / f"soak_{args.part}")
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    md = markdown(result)
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    write_result(out, result, markdown(result))
     return 0
 
 
