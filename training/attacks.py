@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from training import losses
+
 Objective = Callable[[Tensor], Tensor]
 SuccessFn = Callable[[Tensor], Tensor]  # images [B, C, H, W] -> bool [B]: does this point fool the model?
 Norm = Literal["linf", "l2"]
@@ -332,6 +334,12 @@ def noise(x: Tensor, *, eps: float, norm: Norm = "linf", generator: torch.Genera
 def cross_entropy_objective(logits_fn: Callable[[Tensor], Tensor], labels: Tensor) -> Objective:
     """Untargeted: raise the cross-entropy of the true label. For targeted, negate and pass the target."""
     return lambda x: F.cross_entropy(logits_fn(x), labels, reduction="none")
+
+
+def kl_objective(logits_fn: Callable[[Tensor], Tensor], logits_clean: Tensor) -> Objective:
+    """TRADES' attack: raise KL(p(x) || p(x')) from the clean prediction (no label needed)."""
+    clean = logits_clean.detach()
+    return lambda x: losses.trades_kl(clean, logits_fn(x))
 
 
 def targeted_objective(logits_fn: Callable[[Tensor], Tensor], target: Tensor) -> Objective:

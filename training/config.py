@@ -90,6 +90,10 @@ class TrainConfig:
     adv_weight: float = field(default=1.0, metadata={
         "help": "sat: weight of the clean/adversarial mutual-information term; distill: beta of the robustness term "
                 "1 - cos(s(x'), s(x))"})
+    trades_beta: float = field(default=0.0, metadata={
+        "help": "pgd_at/pseudo_at: 0 trains on the adversarial images (PGD-AT, Madry et al.); > 0 is TRADES (Zhang "
+                "et al. 2019): CE on the clean images + beta * KL(clean || adversarial), the attack raising the KL "
+                "(the paper's beta: 6)"})
     knn_k: int = field(default=75, metadata={"help": "k of the k-NN validation vote"})
     eval_every: int = field(default=5, metadata={"help": "epochs between k-NN validation checks (0: only at the end)"})
     eval_size: int = field(default=2000, metadata={"help": "validation images used by the periodic check"})
@@ -112,6 +116,8 @@ class TrainConfig:
             raise ValueError(f"method must be one of {'|'.join(METHODS)}, got {self.method!r}")
         if self.method in ("distill", "pseudo_at") and not self.teacher:
             raise ValueError(f"method {self.method} needs --teacher (checkpoint.pt of a clean ssl run)")
+        if self.trades_beta < 0:
+            raise ValueError(f"trades_beta must be >= 0, got {self.trades_beta}")
         if not 0 <= self.noise_sigma <= 4:
             raise ValueError(f"noise_sigma must be in [0, 4], got {self.noise_sigma}")
         if self.clusters < 2:

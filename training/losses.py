@@ -67,3 +67,20 @@ def distillation_loss(student: Tensor, teacher: Tensor, student_adv: Tensor, bet
 def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     """Supervised baseline loss; logits [B, C], labels [B] int64."""
     return F.cross_entropy(logits, labels)
+
+
+def trades_kl(logits_clean: Tensor, logits_adv: Tensor) -> Tensor:
+    """Per-sample KL(p(x) || p(x')) of the softmax outputs [B]: what TRADES' attack raises and its loss bounds."""
+    log_clean = F.log_softmax(logits_clean, dim=1)
+    return (log_clean.exp() * (log_clean - F.log_softmax(logits_adv, dim=1))).sum(1)
+
+
+def trades_loss(logits_clean: Tensor, logits_adv: Tensor, labels: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL(p(x) || p(x')), batch means; -> (loss, KL term).
+
+    Accuracy on clean inputs and smoothness around them are separate terms, so beta trades one for the other
+    (the paper's 6 favours robustness; 1 keeps more clean accuracy)."""
+    if not beta >= 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    kl = trades_kl(logits_clean, logits_adv).mean()
+    return F.cross_entropy(logits_clean, labels) + beta * kl, kl

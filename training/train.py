@@ -189,11 +189,26 @@ class Step:
     def pgd_at(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
         cfg = self.cfg
         x = self._crop_flip(x)
+        if cfg.trades_beta > 0:
+            return self._trades(x, y)
         objective = attacks.cross_entropy_objective(self.model, y)
         x_adv = attacks.pgd(objective, x, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.attack_steps, model=self.model,
                             generator=self.g)
         logits = self.net(x_adv).float()
         return losses.cross_entropy(logits, y), {"adv_acc": (logits.argmax(1) == y).float().mean().item()}
+
+    def _trades(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """TRADES: the attack raises KL from the clean prediction (eval mode, as the PGD-AT attack); the loss
+        is CE on the clean images + beta * KL(clean || adversarial), both through the training forward pass."""
+        cfg = self.cfg
+        with attacks.eval_mode(self.model), torch.no_grad():
+            clean = self.model(x).float()
+        objective = attacks.kl_objective(self.model, clean)
+        x_adv = attacks.pgd(objective, x, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.attack_steps, model=self.model,
+                            generator=self.g)
+        logits_clean, logits_adv = self.net(torch.cat([x, x_adv])).float().chunk(2)
+        loss, kl = losses.trades_loss(logits_clean, logits_adv, y, cfg.trades_beta)
+        return loss, {"adv_acc": (logits_adv.argmax(1) == y).float().mean().item(), "kl": kl.item()}
 
 
 @dataclass(frozen=True)

@@ -343,3 +343,15 @@ def test_sat_keep_successful_keeps_nothing_when_nothing_was_perturbed(attack: st
     assert torch.equal(v_adv, x)  # eps = 0: the "adversarial" images are the clean ones
     # every image is classified correctly by its in-batch neighbours, so no attack succeeded
     assert not keep.any(), keep.tolist()
+
+
+def test_trades_step_trains_on_clean_and_kl_terms() -> None:
+    torch.manual_seed(0)
+    cfg = TrainConfig(method="pgd_at", trades_beta=6.0, eps=8 / 255, alpha=4 / 255, attack_steps=2, **TINY_ENCODER)
+    model = build_model(cfg, num_classes=3)
+    loss, stats = Step(cfg, model, torch.Generator().manual_seed(0))(torch.rand(6, 3, 32, 32), torch.arange(6) % 3)
+    loss.backward()
+    assert stats["kl"] >= 0 and 0 <= stats["adv_acc"] <= 1 and loss.item() > 0
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="trades_beta"):
+        TrainConfig(method="pgd_at", trades_beta=-1.0)
