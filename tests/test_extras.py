@@ -45,11 +45,12 @@ def test_extras_hold_what_each_side_needs() -> None:
     # uvloop + httptools (uvicorn picks them when installed): what benchmarks/serve_bench.py measured
     assert any(r.startswith("uvicorn[standard]") for r in PROJECT["optional-dependencies"]["serve"])
     assert {"onnx", "onnxscript", "matplotlib"} <= extras["train"]
+    assert any(r.startswith("ray[serve]") for r in PROJECT["optional-dependencies"]["ray"])  # satml-ray-serve
     assert not core & (extras["serve"] | extras["train"]), "a split package must not stay in the core list"
     dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
     assert "['optional-dependencies']['serve']" in dockerfile, "the image installs the serve extra"
     makefile = (ROOT / "Makefile").read_text()
-    assert '".[$(EXTRA),serve]"' in makefile and '".[$(EXTRA),serve,train,dev]"' in makefile
+    assert '".[$(EXTRA),serve]"' in makefile and '".[$(EXTRA),serve,train,ray,dev]"' in makefile  # dev: Ray Serve tests
 
 
 @pytest.mark.slow
