@@ -1,0 +1,54 @@
+"""scripts/train_cpu_default.sh, the one command behind the shipped default (issue 10), on a tiny CIFAR-10.
+
+The real recipe (SimCLR teacher -> label-free pseudo_at -> export, calibrate, adaptive suite, cards) runs
+end to end with its flags shrunk through TRAIN_ARGS / EXPORT_ARGS / SUITE_ARGS, and a second run resumes:
+finished steps are skipped, so the trained weights are not touched again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.training.conftest import write_tiny_cifar
+from training.artifact import load_artifact, verify_artifact
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "train_cpu_default.sh"
+
+
+def run_script(tmp_path: Path, data: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # this venv's satml
+           "RUNS": str(tmp_path / "runs"), "DATA": str(data), "ART": str(tmp_path / "art"),
+           "TEACHER_EPOCHS": "1", "ROBUST_EPOCHS": "1", "OMP_NUM_THREADS": "1",
+           "TRAIN_ARGS": "--width 4 --proj-dim 16 --batch-size 16 --val-size 16 --clusters 4 --eval-robust 4 "
+                         "--eval-size 16 --attack-steps 1",
+           "EXPORT_ARGS": "--val-size 16 --k 5 --n-robust 4 --steps 2",
+           "SUITE_ARGS": f"--quick --out {tmp_path / 'suite'} --device cpu"}
+    return subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_the_default_recipe_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
+    data = write_tiny_cifar(tmp_path / "data")
+    first = run_script(tmp_path, data)
+    assert first.returncode == 0, first.stderr[-3000:]
+    default, ssl = tmp_path / "art" / "default", tmp_path / "art" / "ssl"
+    for art in (default, ssl):
+        m = verify_artifact(art)  # every file hashed in the manifest, the card included after --update-cards
+        assert m.bank_size == 64 and m.knn.k == 5 and m.calibration is not None
+        assert "## Robustness (evaluation suite)" in (art / "card.md").read_text()
+    assert verify_artifact(default).training.method == "pseudo_at"  # label-free robust stage, from the teacher
+    assert verify_artifact(ssl).training.method == "ssl"
+    assert verify_artifact(default).encoder.width == 4 and load_artifact(default).bank.shape[0] == 64
+    report = json.loads((tmp_path / "suite" / "robustness.json").read_text())
+    assert [m["name"] for m in report["models"]] == ["default", "ssl"]  # no supervised artifact: no transfer row
+
+    weights = (tmp_path / "runs" / "robust" / "checkpoint.pt").read_bytes()
+    second = run_script(tmp_path, data)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert (tmp_path / "runs" / "robust" / "checkpoint.pt").read_bytes() == weights  # finished: not retrained
+    assert "training.train: epoch" not in second.stderr
