@@ -258,9 +258,12 @@ def test_resume_reuses_cached_results(tmp_path: Path, monkeypatch: pytest.Monkey
         raise AssertionError("every attack result should come from the cache")
 
     monkeypatch.setattr(rb.suite, "robust_mask", no_attacks)
+    monkeypatch.setattr(rb.suite, "zero_gradient_share", no_attacks)  # the masking diagnostics are cached too
+    monkeypatch.setattr(rb.suite.Suite, "surrogate_agreement", no_attacks)
     second = run_toy(tmp_path, **small)
     for a, b in zip(first["models"], second["models"], strict=True):
         assert a["per_image"] == b["per_image"] and a["worst_case"] == b["worst_case"]
+        assert a["masking_checks"] == b["masking_checks"]
 
 
 def test_config_validation() -> None:

@@ -10,7 +10,7 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -146,6 +146,15 @@ class Suite:
 
     def _key(self, m: ModelUnderTest, **kw: Any) -> dict[str, Any]:
         return {"model": m.model_sha256, "images": self.images_sha, "n": len(self.labels), "seed": self.cfg.seed, **kw}
+
+    def _cached(self, m: ModelUnderTest, name: str, key: dict[str, Any], compute: Callable[[], Any]) -> Any:
+        """`compute()` (a JSON value) once per protocol key: the diagnostics a rerun would otherwise repeat."""
+        hit = self.cache.get(m.model_sha256, name, key)
+        if hit is not None:
+            return hit["value"]
+        value = compute()
+        self.cache.put(m.model_sha256, name, key, {"value": value})
+        return value
 
     def _masked(self, m: ModelUnderTest, name: str, idx: np.ndarray, attack: AttackFn, key: dict[str, Any],
                 desc: str) -> tuple[np.ndarray, float]:
@@ -490,11 +499,15 @@ class Suite:
         checks.append(MaskingCheck("every attack beats random noise", not weaker, {"noise": noise, "clean": clean},
                                    f"noise {100 * noise:.1f} % (clean {100 * clean:.1f} %)"
                                    + (f"; weaker than noise: {weaker}" if weaker else "")))
-        zero = zero_gradient_share(m.model, m.surrogate, self.images[idx], self.labels[idx], self.cfg.batch_size)
+        where = hashlib.sha256(idx.astype(np.int64).tobytes()).hexdigest()[:16]
+        zero = self._cached(m, "zero-gradient", self._key(m, surrogate=asdict(m.surrogate), idx=where),
+                            lambda: zero_gradient_share(m.model, m.surrogate, self.images[idx], self.labels[idx],
+                                                        self.cfg.batch_size))
         checks.append(MaskingCheck("surrogate gradients are non-zero", bool(zero <= 0.01), zero,
                                    f"{100 * zero:.1f} % of clean-correct images have an all-zero or non-finite "
                                    f"input gradient on the surrogate {m.surrogate} (pass: <= 1 %)"))
-        agree = self.surrogate_agreement(m)
+        agree = self._cached(m, "agreement", self._key(m, surrogate=asdict(m.surrogate)),
+                             lambda: self.surrogate_agreement(m))
         checks.append(MaskingCheck("surrogate agrees with the hard vote (information)", None, agree,
                                    f"argmax of the soft-kNN surrogate equals the k-NN vote on {100 * agree:.1f} % of "
                                    "the attacked clean images; low agreement means a weaker stand-in, which the other "
@@ -502,7 +515,13 @@ class Suite:
         return checks
 
     def validate_torchattacks(self, m: ModelUnderTest) -> dict[str, Any]:
-        """Our PGD / APGD against torchattacks' on the same surrogate, images and budget."""
+        """Our PGD / APGD against torchattacks' on the same surrogate, images and budget (cached per protocol)."""
+        cfg = self.cfg
+        key = self._key(m, surrogate=asdict(m.surrogate), validate_n=cfg.validate_n, eps=cfg.validate_eps,
+                        pgd_steps=cfg.pgd_steps[0], apgd_steps=cfg.apgd_steps)
+        return self._cached(m, "torchattacks", key, lambda: self._torchattacks(m))
+
+    def _torchattacks(self, m: ModelUnderTest) -> dict[str, Any]:
         return torchattacks_agreement(m.surrogate.build(m.model), self.images[:self.cfg.validate_n],
                                       self.labels[:self.cfg.validate_n], eps=self.cfg.validate_eps,
                                       pgd_steps=self.cfg.pgd_steps[0], apgd_steps=self.cfg.apgd_steps,
