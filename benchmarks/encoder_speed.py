@@ -2,7 +2,11 @@
 robust accuracy per CPU-hour). Prints images/s of one forward+backward pass (what SimCLR pays per
 view) and of one input-gradient step (what each PGD step of adversarial training pays), side by side.
 
-    python benchmarks/encoder_speed.py [--threads 2] [--batch 256] [--seconds 6]
+    python benchmarks/encoder_speed.py [--threads 2] [--batch 256] [--seconds 6] [--channels-last] [--bf16]
+        [--only cnn8:16,cnn8:32]
+
+`--bf16` measures each encoder twice in the same run, float32 then bf16 autocast on the CPU (oneDNN uses
+AMX / AVX512-BF16 where the processor has them: `lscpu | grep -o 'amx[a-z_0-9]*'`), and prints the ratio.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ def _rate(fn: Callable[[], object], batch: int, seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def measure(arch: str, width: int, batch: int, seconds: float, channels_last: bool) -> dict[str, Any]:
+def measure(arch: str, width: int, batch: int, seconds: float, channels_last: bool,
+            bf16: bool = False) -> dict[str, Any]:
     model = ContrastiveModel(EncoderConfig(arch=arch, width=width)).train()
     x = torch.rand(batch, 3, 32, 32)
     if channels_last:
@@ -39,14 +44,18 @@ def measure(arch: str, width: int, batch: int, seconds: float, channels_last: bo
 
     def train_step() -> None:
         model.zero_grad(set_to_none=True)
-        model(x).sum().backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(x).float().sum()
+        out.backward()
 
     def input_grad() -> None:
         xi = x.clone().requires_grad_(True)
-        torch.autograd.grad(model.encoder(xi).sum(), xi)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model.encoder(xi).float().sum()
+        torch.autograd.grad(out, xi)
 
     params = sum(p.numel() for p in model.encoder.parameters())
-    return {"arch": arch, "width": width, "params": params, "channels_last": channels_last,
+    return {"arch": arch, "width": width, "params": params, "channels_last": channels_last, "bf16": bf16,
             "train_img_s": round(_rate(train_step, batch, seconds)),
             "input_grad_img_s": round(_rate(input_grad, batch, seconds))}
 
@@ -57,11 +66,20 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--seconds", type=float, default=6.0)
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--bf16", action="store_true", help="also bf16 autocast, side by side with float32")
+    p.add_argument("--only", default=None, help="arch:width,... instead of every candidate")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    cands = CANDIDATES if args.only is None else [(a, int(w)) for a, w in (c.split(":") for c in args.only.split(","))]
     print(f"# torch {torch.__version__}, {args.threads} threads, batch {args.batch}, load {os.getloadavg()}")
-    for arch, width in CANDIDATES:
-        print(json.dumps(measure(arch, width, args.batch, args.seconds, args.channels_last)), flush=True)
+    for arch, width in cands:
+        fp32 = measure(arch, width, args.batch, args.seconds, args.channels_last)
+        print(json.dumps(fp32), flush=True)
+        if args.bf16:
+            bf = measure(arch, width, args.batch, args.seconds, args.channels_last, bf16=True)
+            bf["ratio_train"] = round(bf["train_img_s"] / fp32["train_img_s"], 2)
+            bf["ratio_input_grad"] = round(bf["input_grad_img_s"] / fp32["input_grad_img_s"], 2)
+            print(json.dumps(bf), flush=True)
 
 
 if __name__ == "__main__":

@@ -301,10 +301,9 @@ class Run:
         return self.ema.model if self.ema is not None else self.model
 
     def autocast(self) -> torch.autocast:
-        """bf16 mixed precision on CUDA; full float32 on a CPU."""
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast("cpu", enabled=False)
+        """bf16 mixed precision where `--precision` asks for it (auto: on CUDA), else full float32."""
+        bf16 = self.cfg.precision == "bf16" or (self.cfg.precision == "auto" and self.device.type == "cuda")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def train_seconds(self) -> float:
         return self.elapsed_s + time.time() - self.t_start
@@ -365,7 +364,7 @@ def setup(cfg: TrainConfig) -> Run:
     model = build_model(cfg, num_classes).to(device)
     if cfg.init:
         init_from(model, cfg.init, cfg.seed)
-    if device.type == "cuda":
+    if channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stub lacks it
     base_lr = cfg.lr * cfg.batch_size / 256
     g = torch.Generator(device=device)
@@ -432,6 +431,11 @@ def resume(run: Run) -> None:
     log.info("resumed %s at step %d/%d", path, run.step, run.total_steps)
 
 
+def channels_last(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether the model and its batches use the channels_last layout (`--memory-format`; auto: on CUDA)."""
+    return cfg.memory_format == "channels_last" or (cfg.memory_format == "auto" and device.type == "cuda")
+
+
 # --- the loop -------------------------------------------------------------------------------------
 
 
@@ -442,6 +446,7 @@ def batches(run: Run) -> Iterator[tuple[int, Tensor, Tensor]]:
     stopped; every rank draws the same permutation and takes its slice of each global batch."""
     cfg, data, dist = run.cfg, run.data, run.dist
     per_rank, n = cfg.batch_size // dist.world, len(data.labels)
+    layout_cl = channels_last(cfg, run.device)
     step = run.step
     while step < run.total_steps:
         epoch = step // data.steps_per_epoch
@@ -450,14 +455,15 @@ def batches(run: Run) -> Iterator[tuple[int, Tensor, Tensor]]:
             lo = i * cfg.batch_size + dist.rank * per_rank
             idx = perm[lo:lo + per_rank]
             x = data.images[idx].float().div_(255)
-            if run.device.type == "cuda":
+            if layout_cl:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield epoch, x, data.labels[idx]
         step = (epoch + 1) * data.steps_per_epoch
 
 
 def optimise(run: Run, step_fn: Step, x: Tensor, y: Tensor) -> tuple[float, dict[str, float]]:
-    """One step of the schedule: learning rate, forward (bf16 autocast on CUDA), backward, update, average."""
+    """One step of the schedule: learning rate, forward (bf16 autocast per `--precision`), backward, update,
+    average."""
     lr = lr_at(run.step, run.total_steps, int(run.cfg.warmup_epochs * run.data.steps_per_epoch), run.base_lr)
     for group in run.opt.param_groups:
         group["lr"] = lr

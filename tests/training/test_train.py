@@ -355,3 +355,32 @@ def test_trades_step_trains_on_clean_and_kl_terms() -> None:
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     with pytest.raises(ValueError, match="trades_beta"):
         TrainConfig(method="pgd_at", trades_beta=-1.0)
+
+
+@pytest.mark.parametrize("method", ["ssl", "pgd_at"])
+def test_bf16_channels_last_on_cpu_trains_and_exports_float32(method: str, tiny_cifar: Path, tmp_path: Path) -> None:
+    """`--precision bf16 --memory-format channels_last` (the fast CPU set-up): the run finishes, its
+    checkpoint is a plain float32 state dict that exports and embeds like the trained encoder, and bf16 was
+    really used (the loss differs from the float32 run of the same seed)."""
+    kw = {"method": method, "eps": 8 / 255, "alpha": 4 / 255}
+    fast = tiny_config(tiny_cifar, tmp_path / "bf16", precision="bf16", memory_format="channels_last", **kw)
+    ckpt = _check_run(fast, train(fast))
+    assert all(t.dtype == torch.float32 for k, t in ckpt["model"].items() if t.is_floating_point())
+    _bank_and_export(fast, ckpt, tmp_path / "artifact")
+    plain = tiny_config(tiny_cifar, tmp_path / "fp32", **kw)
+    train(plain)
+    assert _records(tmp_path / "bf16")[0]["loss"] != _records(tmp_path / "fp32")[0]["loss"]
+
+
+def test_precision_and_layout_auto_keep_float32_contiguous_on_cpu(tiny_cifar: Path, tmp_path: Path) -> None:
+    from training.train import channels_last, setup
+
+    cpu = torch.device("cpu")
+    assert not channels_last(tiny_config(tiny_cifar, tmp_path), cpu)
+    assert channels_last(tiny_config(tiny_cifar, tmp_path, memory_format="channels_last"), cpu)
+    assert channels_last(tiny_config(tiny_cifar, tmp_path), torch.device("cuda"))
+    assert not channels_last(tiny_config(tiny_cifar, tmp_path, memory_format="contiguous"), torch.device("cuda"))
+    for precision, enabled in (("auto", False), ("fp32", False), ("bf16", True)):
+        run = setup(tiny_config(tiny_cifar, tmp_path / precision, method="supervised", precision=precision))
+        with run.autocast():
+            assert torch.is_autocast_enabled("cpu") is enabled
