@@ -12,9 +12,9 @@
 #   BASELINES=1 also trains the labelled PGD-AT reference (artifacts/pgd_at) on the same encoder and budget.
 # Every step is resumable (rerun the script after an interruption: finished steps are skipped, a stopped run
 # continues from its checkpoint). Env: RUNS, RECIPE, TEACHER_EPOCHS, ROBUST_EPOCHS, TEACHER_T, BASELINES,
-# NO_EXPORT; DATA (default data), ART (artifact root, default artifacts), and for small runs (the test:
-# tests/scripts/test_train_cpu_default.py) TRAIN_ARGS / EXPORT_ARGS / SUITE_ARGS, appended to every
-# `satml train` / `satml export` / `satml robustness` (later flags win).
+# NO_EXPORT, WIDTH (cnn8 width, default 16), DATA (default data), ART (artifact root, default artifacts); and
+# TRAIN_ARGS / EXPORT_ARGS / SUITE_ARGS, appended to every `satml train` / `satml export` / `satml robustness`
+# (later flags win: small runs such as tests/scripts/test_train_cpu_default.py, or `--precision bf16`).
 set -euo pipefail
 RUNS=${RUNS:-runs/cpu}
 DATA=${DATA:-data}
@@ -25,7 +25,8 @@ read -r -a SUITE_EXTRA <<< "${SUITE_ARGS:-}"
 RECIPE=${RECIPE:-pseudo_at}
 TEACHER_EPOCHS=${TEACHER_EPOCHS:-15}
 TEACHER_T=${TEACHER_T:-0.2}  # 0.5 made the distill default; 0.2 is +3 points of validation k-NN (recipes.md)
-ARCH=(--arch cnn8 --width 16)
+WIDTH=${WIDTH:-16}
+ARCH=(--arch cnn8 --width "$WIDTH")
 COMMON=(--data "$DATA" --batch-size 256 --workers-threads 2 --no-progress)
 ADV=(--eps 0.0313725 --attack-steps 3 --ema-decay 0.995 --eval-every 4 --eval-robust 500)
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # sleep, not spin, when a core is shared
@@ -54,15 +55,15 @@ fi
 [ -n "${NO_EXPORT:-}" ] && exit 0
 EXPORT=(--data "$DATA" --trained-on "2-core CPU")
 satml export --checkpoint "$RUNS/robust/checkpoint.pt" --out "$ART/default" --name default "${EXPORT[@]}" \
-  --description "Robust self-supervised cnn8 width 16 + k-NN (k=75), CPU-trained: SimCLR teacher (T=$TEACHER_T, $TEACHER_EPOCHS ep), then $WHAT, $ROBUST_EPOCHS ep; no labels in encoder training" \
+  --description "Robust self-supervised cnn8 width $WIDTH + k-NN (k=75), CPU-trained: SimCLR teacher (T=$TEACHER_T, $TEACHER_EPOCHS ep), then $WHAT, $ROBUST_EPOCHS ep; no labels in encoder training" \
   "${EXPORT_EXTRA[@]}"
 satml export --checkpoint "$RUNS/teacher/checkpoint.pt" --out "$ART/ssl" --name ssl "${EXPORT[@]}" \
-  --description "SimCLR cnn8 width 16 (T=$TEACHER_T, $TEACHER_EPOCHS ep) + k-NN (k=75), CPU-trained: the clean teacher of the default model" \
+  --description "SimCLR cnn8 width $WIDTH (T=$TEACHER_T, $TEACHER_EPOCHS ep) + k-NN (k=75), CPU-trained: the clean teacher of the default model" \
   "${EXPORT_EXTRA[@]}"
 SUITE=("$ART/default" "$ART/ssl")
 if [ -n "${BASELINES:-}" ]; then
   satml export --checkpoint "$RUNS/pgd_at/checkpoint.pt" --out "$ART/pgd_at" --name pgd_at "${EXPORT[@]}" \
-    --description "Supervised PGD-AT cnn8 width 16 + k-NN (k=75), CPU-trained (PGD-3 at 8/255, EMA, 8 epochs): the labelled robust reference, uses labels in encoder training" \
+    --description "Supervised PGD-AT cnn8 width $WIDTH + k-NN (k=75), CPU-trained (PGD-3 at 8/255, EMA, 8 epochs): the labelled robust reference, uses labels in encoder training" \
     "${EXPORT_EXTRA[@]}"
   SUITE+=("$ART/pgd_at")
 fi

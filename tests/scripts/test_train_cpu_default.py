@@ -24,8 +24,8 @@ def run_script(tmp_path: Path, data: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # this venv's satml
            "RUNS": str(tmp_path / "runs"), "DATA": str(data), "ART": str(tmp_path / "art"),
-           "TEACHER_EPOCHS": "1", "ROBUST_EPOCHS": "1", "OMP_NUM_THREADS": "1",
-           "TRAIN_ARGS": "--width 4 --proj-dim 16 --batch-size 16 --val-size 16 --clusters 4 --eval-robust 4 "
+           "TEACHER_EPOCHS": "1", "ROBUST_EPOCHS": "1", "OMP_NUM_THREADS": "1", "WIDTH": "4",
+           "TRAIN_ARGS": "--proj-dim 16 --batch-size 16 --val-size 16 --clusters 4 --eval-robust 4 "
                          "--eval-size 16 --attack-steps 1",
            "EXPORT_ARGS": "--val-size 16 --k 5 --n-robust 4 --steps 2",
            "SUITE_ARGS": f"--quick --out {tmp_path / 'suite'} --device cpu"}
@@ -44,6 +44,7 @@ def test_the_default_recipe_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     assert verify_artifact(default).training.method == "pseudo_at"  # label-free robust stage, from the teacher
     assert verify_artifact(ssl).training.method == "ssl"
     assert verify_artifact(default).encoder.width == 4 and load_artifact(default).bank.shape[0] == 64
+    assert "cnn8 width 4 " in verify_artifact(default).description  # WIDTH reaches the card's recipe line
     report = json.loads((tmp_path / "suite" / "robustness.json").read_text())
     assert [m["name"] for m in report["models"]] == ["default", "ssl"]  # no supervised artifact: no transfer row
 
