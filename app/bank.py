@@ -90,7 +90,7 @@ class BankState:
     embeddings: Tensor  # [M, D] float32 on the CPU, row i = examples[i]
     bank: Tensor  # [N + M, D] on the model's device
     labels: Tensor  # [N + M] int64
-    cap: int | None  # the vote's per-class cap (knn.vote); None: majority
+    rule: knn.VoteRule  # the vote over this bank (knn.vote_rule: its cap or class weights); majority if neither
     index: Index | None = field(default=None, repr=False)
 
     @property
@@ -214,15 +214,15 @@ class LiveBank:
     """A served model's bank: the shipped one plus the overlay; `state` is what serving reads."""
 
     def __init__(self, model: str, art: Artifact, index_kind: str, vote: str,
-                 build: Callable[[str, Tensor, Tensor, int, int | None], Index], state_dir: Path | None) -> None:
+                 build: Callable[[str, Tensor, Tensor, int, knn.VoteRule], Index], state_dir: Path | None) -> None:
         self.model, self.art, self.index_kind, self.vote = model, art, index_kind, vote
-        self._build = build  # (kind, bank, labels, num_classes, cap) -> index; app.index.build_index_over
+        self._build = build  # (kind, bank, labels, num_classes, rule) -> index; app.index.build_index_over
         self.shipped_classes = tuple(art.classes)
         self.shipped_size = int(art.bank.shape[0])
         self.dim = int(art.bank.shape[1])
         self.store = OverlayStore(state_dir / model, model, artifact_identity(art)) if state_dir else None
         self.lock = asyncio.Lock()  # serialises updates of this model (bound to the serving loop at first use)
-        knn.vote_cap(vote, art.bank_labels, art.num_classes, art.k)  # ValueError on an unknown vote
+        knn.vote_rule(vote, art.bank_labels, art.num_classes, art.k)  # ValueError on an unknown vote
         self.state = self._make(0, self.shipped_classes, (), torch.zeros(0, self.dim))
         self.on_swap: list[Callable[[BankState], None]] = []
 
@@ -239,18 +239,17 @@ class LiveBank:
         added = torch.tensor([ids[e.label] for e in examples], dtype=torch.long)
         bank = torch.cat([art.bank, z.to(art.bank.device, art.bank.dtype)]) if len(examples) else art.bank
         labels = torch.cat([art.bank_labels, added.to(art.bank_labels.device)]) if len(examples) else art.bank_labels
-        cap = knn.vote_cap(self.vote, labels, len(classes), art.k)
-        cap = None if cap is not None and cap >= art.k else cap  # a cap of k is the majority vote
-        st = BankState(version, classes, examples, z.float().cpu(), bank, labels, cap)
+        rule = knn.vote_rule(self.vote, labels, len(classes), art.k)
+        st = BankState(version, classes, examples, z.float().cpu(), bank, labels, rule)
         if eager and self.index_kind != "faiss-gpu":
-            st.index = self._build(self.index_kind, bank, labels, len(classes), cap)
+            st.index = self._build(self.index_kind, bank, labels, len(classes), rule)
         return st
 
     def index(self) -> Index:
         """On the batch worker thread: the index of the current state (one reference read)."""
         st = self.state
         if st.index is None:
-            st.index = self._build(self.index_kind, st.bank, st.labels, len(st.classes), st.cap)
+            st.index = self._build(self.index_kind, st.bank, st.labels, len(st.classes), st.rule)
         return st.index
 
     def replay(self) -> None:

@@ -53,9 +53,11 @@ class Settings(BaseSettings):
     # abstain (answer "abstained": true) below this conformal credibility; 0: never. Models without calibration
     # scores never abstain and report credibility null. Per request: /classify field min_credibility.
     min_credibility: Annotated[float, Field(ge=0, le=1)] = 0.0
-    # k-NN vote of every model: majority (the paper's) or capped (no class counts more votes than the bank's
-    # smallest class has examples: a few examples added live can win); None: each manifest's knn.vote
-    vote: Literal["majority", "capped"] | None = None
+    # k-NN vote of every model: prior (each class's votes x max(1, largest class / (2 x its size)), so a few
+    # examples added live can win: benchmarks/results/few_shot.md), majority (the paper's) or capped (no class
+    # counts more votes than the bank's smallest class has examples). On a bank whose classes are all at least
+    # half the largest (the shipped ones) prior is exactly the majority vote. None (in code): each manifest's knn.vote
+    vote: Literal["majority", "capped", "prior"] | None = "prior"
 
     # live bank updates (POST/GET/DELETE /models/{name}/examples)
     state_dir: Path | None = None  # writable folder for the added examples (overlay per model); None: routes refused

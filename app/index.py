@@ -55,14 +55,14 @@ def build_index(kind: str, art: Artifact, spec: knn.IndexSpec | None = None) -> 
 
 
 def build_index_over(kind: str, bank: Tensor, labels: Tensor, num_classes: int, k: int, metric: knn.Metric,
-                     cap: int | None = None, spec: knn.IndexSpec | None = None) -> Callable[[Tensor], Votes]:
-    """`build_index` over any bank (the shipped one plus live additions, app.bank), vote capped by `cap`;
-    `spec` the faiss index type (torch is always exact)."""
+                     rule: knn.VoteRule | None = None, spec: knn.IndexSpec | None = None) -> Callable[[Tensor], Votes]:
+    """`build_index` over any bank (the shipped one plus live additions, app.bank), voting by `rule`
+    (`knn.vote_rule`; None: majority); `spec` the faiss index type (torch is always exact)."""
     if kind in ("faiss-cpu", "faiss-gpu"):
-        index = knn.FaissKnn(bank.cpu(), labels.cpu(), num_classes, k, metric, use_gpu=kind == "faiss-gpu", cap=cap,
+        index = knn.FaissKnn(bank.cpu(), labels.cpu(), num_classes, k, metric, use_gpu=kind == "faiss-gpu", rule=rule,
                              spec=spec)
         return index.predict
-    index_t = knn.TorchKnn(bank, labels, num_classes, k, metric, cap=cap)  # ValueError on a bad k
+    index_t = knn.TorchKnn(bank, labels, num_classes, k, metric, rule=rule)  # ValueError on a bad k
 
     def torch_predict(z: Tensor) -> Votes:
         pred, counts = index_t.predict(z)

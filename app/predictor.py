@@ -50,7 +50,7 @@ class Predictor:
             embed, self.runtime_name = TorchEmbed(self.art.encoder, self.device), "torch"
         live = self.live
         shipped = live.state
-        if not shipped.examples and shipped.cap is None:  # the bank as shipped: the index the artifact describes
+        if not shipped.examples and shipped.rule.majority:  # the bank as shipped: the index the artifact describes
             shipped.index = build_index(self.index_kind, self.art, self.index_spec)
         live.index()  # built here, on the worker thread, if not yet (faiss GPU state lives on this thread)
 

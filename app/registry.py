@@ -123,7 +123,7 @@ def load_served_model(folder: Path, settings: Settings, device: torch.device, in
     metric = cast(knn.Metric, art.metric)
     spec = settings.index_spec()
     live = LiveBank(name, art, index_kind, settings.vote or art.spec.knn.vote,
-                    lambda kind, bank, labels, n, cap: build_index_over(kind, bank, labels, n, art.k, metric, cap,
+                    lambda kind, bank, labels, n, rule: build_index_over(kind, bank, labels, n, art.k, metric, rule,
                                                                         spec),
                     settings.state_dir)
     live.replay()  # the overlay of added examples, if any and sound (else logged, shipped bank only)

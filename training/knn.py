@@ -20,18 +20,34 @@ from torch import Tensor, nn
 Metric = Literal["l2", "cosine"]
 
 
-Vote = Literal["majority", "capped"]
-VOTES: tuple[str, ...] = ("majority", "capped")
+Vote = Literal["majority", "capped", "prior"]
+VOTES: tuple[str, ...] = ("majority", "capped", "prior")
+PRIOR_POWER = 1.0  # the `prior` vote's exponent, chosen on the validation split (benchmarks/few_shot.py --choose)
 
 
-def vote(neighbor_labels: Tensor, num_classes: int, cap: int | None = None) -> tuple[Tensor, Tensor]:
-    """Majority vote of the k neighbours; with `cap`, each class counts at most `cap` of them.
+@dataclass(frozen=True, eq=False)
+class VoteRule:
+    """How the k neighbours' labels become a prediction: each class counts at most `cap` of them, then the
+    class with the highest count x `weights[c]` wins. The default (no cap, no weights) is the paper's majority."""
+
+    cap: int | None = None
+    weights: Tensor | None = None  # [C] float64; None: all 1
+
+    @property
+    def majority(self) -> bool:
+        return self.cap is None and self.weights is None
+
+
+def vote(neighbor_labels: Tensor, num_classes: int, cap: int | None = None,
+         weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Majority vote of the k neighbours; with `cap`, each class counts at most `cap` of them; with `weights`
+    ([C]), the class with the highest count x weight wins (the counts returned stay the raw votes).
 
     neighbor_labels: [B, k] int64; -1 marks a missing neighbour (an approximate index that found fewer than k),
     which casts no vote. Returns (pred [B], counts [B, C]), counts after the cap. Ties go to the class of the
     nearest neighbour among the tied classes (deterministic, and what a 1-NN would say); a query with no
-    neighbour at all gets class 0 and zero counts. `cap=None` (or cap >= k) is the paper's unweighted
-    majority vote; see `capped_vote` for why a cap.
+    neighbour at all gets class 0 and zero counts. `cap=None` (or cap >= k) and no weights is the paper's
+    unweighted majority vote; see `class_cap` and `prior_weights` for why the others.
     """
     b, k = neighbor_labels.shape
     present = neighbor_labels >= 0
@@ -42,7 +58,8 @@ def vote(neighbor_labels: Tensor, num_classes: int, cap: int | None = None) -> t
         if cap < 1:
             raise ValueError(f"cap must be >= 1, got {cap}")
         counts = counts.clamp_max(cap)
-    tied = counts == counts.amax(dim=1, keepdim=True)  # B x C
+    score = counts if weights is None else counts.double() * weights.to(counts.device, torch.float64)
+    tied = score == score.amax(dim=1, keepdim=True)  # B x C
     # rank of each neighbour among the tied classes: first (nearest) tied neighbour wins
     is_tied = tied.gather(1, labels) & present  # B x k
     first = torch.where(is_tied, torch.arange(k, device=neighbor_labels.device), k).argmin(dim=1)
@@ -61,33 +78,33 @@ def class_cap(bank_labels: Tensor, num_classes: int, k: int) -> int:
     return int(min(k, int(present.min()) if len(present) else k))
 
 
-def capped_vote(neighbor_labels: Tensor, num_classes: int, bank_labels: Tensor) -> tuple[Tensor, Tensor]:
-    """The `capped` vote over a bank: `vote` with cap = `class_cap(bank_labels, ...)` (pure function)."""
-    return vote(neighbor_labels, num_classes, class_cap(bank_labels, num_classes, neighbor_labels.shape[1]))
+def prior_weights(bank_labels: Tensor, num_classes: int, power: float = PRIOR_POWER) -> Tensor | None:
+    """The `prior` vote's class weights, float64 [C]: max(1, largest class size / (2 x class size)) ** power,
+    so classes at least half as large as the largest count as equals; None when every class does (the vote is
+    then exactly the majority vote: CIFAR-10's bank of 45,000 has 4,468-4,525 per class).
 
-
-def balanced_vote(neighbor_labels: Tensor, num_classes: int, bank_labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Prior-corrected vote (measured in benchmarks/few_shot.py, not served): each class's neighbour count
-    divided by its number of bank examples, so every class has the same prior whatever its size (k-NN
-    estimates p(x | c) by count_c / n_c). Returns (pred [B], scores [B, C] float); classes without an example
-    score 0; ties as `vote` (the nearest tied neighbour's class)."""
-    b, k = neighbor_labels.shape
-    sizes = torch.bincount(bank_labels.long().cpu(), minlength=num_classes).to(neighbor_labels.device)
-    counts = torch.zeros(b, num_classes, dtype=torch.long, device=neighbor_labels.device)
-    counts.scatter_add_(1, neighbor_labels, torch.ones_like(neighbor_labels))
-    scores = counts.double() / sizes.clamp_min(1).double()
-    tied = scores == scores.amax(dim=1, keepdim=True)
-    is_tied = tied.gather(1, neighbor_labels)
-    first = torch.where(is_tied, torch.arange(k, device=neighbor_labels.device), k).argmin(dim=1)
-    return neighbor_labels.gather(1, first[:, None]).squeeze(1), scores
-
-
-def vote_cap(kind: str, bank_labels: Tensor, num_classes: int, k: int) -> int | None:
-    """`vote`'s cap for a vote kind over a bank: None for `majority`, `class_cap` for `capped`."""
-    if kind == "majority":
+    k-NN estimates p(x | c) by count_c / n_c, so the majority vote (count_c alone) weighs each class by its
+    share of the bank: 10 examples added live never outvote 4,500. power = 1 gives the small classes the
+    prior of a class half as large as the largest (one neighbour among 10 examples counts 225 votes of a
+    4,500-example class), power = 0 is the majority vote; 1 (tied with 0.875) maximised the mean per-class
+    accuracy of the validation split with two classes re-added from 1-50 examples (benchmarks/few_shot.py)."""
+    sizes = torch.bincount(bank_labels.long().cpu(), minlength=num_classes).double()
+    ratio = (sizes.max() / (2 * sizes.clamp_min(1))).clamp_min(1)
+    if bool((ratio[sizes > 0] == 1).all()):
         return None
+    return ratio**power
+
+
+def vote_rule(kind: str, bank_labels: Tensor, num_classes: int, k: int) -> VoteRule:
+    """The `VoteRule` of a vote kind over a bank: `majority`, `capped` (`class_cap`) or `prior`
+    (`prior_weights`); a rule that cannot differ from the majority vote on this bank is the majority rule."""
+    if kind == "majority":
+        return VoteRule()
     if kind == "capped":
-        return class_cap(bank_labels, num_classes, k)
+        cap = class_cap(bank_labels, num_classes, k)
+        return VoteRule(cap=cap if cap < k else None)
+    if kind == "prior":
+        return VoteRule(weights=prior_weights(bank_labels, num_classes))
     raise ValueError(f"vote must be one of {VOTES}, got {kind!r}")
 
 
@@ -243,14 +260,14 @@ class TorchKnn:
     same search as `knn_predict` without recomputing the bank's norms per call."""
 
     def __init__(self, bank: Tensor, bank_labels: Tensor, num_classes: int, k: int = 75,
-                 metric: Metric = "l2", cap: int | None = None) -> None:
+                 metric: Metric = "l2", rule: VoteRule | None = None) -> None:
         if not 1 <= k <= bank.shape[0]:
             raise ValueError(f"k must be in [1, {bank.shape[0]}] (bank size), got {k}")
         self.bank = bank.float().contiguous()
         self.bank_sq = self.bank.pow(2).sum(1)
         self.bank_t = self.bank.t().contiguous()  # [D, N]: the fast layout for one query (knn_search)
         self.labels = bank_labels.long().to(bank.device)
-        self.num_classes, self.k, self.metric, self.cap = num_classes, k, metric, cap
+        self.num_classes, self.k, self.metric, self.rule = num_classes, k, metric, rule or VoteRule()
 
     def search(self, query: Tensor) -> Tensor:
         """Neighbour indices [B, k], nearest first."""
@@ -258,8 +275,8 @@ class TorchKnn:
                           bank_t=self.bank_t)
 
     def predict(self, query: Tensor) -> tuple[Tensor, Tensor]:
-        """(pred [B], counts [B, C]) exactly as `knn_predict` (with `cap`: `vote`'s per-class cap)."""
-        return vote(self.labels[self.search(query)], self.num_classes, self.cap)
+        """(pred [B], counts [B, C]) exactly as `knn_predict` (under `rule`: `vote`'s cap and weights)."""
+        return vote(self.labels[self.search(query)], self.num_classes, self.rule.cap, self.rule.weights)
 
 
 IndexType = Literal["flat", "ivf_flat", "ivf_pq", "hnsw"]
@@ -319,7 +336,7 @@ class FaissKnn:
     same vote as torch. An approximate index may find fewer than k neighbours; the missing ones cast no vote."""
 
     def __init__(self, bank: Tensor | np.ndarray, bank_labels: Tensor | np.ndarray, num_classes: int,
-                 k: int = 75, metric: Metric = "l2", use_gpu: bool = False, cap: int | None = None,
+                 k: int = 75, metric: Metric = "l2", use_gpu: bool = False, rule: VoteRule | None = None,
                  spec: IndexSpec | None = None) -> None:
         import faiss  # optional dependency: training works without it
 
@@ -339,7 +356,8 @@ class FaissKnn:
             self._res = faiss.StandardGpuResources()
             index = faiss.index_cpu_to_gpu(self._res, 0, index)
             self.on_gpu = True
-        self.index, self.metric, self.k, self.num_classes, self.cap = index, metric, k, num_classes, cap
+        self.index, self.metric, self.k, self.num_classes = index, metric, k, num_classes
+        self.rule = rule or VoteRule()
         self.labels = torch.as_tensor(bank_labels).long()
 
     def search(self, query: Tensor | np.ndarray) -> Tensor:
@@ -351,7 +369,7 @@ class FaissKnn:
         return torch.from_numpy(idx).long()  # -1 where an approximate index found fewer than k
 
     def predict(self, query: Tensor | np.ndarray) -> tuple[Tensor, Tensor]:
-        """(pred [B], counts [B, C]) exactly as `knn_predict` (with `cap`: `vote`'s per-class cap)."""
+        """(pred [B], counts [B, C]) exactly as `knn_predict` (under `rule`: `vote`'s cap and weights)."""
         idx = self.search(query)
         labels = torch.where(idx >= 0, self.labels[idx.clamp_min(0)], -1)  # a missing neighbour casts no vote
-        return vote(labels, self.num_classes, self.cap)
+        return vote(labels, self.num_classes, self.rule.cap, self.rule.weights)

@@ -167,12 +167,22 @@ def test_embed_takes_uint8_nhwc_or_float_nchw_and_restores_mode(tiny_encoder: En
 # --- the capped vote (issue 15: a few examples of a new class can win) -------------------------------------
 
 
+def capped(row: torch.Tensor, num_classes: int, bank_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rule = knn.vote_rule("capped", bank_labels, num_classes, row.shape[1])
+    return knn.vote(row, num_classes, rule.cap, rule.weights)
+
+
+def prior(row: torch.Tensor, num_classes: int, bank_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rule = knn.vote_rule("prior", bank_labels, num_classes, row.shape[1])
+    return knn.vote(row, num_classes, rule.cap, rule.weights)
+
+
 def test_capped_vote_lets_a_small_class_win_where_the_majority_cannot() -> None:
     # 10 neighbours of the new class 2 (the nearest ones), 65 spread over old classes 0 and 1
     row = torch.tensor([[2] * 10 + [0] * 40 + [1] * 25])
     bank_labels = torch.tensor([0] * 4500 + [1] * 4500 + [2] * 10)
     assert knn.vote(row, 3)[0].item() == 0  # majority: 40 votes beat 10
-    pred, counts = knn.capped_vote(row, 3, bank_labels)
+    pred, counts = capped(row, 3, bank_labels)
     assert knn.class_cap(bank_labels, 3, 75) == 10
     assert counts.tolist() == [[10, 10, 10]]  # each class counts at most 10 ...
     assert pred.item() == 2  # ... and the tie goes to the nearest neighbour's class
@@ -181,51 +191,64 @@ def test_capped_vote_lets_a_small_class_win_where_the_majority_cannot() -> None:
 def test_capped_vote_keeps_the_old_classes_when_the_small_class_is_far() -> None:
     row = torch.tensor([[0] * 40 + [1] * 33 + [2] * 2])  # the new class only among the farthest
     bank_labels = torch.tensor([0] * 100 + [1] * 100 + [2] * 10)
-    pred, counts = knn.capped_vote(row, 3, bank_labels)
+    pred, counts = capped(row, 3, bank_labels)
     assert pred.item() == 0 and counts.tolist() == [[10, 10, 2]]
 
 
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.lists(st.integers(0, 3), min_size=9, max_size=9), min_size=1, max_size=8),
        st.integers(9, 40))
-def test_capped_vote_is_the_majority_vote_when_every_class_has_k_examples(rows: list[list[int]], size: int) -> None:
+def test_capped_and_prior_votes_are_the_majority_vote_on_a_balanced_bank(rows: list[list[int]], size: int) -> None:
     labels = torch.tensor(rows)
     bank_labels = torch.arange(4).repeat_interleave(size)
-    assert knn.class_cap(bank_labels, 4, 9) == 9
-    for a, b in zip(knn.capped_vote(labels, 4, bank_labels), knn.vote(labels, 4), strict=True):
-        assert torch.equal(a, b)
+    assert knn.class_cap(bank_labels, 4, 9) == 9 and knn.prior_weights(bank_labels, 4) is None
+    for kind in ("capped", "prior"):
+        assert knn.vote_rule(kind, bank_labels, 4, 9).majority
+    for vote in (capped, prior):
+        for a, b in zip(vote(labels, 4, bank_labels), knn.vote(labels, 4), strict=True):
+            assert torch.equal(a, b)
 
 
-def test_class_cap_ignores_empty_classes_and_vote_cap_names() -> None:
+def test_class_cap_ignores_empty_classes_and_vote_rule_names() -> None:
     bank_labels = torch.tensor([0] * 50 + [2] * 3)
     assert knn.class_cap(bank_labels, 4, 75) == 3  # classes 1 and 3 have no example: not the smallest
-    assert knn.vote_cap("majority", bank_labels, 4, 75) is None
-    assert knn.vote_cap("capped", bank_labels, 4, 75) == 3
+    assert knn.vote_rule("majority", bank_labels, 4, 75).majority
+    assert knn.vote_rule("capped", bank_labels, 4, 75).cap == 3
     with pytest.raises(ValueError, match="vote must be one of"):
-        knn.vote_cap("weighted", bank_labels, 4, 75)
+        knn.vote_rule("weighted", bank_labels, 4, 75)
     with pytest.raises(ValueError, match="cap must be >= 1"):
         knn.vote(torch.tensor([[0, 1]]), 2, cap=0)
 
 
-def test_torch_knn_with_a_cap_equals_capped_vote_over_its_neighbours() -> None:
+def test_torch_knn_under_a_rule_equals_that_vote_over_its_neighbours() -> None:
     g = torch.Generator().manual_seed(0)
     bank, labels = torch.randn(60, 8, generator=g), torch.tensor([0] * 30 + [1] * 25 + [2] * 5)
     q = torch.randn(7, 8, generator=g)
-    cap = knn.class_cap(labels, 3, 20)
-    index = knn.TorchKnn(bank, labels, 3, 20, cap=cap)
-    want = knn.capped_vote(labels[index.search(q)], 3, labels)
-    for a, b in zip(index.predict(q), want, strict=True):
-        assert torch.equal(a, b)
+    for kind, vote in (("capped", capped), ("prior", prior)):
+        index = knn.TorchKnn(bank, labels, 3, 20, rule=knn.vote_rule(kind, labels, 3, 20))
+        want = vote(labels[index.search(q)], 3, labels)
+        for a, b in zip(index.predict(q), want, strict=True):
+            assert torch.equal(a, b)
 
 
-def test_balanced_vote_divides_by_class_size() -> None:
+def test_prior_weights_scale_votes_by_class_size_to_the_power() -> None:
     bank_labels = torch.tensor([0] * 4500 + [1] * 4500 + [2] * 10)
-    row = torch.tensor([[0] * 40 + [1] * 33 + [2] * 2])  # 2 of 10 beat 40 of 4,500
-    pred, scores = knn.balanced_vote(row, 3, bank_labels)
-    assert pred.item() == 2 and torch.allclose(scores, torch.tensor([[40 / 4500, 33 / 4500, 0.2]], dtype=torch.float64))
-    balanced = torch.arange(3).repeat_interleave(20)  # equal sizes: the majority vote
-    rows = torch.randint(0, 3, (30, 9), generator=torch.Generator().manual_seed(1))
-    assert torch.equal(knn.balanced_vote(rows, 3, balanced)[0], knn.vote(rows, 3)[0])
+    w = knn.prior_weights(bank_labels, 4, 0.75)
+    assert w is not None and torch.allclose(w[:3], torch.tensor([1.0, 1.0, 225 ** 0.75], dtype=torch.float64))
+    # each vote of the 10-example class counts (4,500 / (2 x 10)) ** 0.75 = 58 votes of a 4,500-example class:
+    # at k = 75 a single such neighbour (the farthest one here) outweighs 57 others; the counts stay raw
+    vote_075 = knn.vote(torch.tensor([[0] * 50 + [1] * 24 + [2]]), 3, weights=w[:3])
+    assert vote_075[0].item() == 2 and vote_075[1].tolist() == [[50, 24, 1]]
+    assert knn.vote(torch.tensor([[0] * 70 + [1] * 4 + [2]]), 3, weights=w[:3])[0].item() == 0
+    assert prior(torch.tensor([[0] * 74 + [2]]), 3, bank_labels)[0].item() == 2  # the served power 1: 225 > 74
+    # classes at least half the largest count as equals: no weights, exactly the majority vote
+    assert knn.prior_weights(torch.tensor([0] * 4507 + [1] * 4468 + [2] * 2300), 3) is None
+    assert prior(torch.tensor([[0] * 75]), 3, bank_labels)[0].item() == 0
+    balanced = knn.prior_weights(bank_labels, 3, 1.0)
+    assert balanced is not None and knn.vote(torch.tensor([[0] * 40 + [1] * 33 + [2] * 2]), 3,
+                                             weights=balanced)[0].item() == 2  # power 1: 2 of 10 beat 40 of 4,500
+    assert knn.vote(torch.tensor([[0] * 40 + [1] * 33 + [2] * 2]), 3,
+                    weights=knn.prior_weights(bank_labels, 3, 0.0))[0].item() == 0  # power 0: the majority
 
 
 # ---------------------------------------------------------------- faiss index types (issue 16)

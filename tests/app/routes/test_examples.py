@@ -118,6 +118,27 @@ def test_a_new_class_is_learnt_listed_and_undone(live: TestClient) -> None:
     assert live.delete("/models/default/examples").status_code == 422  # label is required
 
 
+@pytest.mark.parametrize("vote", ["majority", "prior"])
+def test_one_example_wins_under_the_prior_vote_only(good_root: Path, tmp_path: Path, vote: str) -> None:
+    """k = 5 over 64 examples per toy class: one yellow example is at most 1 of 5 neighbours, never a majority;
+    the prior vote weighs it by (64 / 1) ** 0.75 = 22.6, so it wins where it is a neighbour at all, while the
+    old classes (whose neighbourhoods it is not in) keep their answers and the reported shares stay raw votes."""
+    queries = yellow(4, 99)
+    with open_client(good_root, tmp_path / vote, vote=vote) as c:
+        r = c.post("/models/default/examples", data={"label": "yellow"}, files=files(yellow(1, 1)))
+        assert r.status_code == 200, r.text
+        got = labels_of(c, queries)
+        if vote == "prior":
+            assert got == ["yellow"] * 4
+        else:
+            assert "yellow" not in got
+        images, y = toy_images(2, seed=5)
+        assert labels_of(c, images) == [CLASSES[i] for i in y]
+        r = c.post("/classify", files=files(queries[:1]), data={"top_k": "4"})
+        shares = {v["label"]: v["share"] for v in r.json()["results"][0]["votes"]}
+        assert shares["yellow"] == pytest.approx(0.2)  # 1 of k = 5, whichever class the vote picked
+
+
 def test_examples_of_an_existing_class(live: TestClient) -> None:
     r = live.post("/models/default/examples", data={"label": "red"}, files=files(yellow(2, 3)))
     assert r.status_code == 200 and r.json()["class_id"] == 0 and r.json()["new_class"] is False
