@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.training.conftest import write_tiny_cifar
 from training.artifact import load_artifact, verify_artifact
 
@@ -32,6 +34,7 @@ def run_script(tmp_path: Path, data: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.timeout(900)  # ~45 s on an idle 2-core machine; three minutes beside a training job
 def test_the_default_recipe_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     data = write_tiny_cifar(tmp_path / "data")
     first = run_script(tmp_path, data)
