@@ -89,16 +89,16 @@ def choose_power(artifact: str, data: str) -> float:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from k_sweep import validation_split  # a sibling script
 
-    xv, yv = validation_split(artifact, data)
     art = load_artifact(artifact)
+    xv, yv = validation_split(art, data)
     z, y = knn.embed(art.encoder, xv, batch_size=500), torch.as_tensor(yv)
     removed = torch.tensor([art.classes.index(c) for c in REMOVED])
-    keep = ~torch.isin(art.bank_labels, removed)
+    keep, new = ~torch.isin(art.bank_labels, removed), torch.isin(y, removed)
+    picked = [torch.nonzero(art.bank_labels == c).squeeze(1) for c in removed.tolist()]
     scores: dict[float, list[float]] = {p: [] for p in POWERS}
     print(f"# {artifact}: validation split ({len(y)} images), {', '.join(REMOVED)} re-added from n bank images; "
           "mean per-class accuracy (re-added 2 / other 8)")
     for n in SHOTS:
-        picked = [torch.nonzero(art.bank_labels == c).squeeze(1) for c in removed.tolist()]
         idx = torch.cat([torch.nonzero(keep).squeeze(1)]
                         + [ix[torch.randperm(len(ix), generator=torch.Generator().manual_seed(int(c)))[:n]]
                            for c, ix in zip(removed.tolist(), picked, strict=True)])
@@ -109,7 +109,6 @@ def choose_power(artifact: str, data: str) -> float:
             pred = knn.vote(nb, art.num_classes, weights=knn.prior_weights(labels, art.num_classes, power))[0]
             per_class = [float((pred == y)[y == c].double().mean()) for c in range(art.num_classes)]
             scores[power].append(float(np.mean(per_class)))
-            new = torch.isin(y, removed)
             line += (f"  {power}: {scores[power][-1]:.3f} ({float((pred == y)[new].double().mean()):.3f} / "
                      f"{float((pred == y)[~new].double().mean()):.3f})")
         print(line, flush=True)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from training import knn_attacks
-from training.artifact import load_artifact
+from training.artifact import Artifact, load_artifact
 from training.data import SplitSpec, load_dataset
 from training.evaluate import KnnModel, clean_accuracy, robust_mask
 
@@ -32,22 +32,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_bench import write_result  # a sibling script: the one writer of benchmarks/results
 
 
-def validation_split(path: str, data: str) -> tuple[np.ndarray, np.ndarray]:
+def validation_split(art: Artifact, data: str) -> tuple[np.ndarray, np.ndarray]:
     """The artifact's held-out validation images (uint8 NHWC) and labels, as its training run split them."""
-    art = load_artifact(path)
     hp = art.manifest.get("training", {}).get("hyperparameters", {})
     if "val_size" not in hp:
-        raise SystemExit(f"{path}: the manifest records no split; cannot rebuild its validation images")
+        raise SystemExit(f"{art.path}: the manifest records no split; cannot rebuild its validation images")
     bank, val = SplitSpec.from_config(hp).apply(load_dataset(data, "train"))
     if val is None or len(bank) != art.bank.shape[0]:
-        raise SystemExit(f"{path}: {data} split as in training does not give this artifact's bank")
+        raise SystemExit(f"{art.path}: {data} split as in training does not give this artifact's bank")
     return val.images, np.asarray(val.labels)
 
 
 def sweep(path: str, data: str, ks: list[int], n_clean: int, n_robust: int, steps: int, eps: float,
           seed: int) -> list[dict[str, Any]]:
-    images, labels = validation_split(path, data)
-    model = KnnModel.from_artifact(load_artifact(path))
+    art = load_artifact(path)
+    images, labels = validation_split(art, data)
+    model = KnnModel.from_artifact(art)
     budget = knn_attacks.Budget(eps, steps, None)
     xr, yr = images[:n_robust], labels[:n_robust]
     shared = knn_attacks.build("pgd_ce", model, budget, knn_attacks.Surrogate(0.1))

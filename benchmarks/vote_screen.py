@@ -52,8 +52,8 @@ def main() -> None:
     p.add_argument("--eps", type=float, default=8 / 255)
     a = p.parse_args()
     torch.set_num_threads(int(os.environ.get("SATML_THREADS", "1")))
-    xv, yv = validation_split(a.artifact, a.data)
     art = load_artifact(a.artifact)
+    xv, yv = validation_split(art, a.data)
     km = KnnModel.from_artifact(art)
     n = a.n_robust
     x, y = knn.to_float_images(xv[:n]), torch.as_tensor(yv[:n]).long()

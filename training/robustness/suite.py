@@ -159,7 +159,7 @@ class Suite:
     def _masked(self, m: ModelUnderTest, name: str, idx: np.ndarray, attack: AttackFn, key: dict[str, Any],
                 desc: str) -> tuple[np.ndarray, float]:
         """Per-image robustness over the n attacked images: `attack` runs on `idx` only, the rest count False."""
-        key = {**key, "idx": hashlib.sha256(idx.astype(np.int64).tobytes()).hexdigest()[:16]}
+        key = {**key, "idx": _digest(idx)}
         hit = self.cache.get(m.model_sha256, name, key)
         if hit is not None:
             return from_bits(hit["mask"]), float(hit["seconds"])
@@ -499,8 +499,7 @@ class Suite:
         checks.append(MaskingCheck("every attack beats random noise", not weaker, {"noise": noise, "clean": clean},
                                    f"noise {100 * noise:.1f} % (clean {100 * clean:.1f} %)"
                                    + (f"; weaker than noise: {weaker}" if weaker else "")))
-        where = hashlib.sha256(idx.astype(np.int64).tobytes()).hexdigest()[:16]
-        zero = self._cached(m, "zero-gradient", self._key(m, surrogate=asdict(m.surrogate), idx=where),
+        zero = self._cached(m, "zero-gradient", self._key(m, surrogate=asdict(m.surrogate), idx=_digest(idx)),
                             lambda: zero_gradient_share(m.model, m.surrogate, self.images[idx], self.labels[idx],
                                                         self.cfg.batch_size))
         checks.append(MaskingCheck("surrogate gradients are non-zero", bool(zero <= 0.01), zero,
@@ -575,6 +574,11 @@ class Suite:
             "models": models,
             "torchattacks_validation": validation,
         }
+
+
+def _digest(idx: np.ndarray) -> str:
+    """Cache-key form of a set of image indices."""
+    return hashlib.sha256(idx.astype(np.int64).tobytes()).hexdigest()[:16]
 
 
 def suite_code_version() -> str:
