@@ -91,11 +91,19 @@ class Tally:
     statuses: Counter[str] = field(default_factory=Counter)
     latencies_ms: dict[int, list[float]] = field(default_factory=dict)  # per status code
     not_sent: int = 0
+    # how long each connection that failed mid-request had sat idle in the pool (None: a fresh one); a reused
+    # connection failing after more than the server's keep-alive timeout (uvicorn: 5 s) is the client's stale
+    # keep-alive race, not a server fault
+    error_idle_s: list[float | None] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         every = [x for lat in self.latencies_ms.values() for x in lat]
+        reused = sorted(a for a in self.error_idle_s if a is not None)
         return {"statuses": dict(self.statuses), "answered": len(every), "not_sent_at_connection_bound": self.not_sent,
                 **percentiles(every),
+                "connection_errors": {"fresh": sum(a is None for a in self.error_idle_s), "reused": len(reused),
+                                      "reused_idle_over_5s": sum(a > 5.0 for a in reused),
+                                      "reused_idle_s_p50": round(reused[len(reused) // 2], 2) if reused else None},
                 "by_status": {str(k): percentiles(v) for k, v in sorted(self.latencies_ms.items())}}
 
 
@@ -104,26 +112,28 @@ class OpenLoop:
 
     def __init__(self, port: int, payload: bytes, max_connections: int) -> None:
         self.port, self.payload, self.max_connections = port, payload, max_connections
-        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []  # + when last used
         self.open = 0
         self.tally = Tally()
         self.tasks: set[asyncio.Task[None]] = set()
 
     async def one(self) -> None:
         t0 = time.perf_counter()
-        conn = self.idle.pop() if self.idle else None
-        if conn is None:
+        idle_s: float | None = None
+        if self.idle:
+            reader, writer, last_used = self.idle.pop()
+            idle_s = t0 - last_used
+        else:
             if self.open >= self.max_connections:
                 self.tally.not_sent += 1
                 return
             self.open += 1
             try:
-                conn = await asyncio.open_connection("127.0.0.1", self.port)
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
             except OSError:
                 self.open -= 1
                 self.tally.statuses["connect_error"] += 1
                 return
-        reader, writer = conn
         keep = False
         try:
             writer.write(self.payload)
@@ -136,12 +146,13 @@ class OpenLoop:
             status = 0
         except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError, IndexError):
             self.tally.statuses["connection_error"] += 1
+            self.tally.error_idle_s.append(idle_s)
             status = 0
         if status:
             self.tally.statuses[str(status)] += 1
             self.tally.latencies_ms.setdefault(status, []).append(1000 * (time.perf_counter() - t0))
         if keep:
-            self.idle.append(conn)
+            self.idle.append((reader, writer, time.perf_counter()))
         else:
             self.open -= 1
             writer.close()
@@ -161,7 +172,7 @@ class OpenLoop:
     async def drain(self) -> None:
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
-        for _, w in self.idle:
+        for _, w, _ in self.idle:
             w.close()
 
 
