@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import signal
@@ -29,6 +30,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_bench import (  # a sibling script
@@ -43,11 +46,18 @@ from serve_bench import (  # a sibling script
 
 RESULTS = ROOT / "benchmarks" / "results"
 CLIENT_DEADLINE_S = 35.0  # the server's request_timeout_s (30 s) plus margin: no answer by then is a timeout
+# uvicorn's keep-alive timeout (app/serve.py keeps its default): the server closes a connection idle this long
+SERVER_KEEP_ALIVE_S = float(inspect.signature(uvicorn.Config).parameters["timeout_keep_alive"].default)
+# a pooled connection idle longer than this is dropped, not reused, as httpcore's keepalive_expiry does: a request
+# written into a connection the server is closing at that moment fails on the client's side of the race
+KEEP_ALIVE_EXPIRY_S = SERVER_KEEP_ALIVE_S - 1.0
 
 
 def request_bytes(path: str, body: bytes) -> bytes:
-    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}"
-            f"\r\nContent-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n")
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}"
+        f"\r\nContent-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n"
+    )
     return head.encode() + body
 
 
@@ -92,19 +102,28 @@ class Tally:
     latencies_ms: dict[int, list[float]] = field(default_factory=dict)  # per status code
     not_sent: int = 0
     # how long each connection that failed mid-request had sat idle in the pool (None: a fresh one); a reused
-    # connection failing after more than the server's keep-alive timeout (uvicorn: 5 s) is the client's stale
-    # keep-alive race, not a server fault
+    # connection failing after more than the server's keep-alive timeout is the client's stale keep-alive race,
+    # not a server fault
     error_idle_s: list[float | None] = field(default_factory=list)
+    expired: int = 0  # pooled connections dropped unused: idle past KEEP_ALIVE_EXPIRY_S, or closed by the server
 
     def summary(self) -> dict[str, Any]:
         every = [x for lat in self.latencies_ms.values() for x in lat]
         reused = sorted(a for a in self.error_idle_s if a is not None)
-        return {"statuses": dict(self.statuses), "answered": len(every), "not_sent_at_connection_bound": self.not_sent,
-                **percentiles(every),
-                "connection_errors": {"fresh": sum(a is None for a in self.error_idle_s), "reused": len(reused),
-                                      "reused_idle_over_5s": sum(a > 5.0 for a in reused),
-                                      "reused_idle_s_p50": round(reused[len(reused) // 2], 2) if reused else None},
-                "by_status": {str(k): percentiles(v) for k, v in sorted(self.latencies_ms.items())}}
+        return {
+            "statuses": dict(self.statuses),
+            "answered": len(every),
+            "not_sent_at_connection_bound": self.not_sent,
+            **percentiles(every),
+            "connection_errors": {
+                "fresh": sum(a is None for a in self.error_idle_s),
+                "reused": len(reused),
+                "reused_idle_over_keep_alive": sum(a > SERVER_KEEP_ALIVE_S for a in reused),
+                "reused_idle_s_p50": round(reused[len(reused) // 2], 2) if reused else None,
+            },
+            "pooled_connections_expired": self.expired,
+            "by_status": {str(k): percentiles(v) for k, v in sorted(self.latencies_ms.items())},
+        }
 
 
 class OpenLoop:
@@ -120,10 +139,16 @@ class OpenLoop:
     async def one(self) -> None:
         t0 = time.perf_counter()
         idle_s: float | None = None
+        # the pool is kept in order of last use (pushed and popped at the end), so the expired ones lead it
+        while self.idle and (t0 - self.idle[0][2] >= KEEP_ALIVE_EXPIRY_S or self.idle[-1][0].at_eof()):
+            _, stale, _ = self.idle.pop(0 if t0 - self.idle[0][2] >= KEEP_ALIVE_EXPIRY_S else -1)
+            self.tally.expired += 1
+            self.open -= 1
+            stale.close()
         if self.idle:
             reader, writer, last_used = self.idle.pop()
             idle_s = t0 - last_used
-        else:
+        if idle_s is None:
             if self.open >= self.max_connections:
                 self.tally.not_sent += 1
                 return
@@ -182,8 +207,13 @@ def server(env: dict[str, str] | None = None, log_name: str = "server") -> Any:
     log_path = RESULTS / f".{log_name}.log"
     base = {k: v for k, v in os.environ.items() if not k.startswith("SATML_")}
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "app.serve", "--port", str(port), "--log-level", "warning"],
-                                env={**base, **(env or {})}, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.serve", "--port", str(port), "--log-level", "warning"],
+            env={**base, **(env or {})},
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         wait_ready(f"http://127.0.0.1:{port}/health/ready", 180, proc)
         yield proc, port
@@ -199,8 +229,9 @@ def server(env: dict[str, str] | None = None, log_name: str = "server") -> Any:
 
 def proc_sample(pid: int) -> tuple[int, int]:
     """(VmRSS in KiB, open file descriptors) of a process."""
-    rss = next(int(ln.split()[1]) for ln in Path(f"/proc/{pid}/status").read_text().splitlines()
-               if ln.startswith("VmRSS:"))
+    rss = next(
+        int(ln.split()[1]) for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("VmRSS:")
+    )
     return rss, len(os.listdir(f"/proc/{pid}/fd"))
 
 
@@ -239,8 +270,15 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
             while not stop_sampling.wait(1.0):
                 rss, fds = proc_sample(proc.pid)
                 status, ms = ready_probe(port)
-                samples.append({"t": round(time.perf_counter() - t0, 1), "rss_kib": rss, "fds": fds,
-                                "ready": status, "ready_ms": round(ms, 1)})
+                samples.append(
+                    {
+                        "t": round(time.perf_counter() - t0, 1),
+                        "rss_kib": rss,
+                        "fds": fds,
+                        "ready": status,
+                        "ready_ms": round(ms, 1),
+                    }
+                )
 
         thread = threading.Thread(target=sampler, daemon=True)
         thread.start()
@@ -262,21 +300,30 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
 
     summary = loop.tally.summary()
     bad = {k: v for k, v in summary["statuses"].items() if k not in ("200", "429", "503")}
-    return {"part": "soak", "rate_per_s": args.rate, "seconds": seconds, "max_connections": args.max_connections,
-            **summary, "unacceptable": bad, "server_alive_after": alive,
-            "rss_mib_first_minute": round(mean(minute, "rss_kib") / 1024, 1),
-            "rss_mib_last_minute": round(mean(last, "rss_kib") / 1024, 1),
-            "rss_growth_pct": round(100 * (mean(last, "rss_kib") / mean(minute, "rss_kib") - 1), 2),
-            "fds_first_minute": round(mean(minute, "fds"), 1), "fds_last_minute": round(mean(last, "fds"), 1),
-            "ready_not_200": sum(s["ready"] != 200 for s in samples),
-            "ready_max_ms": max(s["ready_ms"] for s in samples),
-            "samples": samples}
+    return {
+        "part": "soak",
+        "rate_per_s": args.rate,
+        "seconds": seconds,
+        "max_connections": args.max_connections,
+        **summary,
+        "unacceptable": bad,
+        "server_alive_after": alive,
+        "rss_mib_first_minute": round(mean(minute, "rss_kib") / 1024, 1),
+        "rss_mib_last_minute": round(mean(last, "rss_kib") / 1024, 1),
+        "rss_growth_pct": round(100 * (mean(last, "rss_kib") / mean(minute, "rss_kib") - 1), 2),
+        "fds_first_minute": round(mean(minute, "fds"), 1),
+        "fds_last_minute": round(mean(last, "fds"), 1),
+        "ready_not_200": sum(s["ready"] != 200 for s in samples),
+        "ready_max_ms": max(s["ready_ms"] for s in samples),
+        "samples": samples,
+    }
 
 
 def flood(args: argparse.Namespace) -> dict[str, Any]:
     images = sample_images()
     attack = multipart_body(images[:1], field="file", extra={"steps": "10", "compare": "supervised"})
     with server(log_name="flood") as (_, port):
+
         async def phase(with_attacks: bool) -> dict[str, Any]:
             classify = OpenLoop(port, request_bytes("/classify", classify_body()), 64)
             attacks = OpenLoop(port, request_bytes("/attack", attack), args.attack_clients)
@@ -291,9 +338,17 @@ def flood(args: argparse.Namespace) -> dict[str, Any]:
         alone = asyncio.run(phase(False))
         flooded = asyncio.run(phase(True))
     ratio = (flooded["classify"]["p99_ms"] or 0) / max(1e-9, alone["classify"]["p99_ms"] or 0)
-    return {"part": "flood", "classify_rate_per_s": args.classify_rate, "attack_rate_per_s": args.attack_rate,
-            "attack_clients": args.attack_clients, "seconds": args.seconds, "alone": alone, "flooded": flooded,
-            "p99_ratio": round(ratio, 2), "target_p99_ratio": 2.0}
+    return {
+        "part": "flood",
+        "classify_rate_per_s": args.classify_rate,
+        "attack_rate_per_s": args.attack_rate,
+        "attack_clients": args.attack_clients,
+        "seconds": args.seconds,
+        "alone": alone,
+        "flooded": flooded,
+        "p99_ratio": round(ratio, 2),
+        "target_p99_ratio": 2.0,
+    }
 
 
 def sigterm(args: argparse.Namespace) -> dict[str, Any]:
@@ -315,17 +370,30 @@ def sigterm(args: argparse.Namespace) -> dict[str, Any]:
         asyncio.run(go())
         code = proc.returncode
     summary = loop.tally.summary()
-    bad = {k: v for k, v in summary["statuses"].items() if k not in ("200", "429", "503", "connect_error",
-                                                                      "connection_error")}
-    return {"part": "sigterm", "rate_per_s": args.rate, "images_per_request": args.images,
-            "sigterm_after_s": args.before_s, **summary, "unacceptable": bad,
-            "exit_after_sigterm_s": round(exit_s[0], 2), "exit_code": code, "grace_s": 15.0}
+    bad = {
+        k: v
+        for k, v in summary["statuses"].items()
+        if k not in ("200", "429", "503", "connect_error", "connection_error")
+    }
+    return {
+        "part": "sigterm",
+        "rate_per_s": args.rate,
+        "images_per_request": args.images,
+        "sigterm_after_s": args.before_s,
+        **summary,
+        "unacceptable": bad,
+        "exit_after_sigterm_s": round(exit_s[0], 2),
+        "exit_code": code,
+        "grace_s": 15.0,
+    }
 
 
 def markdown(r: dict[str, Any]) -> str:
     m = r["machine"]
-    head = (f"{m['cores']} cores, load average {m['loadavg_at_start']} at the start, {r['loadavg_at_end']} at "
-            f"the end; satml-serve default settings over `artifacts/`, loopback. Command: `{r['command']}`")
+    head = (
+        f"{m['cores']} cores, load average {m['loadavg_at_start']} at the start, {r['loadavg_at_end']} at "
+        f"the end; satml-serve default settings over `artifacts/`, loopback. Command: `{r['command']}`"
+    )
     keep = {k: v for k, v in r.items() if k not in ("samples", "machine", "command", "loadavg_at_end")}
     return f"# {r['part']} (`benchmarks/soak_bench.py`)\n\n{head}\n\n```json\n{json.dumps(keep, indent=2)}\n```\n"
 
@@ -353,8 +421,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     start = machine()
     result = {"soak": soak, "flood": flood, "sigterm": sigterm}[args.part](args)
-    result.update(machine=start, loadavg_at_end=[round(x, 2) for x in os.getloadavg()],
-                  command="python benchmarks/soak_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    result.update(
+        machine=start,
+        loadavg_at_end=[round(x, 2) for x in os.getloadavg()],
+        command="python benchmarks/soak_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    )
     out = Path(args.out or RESULTS / f"soak_{args.part}")
     write_result(out, result, markdown(result))
     return 0
