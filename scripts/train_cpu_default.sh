@@ -12,6 +12,8 @@
 #   BASELINES=1 also trains the labelled PGD-AT reference (artifacts/pgd_at) on the same encoder and budget.
 # Every step is resumable (rerun the script after an interruption: finished steps are skipped, a stopped run
 # continues from its checkpoint). Env: RUNS, RECIPE, TEACHER_EPOCHS, ROBUST_EPOCHS, TEACHER_T, BASELINES,
+# TEACHER (an existing teacher, a checkpoint or an artifact dir such as artifacts/ssl: the teacher stage and the
+# ssl export are skipped, the robust stage starts from it, widened to WIDTH when it is narrower),
 # NO_EXPORT, WIDTH (cnn8 width, default 16), PRECISION (robust stages: bf16 or fp32), DATA (default data),
 # ART (artifact root, default artifacts); and
 # TRAIN_ARGS / EXPORT_ARGS / SUITE_ARGS, appended to every `satml train` / `satml export` / `satml robustness`
@@ -35,20 +37,27 @@ ADV=(--eps 0.0313725 --attack-steps 3 --ema-decay 0.995 --eval-every 4 --eval-ro
 FAST=(--precision "${PRECISION:-bf16}" --memory-format channels_last)
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # sleep, not spin, when a core is shared
 done_() { [ -f "$1/metrics.jsonl" ] && grep -q '"final": true' "$1/metrics.jsonl"; }
-done_ "$RUNS/teacher" || satml train --method ssl --run-dir "$RUNS/teacher" --epochs "$TEACHER_EPOCHS" --lr 0.1 \
-  --temperature "$TEACHER_T" --warmup-epochs 0.5 --eval-every 5 --memory-format channels_last "${ARCH[@]}" \
-  "${COMMON[@]}" "${EXTRA[@]}"
+if [ -n "${TEACHER:-}" ]; then
+  TEACHER_DESC="the given teacher ($TEACHER)"
+else
+  TEACHER=$RUNS/teacher/checkpoint.pt
+  TEACHER_DESC="SimCLR teacher (T=$TEACHER_T, $TEACHER_EPOCHS ep)"
+  done_ "$RUNS/teacher" || satml train --method ssl --run-dir "$RUNS/teacher" --epochs "$TEACHER_EPOCHS" --lr 0.1 \
+    --temperature "$TEACHER_T" --warmup-epochs 0.5 --eval-every 5 --memory-format channels_last "${ARCH[@]}" \
+    "${COMMON[@]}" "${EXTRA[@]}"
+  OWN_TEACHER=1
+fi
 case "$RECIPE" in
   pseudo_at)
     ROBUST_EPOCHS=${ROBUST_EPOCHS:-20}  # 8 gave 20.4 % worst case, 20 gave 23.1 % (recipes.md)
     done_ "$RUNS/robust" || satml train --method pseudo_at --run-dir "$RUNS/robust" --epochs "$ROBUST_EPOCHS" \
-      --clusters 100 --teacher "$RUNS/teacher/checkpoint.pt" --init "$RUNS/teacher/checkpoint.pt" --lr 0.1 \
+      --clusters 100 --teacher "$TEACHER" --init "$TEACHER" --lr 0.1 \
       --warmup-epochs 0.5 --alpha 0.0261438 "${ADV[@]}" "${FAST[@]}" "${ARCH[@]}" "${COMMON[@]}" "${EXTRA[@]}"
     WHAT="label-free PGD-AT (PGD-3 at 8/255, EMA) on 100 k-means clusters of the teacher's embedding" ;;
   distill)
     ROBUST_EPOCHS=${ROBUST_EPOCHS:-14}
     done_ "$RUNS/robust" || satml train --method distill --run-dir "$RUNS/robust" --epochs "$ROBUST_EPOCHS" \
-      --teacher "$RUNS/teacher/checkpoint.pt" --init "$RUNS/teacher/checkpoint.pt" --lr 0.05 --warmup-epochs 0.5 \
+      --teacher "$TEACHER" --init "$TEACHER" --lr 0.05 --warmup-epochs 0.5 \
       --alpha 0.0156863 --adv-weight 2.0 "${ADV[@]}" "${FAST[@]}" "${ARCH[@]}" "${COMMON[@]}" "${EXTRA[@]}"
     WHAT="DeACL-style robust distillation (PGD-3 at 8/255, beta 2, EMA)" ;;
   *) echo "RECIPE must be pseudo_at or distill, got '$RECIPE'" >&2; exit 2 ;;
@@ -60,12 +69,15 @@ fi
 [ -n "${NO_EXPORT:-}" ] && exit 0
 EXPORT=(--data "$DATA" --trained-on "2-core CPU")
 satml export --checkpoint "$RUNS/robust/checkpoint.pt" --out "$ART/default" --name default "${EXPORT[@]}" \
-  --description "Robust self-supervised cnn8 width $WIDTH + k-NN (k=75), CPU-trained: SimCLR teacher (T=$TEACHER_T, $TEACHER_EPOCHS ep), then $WHAT, $ROBUST_EPOCHS ep (${PRECISION:-bf16}); no labels in encoder training" \
+  --description "Robust self-supervised cnn8 width $WIDTH + k-NN (k=75), CPU-trained: $TEACHER_DESC, then $WHAT, $ROBUST_EPOCHS ep (${PRECISION:-bf16}); no labels in encoder training" \
   "${EXPORT_EXTRA[@]}"
-satml export --checkpoint "$RUNS/teacher/checkpoint.pt" --out "$ART/ssl" --name ssl "${EXPORT[@]}" \
-  --description "SimCLR cnn8 width $WIDTH (T=$TEACHER_T, $TEACHER_EPOCHS ep) + k-NN (k=75), CPU-trained: the clean teacher of the default model" \
-  "${EXPORT_EXTRA[@]}"
-SUITE=("$ART/default" "$ART/ssl")
+SUITE=("$ART/default")
+if [ -n "${OWN_TEACHER:-}" ]; then
+  satml export --checkpoint "$TEACHER" --out "$ART/ssl" --name ssl "${EXPORT[@]}" \
+    --description "SimCLR cnn8 width $WIDTH (T=$TEACHER_T, $TEACHER_EPOCHS ep) + k-NN (k=75), CPU-trained: the clean teacher of the default model" \
+    "${EXPORT_EXTRA[@]}"
+  SUITE+=("$ART/ssl")
+fi
 if [ -n "${BASELINES:-}" ]; then
   satml export --checkpoint "$RUNS/pgd_at/checkpoint.pt" --out "$ART/pgd_at" --name pgd_at "${EXPORT[@]}" \
     --description "Supervised PGD-AT cnn8 width $WIDTH + k-NN (k=75), CPU-trained (PGD-3 at 8/255, EMA, 8 epochs): the labelled robust reference, uses labels in encoder training" \

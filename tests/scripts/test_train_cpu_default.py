@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "train_cpu_default.sh"
 
 
-def run_script(tmp_path: Path, data: Path) -> subprocess.CompletedProcess[str]:
+def run_script(tmp_path: Path, data: Path, **overrides: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # this venv's satml
            "RUNS": str(tmp_path / "runs"), "DATA": str(data), "ART": str(tmp_path / "art"),
@@ -30,7 +30,7 @@ def run_script(tmp_path: Path, data: Path) -> subprocess.CompletedProcess[str]:
            "TRAIN_ARGS": "--proj-dim 16 --batch-size 16 --val-size 16 --clusters 4 --eval-robust 4 "
                          "--eval-size 16 --attack-steps 1",
            "EXPORT_ARGS": "--val-size 16 --k 5 --n-robust 4 --steps 2",
-           "SUITE_ARGS": f"--quick --out {tmp_path / 'suite'} --device cpu"}
+           "SUITE_ARGS": f"--quick --out {tmp_path / 'suite'} --device cpu", **overrides}
     return subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -56,3 +56,14 @@ def test_the_default_recipe_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     assert second.returncode == 0, second.stderr[-3000:]
     assert (tmp_path / "runs" / "robust" / "checkpoint.pt").read_bytes() == weights  # finished: not retrained
     assert "training.train: epoch" not in second.stderr
+
+    # TEACHER=<an existing teacher artifact>: no teacher stage and no ssl export; the robust stage starts from
+    # it, widened (Net2WiderNet) to a WIDTH wider than the teacher's
+    third = run_script(tmp_path, data, TEACHER=str(ssl), WIDTH="8", RUNS=str(tmp_path / "runs2"),
+                       ART=str(tmp_path / "art2"))
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert not (tmp_path / "runs2" / "teacher").exists() and not (tmp_path / "art2" / "ssl").exists()
+    wide = verify_artifact(tmp_path / "art2" / "default")
+    assert wide.training.method == "pseudo_at" and wide.encoder.width == 8
+    assert f"the given teacher ({ssl})" in wide.description
+    assert "widened cnn8 width 4 -> 8" in third.stderr
