@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     # intra-op threads of torch and onnxruntime in each process; None: torch's default (one per core) with one
     # worker, cores / workers with several (so N processes do not oversubscribe the cores)
     compute_threads: Annotated[int, Field(ge=1, le=256)] | None = None
+    # the interpreter's GIL switch interval in ms for the server's lifetime (sys.setswitchinterval; None: Python's
+    # 5 ms). The event loop, decode threads and the batch worker hand the GIL to each other many times per
+    # request, and a thread that wants it waits up to this long: benchmarks/README.md measures what it changes
+    switch_interval_ms: Annotated[float, Field(gt=0, le=100)] | None = None
     # faiss index type (training.knn.IndexSpec): flat is exact; ivf_flat, ivf_pq, hnsw are approximate, for banks
     # of millions (benchmarks/results/index_types.md measures recall, vote agreement, latency, memory); a type
     # other than flat needs faiss (index auto then picks faiss-gpu or faiss-cpu, never torch)

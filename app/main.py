@@ -12,6 +12,7 @@ import inspect
 import ipaddress
 import logging
 import os
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -80,6 +81,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             import torch
 
             torch.set_num_threads(threads)
+        switch_interval = sys.getswitchinterval()  # restored at shutdown: the setting lives with the app
+        if settings.switch_interval_ms is not None:
+            sys.setswitchinterval(settings.switch_interval_ms / 1000)
         registry = await run_in_threadpool(load_registry, settings, metrics)
         attacks = AttackService(settings.attack_concurrency, settings.attack_queue, settings.attack_timeout_s,
                                 metrics)
@@ -98,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             certifier.close()
             # within the grace period uvicorn already spent on in-flight requests: a stuck batch cannot hold exit
             await run_in_threadpool(registry.close, min(5.0, settings.shutdown_grace_s / 3))
+            sys.setswitchinterval(switch_interval)
             log.info("service stopped", extra=fields(event="stopped"))
 
     app = FastAPI(title="Robust SSL classifier", version=_version(), description=DESCRIPTION, lifespan=lifespan,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,15 @@ def test_factory_loads_nothing_until_started(good_root: Path) -> None:
     with TestClient(app):
         assert set(app.state.registry.models) == {"default", "other"}
     assert all(m.worker._closed for m in app.state.registry.models.values())  # stopped at shutdown
+
+
+def test_switch_interval_is_set_for_the_apps_lifetime_only(good_root: Path) -> None:
+    before = sys.getswitchinterval()
+    with TestClient(create_app(make_settings(good_root, switch_interval_ms=0.25))):
+        assert sys.getswitchinterval() == pytest.approx(0.00025)
+    assert sys.getswitchinterval() == before
+    with TestClient(create_app(make_settings(good_root))):  # unset: Python's own, untouched
+        assert sys.getswitchinterval() == before
 
 
 def test_request_id_echoed_or_generated(client: TestClient) -> None:
