@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "open_set.py"
+from tests.benchmarks.conftest import load_script
+
 CORNERS = torch.tensor([[-4.0, -4.0], [-4.0, 4.0], [4.0, -4.0], [4.0, 4.0]])
 
 
 @pytest.fixture(scope="module")
 def open_set() -> ModuleType:
-    sys.path.insert(0, str(SCRIPT.parent))  # its sibling imports (k_sweep, serve_bench)
-    spec = importlib.util.spec_from_file_location("open_set", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["open_set"] = module  # its dataclass looks its module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("open_set")
 
 
 def split(module: ModuleType, n: int, seed: int, centres: torch.Tensor) -> object:
