@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, File, Form, Query, Security, UploadFile
 from starlette.concurrency import run_in_threadpool
@@ -23,6 +23,7 @@ from app.routes.classify import BINARY
 from app.schemas import ExampleInfo, ExampleList, ExamplesAdded, ExamplesRemoved
 
 router = APIRouter(prefix="/models", tags=["examples"])
+T = TypeVar("T")
 
 
 async def require_examples_access(settings: SettingsDep,
@@ -47,12 +48,22 @@ def _live(served: ServedModel, write: bool) -> LiveBank:
     return live
 
 
+async def _commit(served: ServedModel, update: Callable[..., T], *args: Any) -> T:
+    """Run a bank update (`LiveBank.add` / `remove`) on a worker thread. Its new state is published only once it
+    is persisted, so a failed write (disk full, read-only state folder) changes nothing: 507, not a 500."""
+    try:
+        return await run_in_threadpool(update, *args)
+    except OSError as e:
+        raise ApiError(507, "state_not_saved", f"model {served.name!r}: the update could not be persisted "
+                                               f"({e.strerror or e}); nothing was changed") from e
+
+
 def _info(e: Example) -> ExampleInfo:
     return ExampleInfo(id=e.id, label=e.label, time=e.time, filename=e.filename, sha256=e.sha256)
 
 
 @router.post("/{name}/examples", response_model=ExamplesAdded, dependencies=Guard,
-             responses=responses(400, 401, 403, 404, 409, 413, 415, 429, 503))
+             responses=responses(400, 401, 403, 404, 409, 413, 415, 429, 503, 507))
 async def add_examples(
     name: str,
     registry: RegistryDep,
@@ -87,7 +98,7 @@ async def add_examples(
             raise ApiError(413, "bank_full", f"model {served.name!r} has {have} added examples; the limit is "
                                              f"{settings.examples_max_per_model} (DELETE some first)")
         new_class = label not in live.state.classes
-        st, ids = await run_in_threadpool(live.add, label, z, [n for n, _ in images], hashes)
+        st, ids = await _commit(served, live.add, label, z, [n for n, _ in images], hashes)
     return ExamplesAdded(model=served.name, label=label, class_id=st.classes.index(label), new_class=new_class,
                          ids=ids, version=st.version, bank_size=st.size, classes=len(st.classes))
 
@@ -109,14 +120,14 @@ async def list_examples(name: str, registry: RegistryDep,
 async def _remove(served: ServedModel, keep: Callable[[Example], bool], what: str) -> ExamplesRemoved:
     live = _live(served, write=True)
     async with live.lock:
-        st, gone = await run_in_threadpool(live.remove, keep)
+        st, gone = await _commit(served, live.remove, keep)
     if not gone:
         raise ApiError(404, "example_not_found", f"model {served.name!r} has no added example {what}")
     return ExamplesRemoved(model=served.name, ids=gone, version=st.version, bank_size=st.size)
 
 
 @router.delete("/{name}/examples/{example_id}", response_model=ExamplesRemoved, dependencies=Guard,
-               responses=responses(401, 403, 404, 409, 503))
+               responses=responses(401, 403, 404, 409, 503, 507))
 async def delete_example(name: str, example_id: str, registry: RegistryDep) -> ExamplesRemoved:
     """Undo one addition (by the id POST returned)."""
     shown = example_id if len(example_id) <= 64 else f"{example_id[:64]}..."
@@ -124,7 +135,7 @@ async def delete_example(name: str, example_id: str, registry: RegistryDep) -> E
 
 
 @router.delete("/{name}/examples", response_model=ExamplesRemoved, dependencies=Guard,
-               responses=responses(401, 403, 404, 409, 503))
+               responses=responses(401, 403, 404, 409, 503, 507))
 async def delete_examples(name: str, registry: RegistryDep,
                           label: Annotated[str, Query(min_length=1, max_length=64,
                                                       description="remove every added example of this class")],

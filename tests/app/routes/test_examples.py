@@ -250,3 +250,35 @@ def test_concurrent_updates_are_serialised_and_classify_keeps_answering(good_roo
     assert sorted(final["classes"][3:]) == ["c0", "c1", "c2"]
     for r in reads[:-1]:
         assert [res["label"] for res in r.json()["results"]] == [CLASSES[i] for i in y]
+
+
+def test_a_failed_state_write_is_507_and_changes_nothing(live: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a full disk (ENOSPC) while the overlay is written: the update is refused as a whole, nothing is published,
+    # and the model keeps serving and accepts the same update once the disk has room again
+    import errno
+
+    import app.bank
+
+    queries = yellow(4, 99)
+    before = labels_of(live, queries)
+
+    def disk_full(path: Path, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    with monkeypatch.context() as m:
+        m.setattr(app.bank, "write_atomic", disk_full)
+        r = live.post("/models/default/examples", data={"label": "yellow"}, files=files(yellow(6, 1)))
+        assert r.status_code == 507 and r.json()["error"]["code"] == "state_not_saved", r.text
+        assert "No space left on device" in r.json()["error"]["message"]
+        assert live.get("/models/default/examples").json()["examples"] == []
+        assert live.get("/models/default").json()["bank_version"] == 0
+        assert labels_of(live, queries) == before
+    r = live.post("/models/default/examples", data={"label": "yellow"}, files=files(yellow(6, 1)))
+    assert r.status_code == 200 and r.json()["version"] == 1
+    ids = r.json()["ids"]
+    with monkeypatch.context() as m:  # a removal that cannot be persisted is refused too
+        m.setattr(app.bank, "write_atomic", disk_full)
+        r = live.delete(f"/models/default/examples/{ids[0]}")
+        assert r.status_code == 507 and r.json()["error"]["code"] == "state_not_saved"
+    assert [e["id"] for e in live.get("/models/default/examples").json()["examples"]] == ids
+    assert labels_of(live, queries) == ["yellow"] * 4
