@@ -151,3 +151,30 @@ def test_rejects_bad_shapes() -> None:
         w.submit(torch.zeros(3, 2, 2))
     with pytest.raises(ValueError):
         BatchWorker("t", lambda: None, max_batch=0, max_wait_s=0)  # type: ignore[arg-type, return-value]
+
+
+def test_worker_keeps_serving_after_failing_batches() -> None:
+    # an intermittently failing model (every other batch raises): each failure reaches only its own callers,
+    # and the worker thread goes on serving the batches after it (issue 13's fault list)
+    calls: list[int] = []
+
+    def setup():
+        def predict(x: Tensor) -> Votes:
+            calls.append(x.shape[0])
+            if len(calls) % 2:
+                raise RuntimeError(f"flaky batch {len(calls)}")
+            pred = (x[:, 0, 0, 0] * 100).round().long()
+            return pred, torch.nn.functional.one_hot(pred, 100)
+        return predict
+
+    w = BatchWorker("t", setup, max_batch=8, max_wait_s=0)
+    w.start(timeout=5)
+    try:
+        for i in range(3):
+            with pytest.raises(RuntimeError, match=f"flaky batch {2 * i + 1}"):
+                w.submit(images(7)).result(5)
+            pred, _ = w.submit(images(i, 40 + i)).result(5)
+            assert pred.tolist() == [i, 40 + i]
+        assert calls == [1, 2] * 3
+    finally:
+        w.close()
