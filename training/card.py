@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from training.manifest import Manifest
+from training.manifest import EncoderSpec, Manifest
 
 CARD_BEGIN, CARD_END = "<!-- robustness-suite:begin -->", "<!-- robustness-suite:end -->"
 
@@ -29,6 +29,15 @@ def fmt_eps(eps: float) -> str:
     return f"{round(q)}/255" if abs(q - round(q)) < 1e-6 else f"{eps:g}"
 
 
+def _embedding(enc: EncoderSpec) -> str:
+    if enc.reduce_dim is None:
+        return f"{enc.embed_dim}-d L2-normalised embedding"
+    kept = enc.extra.get("reduce_explained_variance")
+    share = f", {100 * kept:.1f} % of the bank's variance" if isinstance(kept, (int, float)) else ""
+    return (f"{8 * enc.width}-d L2-normalised features reduced to a {enc.reduce_dim}-d embedding by a PCA of the "
+            f"bank baked into the encoder{share}")
+
+
 def render_card(manifest: Manifest) -> str:
     """Markdown model card from the manifest: data, method, measured metrics, provenance."""
     t, m, enc, knn = manifest.training, manifest.metrics, manifest.encoder, manifest.knn
@@ -37,7 +46,7 @@ def render_card(manifest: Manifest) -> str:
     lines = [
         f"# Model card: {manifest.name}", "", manifest.description, "",
         "## Model",
-        f"- Encoder: {enc.arch} width {enc.width} (CIFAR stem), {enc.embed_dim}-d L2-normalised embedding; "
+        f"- Encoder: {enc.arch} width {enc.width} (CIFAR stem), {_embedding(enc)}; "
         "inputs RGB in [0, 1], normalisation inside the model.",
         f"- Classifier: k-NN, k = {knn.k}, {knn.metric} distance, "
         f"unweighted majority vote over a bank of {manifest.bank_size} training embeddings.",

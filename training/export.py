@@ -28,6 +28,7 @@ from training.data import DatasetError, ImageDataset, SplitSpec, has_test_split,
 from training.evaluate import KnnModel, clean_accuracy, pgd_accuracy
 from training.manifest import EncoderSpec, InputSpec, KnnSpec, Manifest, Metrics, TrainingInfo
 from training.models import Encoder
+from training.reduce import explained_variance, reduce_encoder
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ def export_artifact(
     metric: str = "l2",
     bank_dtype: torch.dtype = torch.float16,
     onnx: bool = True,
+    encoder_extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write the artifact folder; returns it. Existing files of the same names are replaced."""
     cfg = encoder.cfg
@@ -109,7 +111,8 @@ def export_artifact(
         input=InputSpec(size=input_size, channels=3, mean=cfg.mean, std=cfg.std, value_range=(0.0, 1.0),
                         resize="bilinear to size x size, RGB"),
         encoder=EncoderSpec(arch=cfg.arch, width=cfg.width, proj_dim=cfg.proj_dim, mean=cfg.mean, std=cfg.std,
-                            embed_dim=cfg.embed_dim, normalize=True, extra={"onnx_max_abs_diff": onnx_diff}),
+                            embed_dim=cfg.embed_dim, normalize=cfg.reduce_dim is None, reduce_dim=cfg.reduce_dim,
+                            extra={"onnx_max_abs_diff": onnx_diff, **(encoder_extra or {})}),
         knn=KnnSpec(k=k, metric=metric, vote="majority"), bank_size=int(bank.shape[0]),
         training=training_info, metrics=measured)
     write_artifact(out, manifest, files)
@@ -181,6 +184,14 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     emb = knn.embed(encoder, ds.images, device=device, progress=True)
     labels = torch.as_tensor(ds.labels).long()
     dtype = torch.float16 if args.fp16 else torch.float32
+    encoder_extra: dict[str, Any] = {}
+    if args.reduce_dim:  # PCA fitted on the bank only (never the validation or test images)
+        kept = explained_variance(emb, args.reduce_dim)
+        encoder, emb = reduce_encoder(encoder, emb, args.reduce_dim)
+        encoder, emb = encoder.to(device), emb.to(device)
+        encoder_extra = {"reduce": "pca of the bank embeddings", "reduce_explained_variance": round(kept, 4)}
+        log.info("embedding reduced %d -> %d dimensions by a PCA of the bank (%.1f %% of its variance)",
+                 encoder.cfg.feature_dim, args.reduce_dim, 100 * kept)
     # evaluate with the bank exactly as it is shipped (after the fp16 round trip)
     model = KnnModel(encoder, emb.to(dtype).float().to(device), labels.to(device), len(ds.classes), args.k)
     metrics = evaluate_model(model, args.data, args.n_clean, args.n_robust, args.eps, args.steps, val=val)
@@ -190,7 +201,8 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
                 "steps": ckpt["step"], "device": args.trained_on}
     out = export_artifact(args.out, encoder, emb, labels, name=args.name, classes=list(ds.classes),
                           dataset=args.dataset, training=training, metrics=metrics, description=args.description,
-                          input_size=int(ds.images.shape[1]), k=args.k, bank_dtype=dtype)
+                          input_size=int(ds.images.shape[1]), k=args.k, bank_dtype=dtype,
+                          encoder_extra=encoder_extra)
     return {"artifact": str(out), "metrics": metrics}
 
 
@@ -239,6 +251,9 @@ def add_cli(sub: Any) -> None:
                    "the checkpoint's own split, as it trained (set it only for old checkpoints)")
     p.add_argument("--k", type=int, default=75, help="k of the k-NN vote")
     p.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True, help="store the bank as fp16")
+    p.add_argument("--reduce-dim", type=int, default=None,
+                   help="serve the N-d PCA of the embedding (fitted on the bank, baked into the encoder and the "
+                        "ONNX file): a wide encoder's bank then fits the artifact size limit")
     p.add_argument("--trained-on", default="unknown", help="hardware the run trained on, for the card")
     metrics_args(p)
     common(p)

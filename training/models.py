@@ -38,26 +38,38 @@ class EncoderConfig:
     proj_dim: int = 128  # projection-head output (only used by the contrastive losses)
     mean: tuple[float, float, float] = CIFAR_MEAN
     std: tuple[float, float, float] = CIFAR_STD
+    # an affine map of the normalised embedding to fewer dimensions, baked in at export (`training.reduce`): a wide
+    # encoder then ships a bank small enough for the artifact size limit; None (training, most artifacts): no map
+    reduce_dim: int | None = None
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS and self.arch not in PLAIN_ARCHS:
             raise ValueError(f"unknown arch {self.arch!r}; expected one of {sorted(ARCHS) + sorted(PLAIN_ARCHS)}")
         if self.width < 1 or self.proj_dim < 1:
             raise ValueError(f"width and proj_dim must be positive, got {self.width}, {self.proj_dim}")
+        if self.reduce_dim is not None and not 1 <= self.reduce_dim <= self.feature_dim:
+            raise ValueError(f"reduce_dim must be in [1, {self.feature_dim}] (the backbone's feature size), "
+                             f"got {self.reduce_dim}")
         # the model divides by std: a zero would make every embedding inf/NaN without an error
         if len(self.mean) != 3 or len(self.std) != 3 or not all(s > 0 for s in self.std):
             raise ValueError(f"mean and std need 3 values (RGB) and std > 0, got mean={self.mean}, std={self.std}")
 
     @property
-    def embed_dim(self) -> int:
+    def feature_dim(self) -> int:
+        """Size of the backbone's pooled features (what the training heads read)."""
         return 8 * self.width
+
+    @property
+    def embed_dim(self) -> int:
+        """Size of the served embedding (the bank's rows)."""
+        return self.reduce_dim or self.feature_dim
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "embed_dim": self.embed_dim}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EncoderConfig:
-        keys = {"arch", "width", "proj_dim", "mean", "std"}
+        keys = {"arch", "width", "proj_dim", "mean", "std", "reduce_dim"}
         kw: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in keys}
         return cls(**kw)
 
@@ -131,11 +143,15 @@ class Encoder(nn.Module):
     """Images in [0, 1] [B, 3, H, W] -> L2-normalised embedding [B, embed_dim].
 
     The embedding is the normalised backbone feature (what k-NN uses); the projection head is a
-    separate module because contrastive losses want it and k-NN is better without it.
+    separate module because contrastive losses want it and k-NN is better without it. With
+    `cfg.reduce_dim` the normalised feature goes through an affine map (`reduce`, a PCA set at export,
+    not normalised again: an orthogonal projection keeps L2 distances, a second normalisation cost 0.6
+    points of k-NN accuracy), so the ONNX file, the weights and the bank all carry the smaller embedding.
     """
 
     mean: Tensor
     std: Tensor
+    reduce: nn.Linear | None
 
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
@@ -143,13 +159,15 @@ class Encoder(nn.Module):
         self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1))
         self.backbone = build_backbone(cfg.arch, cfg.width)
+        self.reduce = nn.Linear(cfg.feature_dim, cfg.reduce_dim) if cfg.reduce_dim else None
 
     def features(self, x: Tensor) -> Tensor:
-        """Unnormalised backbone features [B, embed_dim]."""
+        """Unnormalised backbone features [B, feature_dim]."""
         return self.backbone((x - self.mean) / self.std)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(self.features(x), dim=1)
+        z = F.normalize(self.features(x), dim=1)
+        return z if self.reduce is None else self.reduce(z)
 
 
 class ProjectionHead(nn.Module):
@@ -180,7 +198,7 @@ class ContrastiveModel(nn.Module):
     def __init__(self, cfg: EncoderConfig, align_dim: int | None = None) -> None:
         super().__init__()
         self.encoder = Encoder(cfg)
-        self.head = ProjectionHead(cfg.embed_dim, cfg.proj_dim)
+        self.head = ProjectionHead(cfg.feature_dim, cfg.proj_dim)
         self.align = nn.Linear(cfg.embed_dim, align_dim, bias=False) if align_dim else None
 
     def forward(self, x: Tensor, embed: bool = False, align: bool = False) -> Tensor | tuple[Tensor, Tensor]:
@@ -202,7 +220,7 @@ class SupervisedModel(nn.Module):
     def __init__(self, cfg: EncoderConfig, num_classes: int) -> None:
         super().__init__()
         self.encoder = Encoder(cfg)
-        self.head = nn.Linear(cfg.embed_dim, num_classes)
+        self.head = nn.Linear(cfg.feature_dim, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         """Images in [0, 1] -> logits [B, num_classes]."""

@@ -33,6 +33,8 @@ def widen_encoder(state: dict[str, Tensor], cfg: EncoderConfig, width: int, *, n
     output channels, relative to each layer's weight std (0: exactly the teacher's function)."""
     if cfg.arch not in PLAIN_ARCHS:
         raise ValueError(f"widening needs a plain CNN ({sorted(PLAIN_ARCHS)}), got {cfg.arch!r}")
+    if cfg.reduce_dim is not None:
+        raise ValueError("cannot widen an encoder with an export-time reduction (widen its unreduced checkpoint)")
     if width < cfg.width:
         raise ValueError(f"cannot widen width {cfg.width} to a narrower {width}")
     g = torch.Generator().manual_seed(seed)  # channel maps (the same for any noise level)
@@ -60,6 +62,6 @@ def widen_encoder(state: dict[str, Tensor], cfg: EncoderConfig, width: int, *, n
         prev = cmap
     assert prev is not None, "no conv layers found"
     counts = torch.bincount(prev).float()
-    align = torch.zeros(cfg.embed_dim, len(prev))
+    align = torch.zeros(cfg.feature_dim, len(prev))
     align[prev, torch.arange(len(prev))] = 1 / counts[prev]
     return out, align

@@ -64,6 +64,26 @@ def test_runtimes_and_indexes_agree_with_training_library(good_root: Path, runti
         reg.close()
 
 
+@pytest.mark.parametrize("runtime, index", [("torch", "faiss-cpu"), ("torch", "torch"), ("onnxruntime", "torch")])
+def test_a_reduced_embedding_artifact_serves_the_training_library_answers(tmp_path: Path, runtime: str, index: str
+                                                                          ) -> None:
+    """An artifact exported with a PCA baked into the encoder (`--reduce-dim`, 8 of 32 dimensions, not normalised
+    again) loads under every runtime and index and answers what the training library answers."""
+    export_toy(tmp_path / "default", seed=0, name="default", reduce_dim=8)
+    reg = load_registry(make_settings(tmp_path, runtime=runtime, index=index, device="cpu"), Metrics())
+    try:
+        m = reg.get("default")
+        assert m.embed_dim == 8 and m.runtime.startswith(runtime)
+        images, labels = toy_images(4, seed=11)
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+        pred, out = m.worker.submit(x).result(30)
+        _, z = unpack_output(m, out)
+        assert z.shape == (len(x), 8) and torch.allclose(z, knn.embed(m.artifact.encoder, images), atol=1e-4)
+        assert torch.equal(pred, reference(tmp_path, "default", x)) and pred.tolist() == labels.tolist()
+    finally:
+        reg.close()
+
+
 @pytest.mark.parametrize("index_type", ["ivf_flat", "hnsw"])
 def test_approximate_index_types_serve_the_exact_answers_on_a_small_bank(good_root: Path, index_type: str) -> None:
     """SATML_INDEX_TYPE picks the faiss index (issue 16); auto then means faiss, and on the toy bank (every IVF cell

@@ -17,6 +17,7 @@ from PIL import Image
 from training import knn
 from training.export import export_artifact
 from training.models import Encoder, EncoderConfig
+from training.reduce import reduce_encoder
 
 COLORS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.2, 0.9)}
 CLASSES = list(COLORS)
@@ -40,11 +41,15 @@ def toy_encoder(seed: int) -> Encoder:
     return Encoder(EncoderConfig(arch="resnet10", width=4)).eval()
 
 
-def export_toy(out: Path, seed: int, *, name: str, method: str = "sat", onnx: bool = True) -> Path:
-    """A complete artifact (weights, ONNX, bank of 192 embeddings, manifest, card) in `out`."""
+def export_toy(out: Path, seed: int, *, name: str, method: str = "sat", onnx: bool = True,
+               reduce_dim: int | None = None) -> Path:
+    """A complete artifact (weights, ONNX, bank of 192 embeddings, manifest, card) in `out`; `reduce_dim`: the
+    embedding reduced by a PCA of the bank baked into the encoder (`training.reduce`), as `--reduce-dim` exports."""
     encoder = toy_encoder(seed)
     images, labels = toy_images(64, 100 + seed)
     bank = knn.embed(encoder, images)
+    if reduce_dim:
+        encoder, bank = reduce_encoder(encoder, bank, reduce_dim)
     training = {"method": method, "hyperparameters": {"note": "random encoder, not trained"}, "epochs": 0,
                 "seed": seed, "code_version": "test"}
     metrics = {"clean_acc": 1.0, "clean_n": 30, "robust": []}
