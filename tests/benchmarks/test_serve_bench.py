@@ -1,0 +1,60 @@
+"""benchmarks/serve_bench.py's arithmetic: throughput counts answered requests only, and a point where the server
+shed load is reported not valid and never meets a target (an 8 x 64 point once read 98 % of the bound while 1,606
+requests were answered 503)."""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from tests.benchmarks.conftest import load_script
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    return load_script("serve_bench")
+
+
+def _wrk(requests: int, status_errors: int = 0, seconds: float = 10.0) -> dict[str, Any]:
+    return {"requests": requests, "duration_us": int(seconds * 1e6), "bytes": 0,
+            "errors": {"connect": 0, "read": 0, "write": 0, "status": status_errors, "timeout": 0},
+            "latency_us": {"mean": 2000.0, "stdev": 10.0, "min": 900, "max": 9000, "p50": 1800, "p90": 2500,
+                           "p99": 4000}}
+
+
+def test_wrk_summary_counts_answered_requests_only(bench: ModuleType) -> None:
+    ok = bench.wrk_summary(_wrk(5000))
+    assert ok["rps"] == 500.0 and ok["errors"] == 0 and ok["p50_ms"] == 1.8 and ok["p99_ms"] == 4.0
+    shed = bench.wrk_summary(_wrk(5000, status_errors=1600))
+    assert shed["answered"] == 3400 and shed["rps"] == 340.0 and shed["errors"] == 1600
+
+
+def _point(ipr: int, conns: int, rps: float, errors: int = 0) -> dict[str, Any]:
+    return {"images_per_request": ipr, "connections": conns, "rps": rps, "images_per_s": rps * ipr,
+            "errors": errors, "p50_ms": 5.0, "p99_ms": 20.0, "server_cores": 1.5, "wrk_cores": 0.02}
+
+
+def test_a_shedding_point_is_not_valid_and_misses_its_target(bench: ModuleType) -> None:
+    raw = {"per_batch": {"1": {"ms_per_batch": 1.0, "images_per_s": 1000.0, "median_ms_per_pass": [1.1]},
+                         "32": {"ms_per_batch": 8.0, "images_per_s": 4000.0, "median_ms_per_pass": [8.5]}},
+           "arch": "cnn8", "width": 16, "bank_size": 100, "k": 5, "index": "torch", "device": "cpu",
+           "runtime": "torch"}
+    ceiling = {"1x32": _point(1, 32, 6000), "8x32": _point(8, 32, 3000)}
+    classify = {"1x32": _point(1, 32, 1900), "8x32": _point(8, 32, 390, errors=1600)}
+    s = bench.summarise(raw, ceiling, classify, max_batch=64)
+    # bound for 1 image: 1 / (1/4000 + 1/6000) = 2400 img/s; 1900 is 79 %
+    assert s["ratios"]["1x32"]["bound_images_per_s"] == pytest.approx(2400, abs=0.1)
+    assert s["ratios"]["1x32"]["valid"] and not s["ratios"]["8x32"]["valid"]
+    assert s["ratios"]["8x32"]["ratio"] > 0.8  # above the target in numbers, and still not met: it shed load
+    assert not s["checks"]["throughput_8x32"]["ok"] and not s["checks"]["throughput_1x32"]["ok"]
+    result = {"machine": {"cpu": "x", "cores": 2, "memory_gib": 1, "platform": "p", "torch": "t", "torch_threads": 2,
+                          "cuda": False, "wrk": "wrk", "loadavg_at_start": [0.1, 0.2, 0.3]},
+              "raw": raw, "summary": s, "started": "now", "artifact": "a", "classify": classify, "ceiling": ceiling,
+              "config": {"quick": True, "duration_s": 1.0, "env": {}}, "server": {"max_batch": 64, "max_wait_ms": 0},
+              "attack": []}
+    md = bench.markdown(result)
+    row_8x32 = next(line for line in md.splitlines() if line.startswith("| 8 | 32 |"))
+    assert "not valid" in row_8x32 and "not valid" not in md.split("| 1 | 32 |")[1].splitlines()[0]
+    assert "answered requests only" in md
