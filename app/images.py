@@ -36,7 +36,7 @@ log = logging.getLogger("app.images")
 SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 # leading bytes of the accepted formats: such a file that Pillow cannot open is corrupt (400), not foreign (415)
 _SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM")
-_WHITE = (255, 255, 255, 255)
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
 def _is_supported_signature(data: bytes) -> bool:
@@ -87,15 +87,35 @@ def _scale_grey(im: Image.Image) -> Image.Image:
     return Image.fromarray(a.astype(np.uint8))
 
 
+def has_alpha(im: Image.Image) -> bool:
+    """An alpha channel or a transparent colour (palette, grey or RGB `transparency`)."""
+    return im.mode in _ALPHA_MODES or "transparency" in im.info
+
+
+def premultiplied(im: Image.Image) -> Image.Image:
+    """An image with alpha -> RGBa (colour premultiplied by alpha). Compositing over white is then linear in the
+    pixels (`over_white`), so it commutes with the resize and runs on the small image. Pillow's `convert` and
+    `resize` release the GIL; `alpha_composite` does not: on a 40 MP RGBA upload it held the event loop for
+    130-260 ms (benchmarks/results/reliability.md)."""
+    if im.mode == "RGBa":
+        return im
+    return (im if im.mode == "RGBA" else im.convert("RGBA")).convert("RGBa")
+
+
+def over_white(rgba_premultiplied: np.ndarray) -> np.ndarray:
+    """uint8 [..., 4] premultiplied RGBa -> uint8 [..., 3] RGB over opaque white: c + (255 - alpha), what alpha
+    compositing over white gives (c * a / 255 + 255 * (1 - a / 255)), up to rounding. numpy releases the GIL."""
+    c = rgba_premultiplied[..., :3].astype(np.int16)
+    c += 255 - rgba_premultiplied[..., 3:4].astype(np.int16)
+    return np.clip(c, 0, 255).astype(np.uint8)
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB (transparency over white)."""
     if im.mode.startswith("I") or im.mode == "F":
         im = _scale_grey(im)
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
-        rgba = im if im.mode == "RGBA" else im.convert("RGBA")  # RGBA is only read: no copy
-        bg = Image.new("RGBA", rgba.size, _WHITE)
-        bg.alpha_composite(rgba)
-        return bg.convert("RGB")
+    if has_alpha(im):
+        return Image.fromarray(over_white(np.asarray(premultiplied(im))))
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
@@ -147,6 +167,16 @@ def shrink(im: Image.Image, sizes: Iterable[int], filename: str = "image") -> De
     w, h = im.size
     if im.mode in ("1", "L") and "transparency" not in im.info:
         src = im.convert("L") if im.mode == "1" else im  # 1 byte per pixel instead of RGB's 4
+    elif has_alpha(im) and not (im.mode.startswith("I") or im.mode == "F"):
+        # resize the premultiplied image, composite over white at the model's size: the same pixels up to rounding
+        # as compositing first, without a full-size composite (nor its GIL-holding Pillow call)
+        try:
+            pm = premultiplied(im)
+        except ValueError as e:
+            raise ApiError(415, "unsupported_image_type", f"{filename}: unsupported colour mode {im.mode}") from e
+        return Decoded(w, h, {s: over_white(np.asarray(pm if pm.size == (s, s) else
+                                                       pm.resize((s, s), Image.Resampling.BILINEAR)))
+                              for s in sorted(set(sizes))})
     else:
         src = _rgb(im, filename)
     return Decoded(w, h, {s: to_model_input(src, s) for s in sorted(set(sizes))})

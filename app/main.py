@@ -8,6 +8,7 @@ and the attack pool, and keeps them on `app.state` (the only store); at shutdown
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import ipaddress
 import logging
@@ -85,6 +86,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.switch_interval_ms is not None:
             sys.setswitchinterval(settings.switch_interval_ms / 1000)
         registry = await run_in_threadpool(load_registry, settings, metrics)
+        if settings.gc_freeze:
+            gc.collect()  # what is garbage now is freed, not frozen
+            gc.freeze()
         attacks = AttackService(settings.attack_concurrency, settings.attack_queue, settings.attack_timeout_s,
                                 metrics)
         certifier = AttackService(settings.certify_concurrency, settings.certify_queue, settings.certify_timeout_s,
@@ -103,6 +107,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # within the grace period uvicorn already spent on in-flight requests: a stuck batch cannot hold exit
             await run_in_threadpool(registry.close, min(5.0, settings.shutdown_grace_s / 3))
             sys.setswitchinterval(switch_interval)
+            if settings.gc_freeze:
+                gc.unfreeze()
             log.info("service stopped", extra=fields(event="stopped"))
 
     app = FastAPI(title="Robust SSL classifier", version=_version(), description=DESCRIPTION, lifespan=lifespan,
