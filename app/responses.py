@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Any, cast
 
 import torch
+from fastapi import Response
+from pydantic import BaseModel
 from torch import Tensor
 
 from app.registry import ServedModel
@@ -54,3 +56,11 @@ def to_prediction(model: ServedModel, pred: int, counts: Tensor, top_k: int,
                   min_credibility: float = 0.0) -> Prediction:
     """One row (pred, counts [C]) -> Prediction; see `to_predictions`."""
     return to_predictions(model, torch.tensor([pred]), counts.view(1, -1), top_k, min_credibility)[0]
+
+
+def json_response(body: BaseModel) -> Response:
+    """`body` as JSON, serialised once by pydantic. A route that returns the model itself has FastAPI validate it
+    again against `response_model` and walk it through `jsonable_encoder` before `json.dumps`: work per request
+    on the event loop for a value the route has just built from typed fields. The route keeps `response_model`
+    for the OpenAPI schema; the bytes are the same JSON document."""
+    return Response(content=body.model_dump_json(), media_type="application/json")

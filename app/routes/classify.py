@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, Response, UploadFile
 
 from app.deps import DecoderDep, RegistryDep, SettingsDep
 from app.errors import ApiError, responses
 from app.inference import batch_tensor, predict
 from app.registry import ServedModel
-from app.responses import to_predictions
+from app.responses import json_response, to_predictions
 from app.schemas import ClassifyResponse, ClassifyResult
 
 router = APIRouter(tags=["classify"])
@@ -44,7 +44,7 @@ async def classify(
     top_k: Annotated[int | None, Form(ge=1, description="vote shares to return per image (default 3)")] = None,
     min_credibility: Annotated[float | None, Form(ge=0, le=1, description="abstain below this conformal credibility "
                                                   "(default: the server's SATML_MIN_CREDIBILITY)")] = None,
-) -> ClassifyResponse:
+) -> Response:
     """Classify images by the k-nearest-neighbour vote of a model's embedding bank.
 
     Send the images as multipart field `files` (repeat it for several) or `file`. All images of
@@ -72,4 +72,5 @@ async def classify(
     pred, counts = await predict(served, x, settings.request_timeout_s)
     results = to_predictions(served, pred, counts, k, threshold, ClassifyResult, filename=[n for n, _ in images],
                              width=[d.width for _, d in images], height=[d.height for _, d in images])
-    return ClassifyResponse(model=served.name, results=results, latency_ms=(time.perf_counter() - t0) * 1000)
+    return json_response(ClassifyResponse(model=served.name, results=results,
+                                          latency_ms=(time.perf_counter() - t0) * 1000))
