@@ -86,7 +86,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.switch_interval_ms is not None:
             sys.setswitchinterval(settings.switch_interval_ms / 1000)
         registry = await run_in_threadpool(load_registry, settings, metrics)
-        if settings.gc_freeze:
+        # only when nothing is frozen yet: an app started inside another's lifetime (tests) leaves the outer one's
+        # freeze alone, and does not unfreeze it at its own shutdown
+        froze = settings.gc_freeze and gc.get_freeze_count() == 0
+        if froze:
             gc.collect()  # what is garbage now is freed, not frozen
             gc.freeze()
         attacks = AttackService(settings.attack_concurrency, settings.attack_queue, settings.attack_timeout_s,
@@ -107,7 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # within the grace period uvicorn already spent on in-flight requests: a stuck batch cannot hold exit
             await run_in_threadpool(registry.close, min(5.0, settings.shutdown_grace_s / 3))
             sys.setswitchinterval(switch_interval)
-            if settings.gc_freeze:
+            if froze:
                 gc.unfreeze()
             log.info("service stopped", extra=fields(event="stopped"))
 

@@ -58,6 +58,12 @@ def test_startup_objects_are_frozen_out_of_the_collector_for_the_apps_lifetime(g
         frozen = min(full_collection_s() for _ in range(3))
     assert gc.get_freeze_count() == 0
     assert frozen < unfrozen / 5, (frozen, unfrozen)
+    with TestClient(create_app(make_settings(good_root))):  # an app started inside another's lifetime
+        outer = gc.get_freeze_count()  # frozen objects still die by reference count, so it only shrinks a little
+        with TestClient(create_app(make_settings(good_root))):
+            assert 0.9 * outer < gc.get_freeze_count() <= outer  # the inner app froze nothing more
+        assert gc.get_freeze_count() > 0.9 * outer  # and its shutdown left the outer freeze alone
+    assert gc.get_freeze_count() == 0
 
 
 def test_request_id_echoed_or_generated(client: TestClient) -> None:
