@@ -26,7 +26,8 @@ def run_script(tmp_path: Path, data: Path, **overrides: str) -> subprocess.Compl
     env = {**os.environ,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # this venv's satml
            "RUNS": str(tmp_path / "runs"), "DATA": str(data), "ART": str(tmp_path / "art"),
-           "TEACHER_EPOCHS": "1", "ROBUST_EPOCHS": "1", "OMP_NUM_THREADS": "1", "WIDTH": "4",
+           "TEACHER_EPOCHS": "1", "ROBUST_EPOCHS": "1", "OMP_NUM_THREADS": "1", "TEACHER_WIDTH": "4", "WIDTH": "4",
+           "REDUCE_DIM": "",
            "TRAIN_ARGS": "--proj-dim 16 --batch-size 16 --val-size 16 --clusters 4 --eval-robust 4 "
                          "--eval-size 16 --attack-steps 1",
            "EXPORT_ARGS": "--val-size 16 --k 5 --n-robust 4 --steps 2",
@@ -58,12 +59,14 @@ def test_the_default_recipe_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     assert "training.train: epoch" not in second.stderr
 
     # TEACHER=<an existing teacher artifact>: no teacher stage and no ssl export; the robust stage starts from
-    # it, widened (Net2WiderNet) to a WIDTH wider than the teacher's
-    third = run_script(tmp_path, data, TEACHER=str(ssl), WIDTH="8", RUNS=str(tmp_path / "runs2"),
+    # it, widened (Net2WiderNet) to a WIDTH wider than the teacher's, and REDUCE_DIM serves a PCA of its embedding
+    third = run_script(tmp_path, data, TEACHER=str(ssl), WIDTH="8", REDUCE_DIM="16", RUNS=str(tmp_path / "runs2"),
                        ART=str(tmp_path / "art2"))
     assert third.returncode == 0, third.stderr[-3000:]
     assert not (tmp_path / "runs2" / "teacher").exists() and not (tmp_path / "art2" / "ssl").exists()
     wide = verify_artifact(tmp_path / "art2" / "default")
     assert wide.training.method == "pseudo_at" and wide.encoder.width == 8
+    assert wide.encoder.reduce_dim == 16 and load_artifact(tmp_path / "art2" / "default").bank.shape == (64, 16)
+    assert "16-d PCA of the bank" in wide.description
     assert f"the given teacher ({ssl})" in wide.description
     assert "widened cnn8 width 4 -> 8" in third.stderr
