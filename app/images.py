@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,6 +87,11 @@ def _scale_grey(im: Image.Image) -> Image.Image:
     return Image.fromarray(a.astype(np.uint8))
 
 
+def _wide_grey(im: Image.Image) -> bool:
+    """32-bit integer or float pixels (I, I;16, F): scaled to 8 bits by `_scale_grey` before anything else."""
+    return im.mode.startswith("I") or im.mode == "F"
+
+
 def has_alpha(im: Image.Image) -> bool:
     """An alpha channel or a transparent colour (palette, grey or RGB `transparency`)."""
     return im.mode in _ALPHA_MODES or "transparency" in im.info
@@ -112,7 +117,7 @@ def over_white(rgba_premultiplied: np.ndarray) -> np.ndarray:
 
 def to_rgb(im: Image.Image) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB (transparency over white)."""
-    if im.mode.startswith("I") or im.mode == "F":
+    if _wide_grey(im):
         im = _scale_grey(im)
     if has_alpha(im):
         return Image.fromarray(over_white(np.asarray(premultiplied(im))))
@@ -133,23 +138,28 @@ def load_image(im: Image.Image, filename: str = "image") -> Image.Image:
     return im
 
 
-def _rgb(im: Image.Image, filename: str) -> Image.Image:
+def _converted(convert: Callable[[Image.Image], Image.Image], im: Image.Image, filename: str) -> Image.Image:
+    """`convert(im)`, a mode Pillow cannot convert answered 415."""
     try:
-        return to_rgb(im)
+        return convert(im)
     except ValueError as e:
         raise ApiError(415, "unsupported_image_type", f"{filename}: unsupported colour mode {im.mode}") from e
 
 
 def decode_image(data: bytes, max_pixels: int, filename: str = "image") -> Image.Image:
     """Bytes -> RGB image (first frame, EXIF orientation applied); ApiError 400/413/415 on bad input."""
-    return _rgb(load_image(open_image(data, max_pixels, filename), filename), filename)
+    return _converted(to_rgb, load_image(open_image(data, max_pixels, filename), filename), filename)
 
 
 def to_model_input(im: Image.Image, size: int) -> np.ndarray:
-    """RGB (or 8-bit grey L) image -> uint8 [size, size, 3]: whole image squashed to size x size,
-    antialiased bilinear. Grey is resized first and then made RGB: the same pixels, a third of the memory."""
+    """RGB, 8-bit grey L or premultiplied RGBa image -> uint8 [size, size, 3]: whole image squashed to size x size,
+    antialiased bilinear. Grey is resized first and then made RGB: the same pixels, a third of the memory; RGBa
+    is resized first and then composited over white (`over_white`: compositing is linear, so it commutes with the
+    resize, and no full-size composite is made)."""
     if im.size != (size, size):
         im = im.resize((size, size), Image.Resampling.BILINEAR)
+    if im.mode == "RGBa":
+        return over_white(np.asarray(im))
     return np.asarray(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
 
 
@@ -167,18 +177,10 @@ def shrink(im: Image.Image, sizes: Iterable[int], filename: str = "image") -> De
     w, h = im.size
     if im.mode in ("1", "L") and "transparency" not in im.info:
         src = im.convert("L") if im.mode == "1" else im  # 1 byte per pixel instead of RGB's 4
-    elif has_alpha(im) and not (im.mode.startswith("I") or im.mode == "F"):
-        # resize the premultiplied image, composite over white at the model's size: the same pixels up to rounding
-        # as compositing first, without a full-size composite (nor its GIL-holding Pillow call)
-        try:
-            pm = premultiplied(im)
-        except ValueError as e:
-            raise ApiError(415, "unsupported_image_type", f"{filename}: unsupported colour mode {im.mode}") from e
-        return Decoded(w, h, {s: over_white(np.asarray(pm if pm.size == (s, s) else
-                                                       pm.resize((s, s), Image.Resampling.BILINEAR)))
-                              for s in sorted(set(sizes))})
+    elif has_alpha(im) and not _wide_grey(im):
+        src = _converted(premultiplied, im, filename)  # composited over white at the model's size (to_model_input)
     else:
-        src = _rgb(im, filename)
+        src = _converted(to_rgb, im, filename)
     return Decoded(w, h, {s: to_model_input(src, s) for s in sorted(set(sizes))})
 
 
