@@ -28,7 +28,7 @@ from training.data import DatasetError, ImageDataset, SplitSpec, has_test_split,
 from training.evaluate import KnnModel, clean_accuracy, pgd_accuracy
 from training.manifest import EncoderSpec, InputSpec, KnnSpec, Manifest, Metrics, TrainingInfo
 from training.models import Encoder
-from training.reduce import explained_variance, reduce_encoder
+from training.reduce import reduce_encoder
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +186,7 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     dtype = torch.float16 if args.fp16 else torch.float32
     encoder_extra: dict[str, Any] = {}
     if args.reduce_dim:  # PCA fitted on the bank only (never the validation or test images)
-        kept = explained_variance(emb, args.reduce_dim)
-        encoder, emb = reduce_encoder(encoder, emb, args.reduce_dim)
+        encoder, emb, kept = reduce_encoder(encoder, emb, args.reduce_dim)
         encoder, emb = encoder.to(device), emb.to(device)
         encoder_extra = {"reduce": "pca of the bank embeddings", "reduce_explained_variance": round(kept, 4)}
         log.info("embedding reduced %d -> %d dimensions by a PCA of the bank (%.1f %% of its variance)",

@@ -11,48 +11,44 @@ not re-normalised (L2 distances of the PCA coordinates approximate the full embe
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
-from training.models import Encoder, EncoderConfig
+from training.models import Encoder
 
 
-def pca_map(emb: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+def pca_map(emb: Tensor, dim: int) -> tuple[Tensor, Tensor, float]:
     """The affine map (weight [dim, D], bias [dim]) that centres `emb` [N, D] and projects it on its top `dim`
-    principal directions: `emb @ weight.T + bias` are the PCA coordinates. Deterministic (full SVD, signs fixed so
-    each direction's largest-magnitude loading is positive)."""
+    principal directions (`emb @ weight.T + bias` are the PCA coordinates), and the share of the variance those
+    directions keep, from the same SVD. Deterministic (signs fixed so each direction's largest-magnitude loading
+    is positive)."""
     if emb.dim() != 2 or not 1 <= dim <= min(emb.shape):
         raise ValueError(f"need embeddings [N, D] with 1 <= dim <= min(N, D), got {tuple(emb.shape)} and dim {dim}")
     x = emb.double()
     mean = x.mean(0)
-    _, _, vh = torch.linalg.svd(x - mean, full_matrices=False)
+    _, sv, vh = torch.linalg.svd(x - mean, full_matrices=False)
     weight = vh[:dim]
     signs = torch.sign(weight.gather(1, weight.abs().argmax(1, keepdim=True)))
     weight = weight * signs
-    return weight.float(), (-(weight @ mean)).float()
+    var = sv**2
+    return weight.float(), (-(weight @ mean)).float(), float(var[:dim].sum() / var.sum())
 
 
-def explained_variance(emb: Tensor, dim: int) -> float:
-    """Share of the bank's variance the top `dim` principal directions keep (for the export log and card)."""
-    s = torch.linalg.svdvals(emb.double() - emb.double().mean(0)) ** 2
-    return float(s[:dim].sum() / s.sum())
-
-
-def reduce_encoder(encoder: Encoder, bank: Tensor, dim: int) -> tuple[Encoder, Tensor]:
+def reduce_encoder(encoder: Encoder, bank: Tensor, dim: int) -> tuple[Encoder, Tensor, float]:
     """A copy of `encoder` that serves the `dim`-d PCA of its embedding (fitted on `bank` [N, D], the encoder's own
-    embeddings of the bank images), and the bank in that space. `bank` rows are exactly what the new encoder
-    returns for the same images, up to float rounding."""
+    embeddings of the bank images), the bank in that space, and the share of the bank's variance kept. The new
+    bank's rows are exactly what the new encoder returns for the same images, up to float rounding."""
     cfg = encoder.cfg
     if cfg.reduce_dim is not None:
         raise ValueError(f"the encoder is already reduced to {cfg.reduce_dim} dimensions")
     if bank.shape[1] != cfg.feature_dim:
         raise ValueError(f"bank rows have {bank.shape[1]} dimensions, the encoder's embedding {cfg.feature_dim}")
-    weight, bias = pca_map(bank.float().cpu(), dim)
-    reduced = Encoder(EncoderConfig(arch=cfg.arch, width=cfg.width, proj_dim=cfg.proj_dim, mean=cfg.mean,
-                                    std=cfg.std, reduce_dim=dim))
+    weight, bias, kept = pca_map(bank.float().cpu(), dim)
+    reduced = Encoder(dataclasses.replace(cfg, reduce_dim=dim))
     state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
     state |= {"reduce.weight": weight, "reduce.bias": bias}
     reduced.load_state_dict(state)
     reduced.eval()
-    new_bank = bank.float().cpu() @ weight.T + bias
-    return reduced, new_bank
+    return reduced, bank.float().cpu() @ weight.T + bias, kept

@@ -49,7 +49,7 @@ def export_toy(out: Path, seed: int, *, name: str, method: str = "sat", onnx: bo
     images, labels = toy_images(64, 100 + seed)
     bank = knn.embed(encoder, images)
     if reduce_dim:
-        encoder, bank = reduce_encoder(encoder, bank, reduce_dim)
+        encoder, bank, _ = reduce_encoder(encoder, bank, reduce_dim)
     training = {"method": method, "hyperparameters": {"note": "random encoder, not trained"}, "epochs": 0,
                 "seed": seed, "code_version": "test"}
     metrics = {"clean_acc": 1.0, "clean_n": 30, "robust": []}

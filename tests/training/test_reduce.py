@@ -15,7 +15,7 @@ from training import knn
 from training.artifact import ENCODER_ONNX, load_artifact, verify_artifact
 from training.cli import main
 from training.models import Encoder, EncoderConfig
-from training.reduce import explained_variance, pca_map, reduce_encoder
+from training.reduce import pca_map, reduce_encoder
 
 
 def _dist(x: torch.Tensor) -> torch.Tensor:
@@ -26,23 +26,23 @@ def test_pca_map_is_exact_on_data_in_a_low_dimensional_subspace() -> None:
     g = torch.Generator().manual_seed(0)
     basis = torch.linalg.qr(torch.randn(10, 3, generator=g)).Q  # [10, 3] orthonormal
     x = torch.randn(200, 3, generator=g) @ basis.T + torch.randn(10, generator=g)  # rank 3, shifted
-    weight, bias = pca_map(x, 3)
+    weight, bias, kept = pca_map(x, 3)
     assert weight.shape == (3, 10) and bias.shape == (3,)
     torch.testing.assert_close(weight @ weight.T, torch.eye(3), atol=1e-5, rtol=0)  # orthonormal directions
     z = x @ weight.T + bias
     torch.testing.assert_close(z.mean(0), torch.zeros(3), atol=1e-4, rtol=0)  # centred
     torch.testing.assert_close(_dist(z), _dist(x), atol=1e-4, rtol=0)  # distances kept
-    assert explained_variance(x, 3) == pytest.approx(1.0, abs=1e-9)
-    assert explained_variance(x, 1) < 1.0
+    assert kept == pytest.approx(1.0, abs=1e-9)
+    assert pca_map(x, 1)[2] < 1.0
 
 
 def test_pca_map_orders_directions_by_variance_and_is_deterministic() -> None:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(500, 4, generator=g) * torch.tensor([5.0, 3.0, 1.0, 0.1])
-    weight, _ = pca_map(x, 2)
+    weight, _, kept = pca_map(x, 2)
     assert weight[0].abs().argmax() == 0 and weight[1].abs().argmax() == 1
     torch.testing.assert_close(pca_map(x, 2)[0], weight, atol=0, rtol=0)
-    assert explained_variance(x, 2) == pytest.approx(float((x.var(0)[:2]).sum() / x.var(0).sum()), rel=0.02)
+    assert kept == pytest.approx(float((x.var(0)[:2]).sum() / x.var(0).sum()), rel=0.02)
     with pytest.raises(ValueError, match="dim"):
         pca_map(x, 5)
 
@@ -51,13 +51,14 @@ def test_reduced_encoder_serves_the_reduced_bank(tiny_encoder: Encoder) -> None:
     images = torch.rand(40, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         emb = tiny_encoder(images)
-    reduced, bank = reduce_encoder(tiny_encoder, emb, 6)
+    reduced, bank, _ = reduce_encoder(tiny_encoder, emb, 6)
     assert reduced.cfg.reduce_dim == 6 and reduced.cfg.embed_dim == 6 and bank.shape == (40, 6)
     assert reduced.cfg.feature_dim == tiny_encoder.cfg.feature_dim
     with torch.no_grad():
         torch.testing.assert_close(reduced(images), bank, atol=1e-5, rtol=1e-5)
     # a lossless reduction (all directions) keeps every pairwise distance of the full embedding
-    _, full_bank = reduce_encoder(tiny_encoder, emb, min(emb.shape))
+    _, full_bank, kept = reduce_encoder(tiny_encoder, emb, min(emb.shape))
+    assert kept == pytest.approx(1.0, abs=1e-9)
     torch.testing.assert_close(_dist(full_bank), _dist(emb), atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="already reduced"):
         reduce_encoder(reduced, bank, 3)
