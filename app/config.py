@@ -47,7 +47,8 @@ class Settings(BaseSettings):
     switch_interval_ms: Annotated[float, Field(gt=0, le=100)] | None = None
     # once the models are loaded, move every live object to the collector's permanent generation (gc.freeze): a
     # full collection then scans only what was made since, not the ~260,000 objects of torch, faiss and the app
-    # (one full collection of those took ~145 ms here, and it stops every thread, the event loop included)
+    # (one full collection of those took ~145 ms here beside a training job, and it stops every thread, the event
+    # loop included)
     gc_freeze: bool = True
     # faiss index type (training.knn.IndexSpec): flat is exact; ivf_flat, ivf_pq, hnsw are approximate, for banks
     # of millions (benchmarks/results/index_types.md measures recall, vote agreement, latency, memory); a type
