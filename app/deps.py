@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Annotated
 
-from fastapi import Depends, Request, Security, UploadFile
+from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
 
 from app.attack import AttackService
 from app.config import Settings
@@ -94,7 +95,7 @@ class Decoder:
         finally:
             self.slots.release()
 
-    async def images(self, uploads: list[UploadFile], sizes: Iterable[int]) -> list[tuple[str, Decoded]]:
+    async def images(self, uploads: Sequence[UploadFile], sizes: Iterable[int]) -> list[tuple[str, Decoded]]:
         """(filename, Decoded at each of `sizes`) per upload, in order; ApiError 400/413/415 on the first bad one,
         503 + Retry-After when no decoder frees up within `decode_wait_s`."""
         named = [(upload.filename or f"file{i}", await upload.read()) for i, upload in enumerate(uploads)]

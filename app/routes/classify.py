@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Response, UploadFile
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, Field
+from starlette.datastructures import UploadFile
 
-from app.deps import DecoderDep, RegistryDep, SettingsDep
+from app.config import Settings
+from app.deps import Decoder, DecoderDep, RegistryDep, SettingsDep
 from app.errors import ApiError, responses
+from app.forms import FileField, read_form, request_body
 from app.inference import batch_tensor, predict
-from app.registry import ServedModel
+from app.registry import Registry, ServedModel
 from app.responses import json_response, to_predictions
 from app.schemas import ClassifyResponse, ClassifyResult
 
 router = APIRouter(tags=["classify"])
-# OpenAPI 3.1 marks file parts by contentMediaType; on an optional (or list) field FastAPI puts it inside
-# anyOf/items only, where clients (schemathesis among them) do not see that the part is a file
-BINARY = {"contentMediaType": "application/octet-stream"}
 DEFAULT_TOP_K = 3
 
 
@@ -31,20 +31,22 @@ def resolve_top_k(model: ServedModel, top_k: int | None) -> int:
     return top_k
 
 
-@router.post("/classify", response_model=ClassifyResponse, responses=responses(400, 404, 413, 415, 503))
-async def classify(
-    registry: RegistryDep,
-    settings: SettingsDep,
-    decoder: DecoderDep,
-    files: Annotated[list[UploadFile] | None, File(description="one or more images (PNG, JPEG, WebP, BMP, GIF)",
-                                                   json_schema_extra=BINARY)] = None,
-    file: Annotated[UploadFile | None, File(description="a single image, instead of or besides `files`",
-                                            json_schema_extra=BINARY)] = None,
-    model: Annotated[str | None, Form(description="model name (GET /models); default: the default model")] = None,
-    top_k: Annotated[int | None, Form(ge=1, description="vote shares to return per image (default 3)")] = None,
-    min_credibility: Annotated[float | None, Form(ge=0, le=1, description="abstain below this conformal credibility "
-                                                  "(default: the server's SATML_MIN_CREDIBILITY)")] = None,
-) -> Response:
+class ClassifyForm(BaseModel):
+    """The text fields of a /classify form (the images are the file parts `files` and `file`)."""
+
+    model: str | None = Field(None, description="model name (GET /models); default: the default model")
+    top_k: int | None = Field(None, ge=1, description="vote shares to return per image (default 3)")
+    min_credibility: float | None = Field(None, ge=0, le=1, description="abstain below this conformal credibility "
+                                          "(default: the server's SATML_MIN_CREDIBILITY)")
+
+
+CLASSIFY_FILES = (FileField("files", "one or more images (PNG, JPEG, WebP, BMP, GIF)", many=True),
+                  FileField("file", "a single image, instead of or besides `files`"))
+
+
+@router.post("/classify", response_model=ClassifyResponse, responses=responses(400, 404, 413, 415, 503),
+             openapi_extra=request_body(ClassifyForm, CLASSIFY_FILES))
+async def classify(request: Request, registry: RegistryDep, settings: SettingsDep, decoder: DecoderDep) -> Response:
     """Classify images by the k-nearest-neighbour vote of a model's embedding bank.
 
     Send the images as multipart field `files` (repeat it for several) or `file`. All images of
@@ -53,17 +55,22 @@ async def classify(
     credibility and confidence, with `abstained: true` below `min_credibility`. Images are squashed to the model's input
     size (bilinear); the format is read from the bytes, not the declared content type.
     """
+    async with read_form(request, ClassifyForm, CLASSIFY_FILES) as (uploads, form):
+        return await _classify(registry, settings, decoder, uploads, form)
+
+
+async def _classify(registry: Registry, settings: Settings, decoder: Decoder, uploads: list[UploadFile],
+                    form: ClassifyForm) -> Response:
     t0 = time.perf_counter()
-    served = registry.get(model or None)
-    uploads = [*(files or []), *([file] if file is not None else [])]
+    served = registry.get(form.model or None)
     if not uploads:
         raise ApiError(422, "invalid_parameters", "no image: send one or more files in the multipart field 'files'")
     if len(uploads) > settings.max_files_per_request:
         raise ApiError(413, "too_many_files",
                        f"{len(uploads)} files in one request; the limit is {settings.max_files_per_request}")
-    k = resolve_top_k(served, top_k)
-    threshold = settings.min_credibility if min_credibility is None else min_credibility
-    if min_credibility and served.artifact.calibration is None:
+    k = resolve_top_k(served, form.top_k)
+    threshold = settings.min_credibility if form.min_credibility is None else form.min_credibility
+    if form.min_credibility and served.artifact.calibration is None:
         raise ApiError(422, "invalid_parameters", f"model {served.name!r} has no calibration scores, so it cannot "
                                                   "abstain by credibility (satml calibrate adds them)")
     size = served.input_size

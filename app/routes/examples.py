@@ -17,9 +17,9 @@ from starlette.concurrency import run_in_threadpool
 from app.bank import Example, LiveBank, valid_label
 from app.deps import DecoderDep, RegistryDep, SettingsDep, api_key_header, require_api_key
 from app.errors import ApiError, responses
+from app.forms import BINARY
 from app.inference import batch_tensor, embed
 from app.registry import ServedModel
-from app.routes.classify import BINARY
 from app.schemas import ExampleInfo, ExampleList, ExamplesAdded, ExamplesRemoved
 
 router = APIRouter(prefix="/models", tags=["examples"])
