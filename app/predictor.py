@@ -38,16 +38,23 @@ class Predictor:
     live: LiveBank
     index_spec: knn.IndexSpec | None = None  # the faiss index type (settings); None: flat
     threads: int | None = None  # onnxruntime intra-op threads (settings.threads_per_process)
+    small_batch_max: int = 0  # CPU: batches of at most this many images run on one thread (settings)
     runtime_name: str = ""  # set by `setup`: "torch" or "onnxruntime (<provider>)"
 
     def setup(self) -> PredictFn:
         """Build the runtime and the index, warm up once (a broken runtime fails now, not on a request)."""
         embed: Callable[[Tensor], Tensor]
+        embed_small: Callable[[Tensor], Tensor]
+        threads = self.threads or torch.get_num_threads()
+        small_max = self.small_batch_max if self.device.type == "cpu" and threads > 1 else 0
         if self.runtime == "onnxruntime":
             onnx = OnnxEmbed(self.folder / ENCODER_ONNX, self.device, self.threads)
             embed, self.runtime_name = onnx, onnx.name
+            # onnxruntime fixes its threads per session: a second, one-thread session of the same model
+            embed_small = OnnxEmbed(self.folder / ENCODER_ONNX, self.device, 1) if small_max else embed
         else:
-            embed, self.runtime_name = TorchEmbed(self.art.encoder, self.device), "torch"
+            embed = embed_small = TorchEmbed(self.art.encoder, self.device)
+            self.runtime_name = "torch"
         live = self.live
         shipped = live.state
         if not shipped.examples and shipped.rule.majority:  # the bank as shipped: the index the artifact describes
@@ -55,7 +62,10 @@ class Predictor:
         live.index()  # built here, on the worker thread, if not yet (faiss GPU state lives on this thread)
 
         def predict(x: Tensor) -> Votes:
-            z = embed(x)
+            small = x.shape[0] <= small_max
+            if small_max:  # torch's count is process-wide (a /attack running meanwhile follows it): set per batch
+                torch.set_num_threads(1 if small else threads)
+            z = (embed_small if small else embed)(x)
             pred, counts = live.index()(z)  # one state per batch (app.bank: updates swap one reference)
             return pred, pack_output(counts, z)  # the embeddings ride along for POST .../examples
 

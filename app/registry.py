@@ -127,7 +127,8 @@ def load_served_model(folder: Path, settings: Settings, device: torch.device, in
                                                                         spec),
                     settings.state_dir)
     live.replay()  # the overlay of added examples, if any and sound (else logged, shipped bank only)
-    predictor = Predictor(art, folder, runtime, device, index_kind, live, spec, settings.threads_per_process())
+    predictor = Predictor(art, folder, runtime, device, index_kind, live, spec, settings.threads_per_process(),
+                          settings.small_batch_max)
 
     batch_size = metrics.batch_size.labels(name)
     batch_latency = metrics.batch_latency.labels(name)

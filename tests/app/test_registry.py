@@ -151,3 +151,65 @@ def test_vote_order_puts_prediction_first(good_root: Path) -> None:
         assert len(to_prediction(m, 0, torch.tensor([5, 0, 0]), top_k=1).votes) == 1
     finally:
         reg.close()
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_small_batches_run_on_one_thread_with_the_same_answers(good_root: Path, runtime: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """SATML_SMALL_BATCH_MAX (issue 17): a batch of at most that many images runs on one intra-op thread (a
+    one-thread onnxruntime session, torch's count set on the worker thread), a larger one on all of them; the
+    answers are the training library's either way."""
+    import onnxruntime as ort
+
+    import app.predictor
+    from app.runtimes import OnnxEmbed
+
+    sessions: list[tuple[int, int]] = []  # (batch, onnxruntime session threads) per encoder run
+    torch_threads: list[tuple[int, int]] = []  # (batch, torch threads on the worker thread) per k-NN vote
+    real_session, real_call, real_pack = ort.InferenceSession, OnnxEmbed.__call__, app.predictor.pack_output
+
+    def session(path: str, options: ort.SessionOptions, **kw: object) -> ort.InferenceSession:
+        s = real_session(path, options, **kw)
+        s.threads = options.intra_op_num_threads  # type: ignore[attr-defined]
+        return s
+
+    def call(self: OnnxEmbed, x: torch.Tensor) -> torch.Tensor:
+        sessions.append((len(x), self.session.threads))  # type: ignore[attr-defined]
+        return real_call(self, x)
+
+    def pack(counts: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        torch_threads.append((len(z), torch.get_num_threads()))
+        return real_pack(counts, z)
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    monkeypatch.setattr(OnnxEmbed, "__call__", call)
+    monkeypatch.setattr(app.predictor, "pack_output", pack)
+    reg = load_registry(make_settings(good_root, runtime=runtime, index="torch", device="cpu", compute_threads=2,
+                                      small_batch_max=4), Metrics())
+    try:
+        m = reg.get("default")
+        images, _ = toy_images(4, seed=13)  # 12 images
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+        sessions.clear()
+        torch_threads.clear()
+        small, _ = m.worker.submit(x[:3]).result(30)
+        large, _ = m.worker.submit(x).result(30)
+        assert torch.equal(small, reference(good_root, "default", x[:3]))
+        assert torch.equal(large, reference(good_root, "default", x))
+        assert torch_threads == [(3, 1), (12, 2)]
+        assert sessions == ([(3, 1), (12, 2)] if runtime == "onnxruntime" else [])
+    finally:
+        reg.close()
+
+
+def test_small_batch_max_zero_never_changes_the_thread_count(good_root: Path, monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    reg = load_registry(make_settings(good_root, runtime="onnxruntime", index="torch", device="cpu",
+                                      compute_threads=2, small_batch_max=0), Metrics())
+    try:
+        pred, _ = reg.get("default").worker.submit(torch.rand(1, 3, 32, 32)).result(30)
+        assert pred.shape == (1,) and calls == []
+    finally:
+        reg.close()

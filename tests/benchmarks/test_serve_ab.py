@@ -1,0 +1,41 @@
+"""benchmarks/serve_ab.py: variant and point parsing, and the side-by-side summary."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import serve_ab
+
+
+def test_variants_parse_settings_and_revisions() -> None:
+    assert serve_ab.parse_variant("on:") == serve_ab.Variant("on", {}, None)
+    assert serve_ab.parse_variant("old@HEAD~1:SATML_A=1,SATML_B=x=y") == serve_ab.Variant(
+        "old", {"SATML_A": "1", "SATML_B": "x=y"}, "HEAD~1")
+    for bad in ("noColon", ":SATML_A=1", "a:A=1", "a:SATML_A"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            serve_ab.parse_variant(bad)
+
+
+def test_points_parse() -> None:
+    assert serve_ab.parse_point("8x32") == (8, 32) and serve_ab.parse_point("1X1") == (1, 1)
+    for bad in ("8", "0x32", "ax1", "1x2x3"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            serve_ab.parse_point(bad)
+
+
+def test_summary_medians_and_ratios_to_the_first_variant() -> None:
+    def run(variant: str, ips: float, p99: float) -> dict[str, object]:
+        return {"point": "1x32", "variant": variant, "images_per_s": ips, "p50_ms": p99 / 2, "p99_ms": p99,
+                "errors": 0}
+
+    result = {"variants": [{"name": "a"}, {"name": "b"}], "points": ["1x32"],
+              "runs": [run("a", 100, 10), run("b", 130, 8), run("a", 110, 12), run("b", 120, 9), run("a", 90, 30),
+                       run("b", 150, 7)]}
+    rows = serve_ab.summarise(result)
+    assert [(r["variant"], r["median"], r["p99_median"]) for r in rows] == [("a", 100, 12), ("b", 130, 8)]
+    assert rows[0]["ratio"] == 1.0 and rows[1]["ratio"] == pytest.approx(1.3)
