@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import serve_ab
+from tests.benchmarks.conftest import load_script
+
+serve_ab = load_script("serve_ab")
 
 
 def test_variants_parse_settings_and_revisions() -> None:
