@@ -44,8 +44,8 @@ class Settings(BaseSettings):
     # on a CPU, a batch of at most this many images runs the model on ONE intra-op thread (0: always all of them):
     # with many small requests the event loop needs a core for the next requests' parsing and decoding while the
     # model runs, and a small batch gains little from a second thread; large batches (many images per request)
-    # keep every thread. Idle 2-core A/B, 32 connections: 1 image/request +10 %, p99 -15 %; 8 images/request
-    # unchanged (benchmarks/results/serve_ab_small_batch.md)
+    # keep every thread. Idle 2-core A/B at 32 connections: 1 image/request +5 % over the hand-read form alone
+    # (1,336 vs 1,271 img/s), 8 images/request unchanged (benchmarks/results/serve_ab_small_batch.md)
     small_batch_max: Annotated[int, Field(ge=0, le=4096)] = 16
     # the interpreter's GIL switch interval in ms for the server's lifetime (sys.setswitchinterval; None: Python's
     # 5 ms). The event loop, decode threads and the batch worker hand the GIL to each other many times per
