@@ -6,7 +6,7 @@
 #      temperature 0.2, 100 epochs in bf16 autocast + channels_last (PRECISION, as the robust stage);
 #   2. robust encoder (RECIPE=pseudo_at, the default): the teacher widened to width 32 (Net2WiderNet), then
 #      label-free PGD adversarial training (PGD-3 at 8/255) on 100 k-means clusters of the frozen teacher's
-#      embedding, weight average (EMA) served, 20 epochs in bf16 autocast (PRECISION); RECIPE=distill: an earlier
+#      embedding, weight average (EMA) served, 40 epochs in bf16 autocast (PRECISION); RECIPE=distill: an earlier
 #      default, DeACL-style distillation (beta 2). No labels anywhere in encoder training (labels only in the bank);
 #   3. bank + export with the manifest/card (the default's 256-d embedding served as its 48-d PCA, baked into the
 #      encoder: the artifact stays under 15 MB), calibration (credibility), then the adaptive robustness suite.
@@ -56,7 +56,7 @@ else
 fi
 case "$RECIPE" in
   pseudo_at)
-    ROBUST_EPOCHS=${ROBUST_EPOCHS:-20}  # w32 from the 100-epoch teacher (r18); w16 needed 40 (r17, recipes.md)
+    ROBUST_EPOCHS=${ROBUST_EPOCHS:-40}  # w32: 40 epochs 66.5 / 31.4 % (r19) against 20 epochs 65.3 / 29.2 (r18)
     done_ "$RUNS/robust" || satml train --method pseudo_at --run-dir "$RUNS/robust" --epochs "$ROBUST_EPOCHS" \
       --clusters 100 --teacher "$TEACHER" --init "$TEACHER" --lr 0.1 \
       --warmup-epochs 0.5 --alpha 0.0261438 "${ADV[@]}" "${FAST[@]}" "${ARCH[@]}" "${COMMON[@]}" "${EXTRA[@]}"
