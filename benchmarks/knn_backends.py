@@ -5,10 +5,14 @@ checks that every backend gives the same votes as the reference `training.knn.kn
 are the bank's own embeddings plus noise (realistic neighbourhoods, not uniform random vectors).
 Backends: `faiss` (IndexFlatL2 / IP, what the server used), `torch` (`knn.knn_predict`, the reference),
 `torch-bank` (`knn.TorchKnn`: the same formula with the bank's norms and transpose kept, the product's layout
-chosen by batch size), `torch-one-layout` (the same formula always as q @ bank^T through a transposed view, what
-`knn_search` did before it chose the layout per batch size: the before/after ratio of that change).
+chosen by batch size and embedding width), `torch-one-layout` (the same formula always as q @ bank^T through a
+transposed view, what `knn_search` did before it chose the layout), `torch-bank-major` (2-16 queries always as
+bank @ q^T, what it did before it looked at the width): the before/after ratios of those changes.
+`--synthetic-dim D` replaces the artifact's bank by random unit vectors of D dimensions (same size and labels),
+to see where the layouts cross over.
 
     python benchmarks/knn_backends.py --artifact artifacts/default [--threads 2] [--seconds 1]
+    python benchmarks/knn_backends.py --synthetic-dim 128 --threads 1
 """
 
 from __future__ import annotations
@@ -49,11 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--seconds", type=float, default=1.0, help="measuring time per backend and batch size")
     p.add_argument("--batches", default="1,2,4,8,16,32,64")
+    p.add_argument("--synthetic-dim", type=int, help="random unit-vector bank of this width instead of the artifact's")
     p.add_argument("--out", type=Path, help="write the JSON result here")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     art = load_artifact(a.artifact, "cpu")
     bank, labels = art.bank.float().contiguous(), art.bank_labels.long()
+    if a.synthetic_dim:
+        bank = torch.nn.functional.normalize(torch.randn(len(bank), a.synthetic_dim,
+                                                         generator=torch.Generator().manual_seed(1)), dim=1)
     metric, c, k = art.metric, art.num_classes, art.k
     backends: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {
         "torch": lambda q: knn.knn_predict(q, bank, labels, c, k, metric),  # type: ignore[arg-type]
@@ -67,6 +75,14 @@ def main(argv: list[str] | None = None) -> int:
             return knn.vote(labels[idx], c)
 
         backends["torch-one-layout"] = one_layout
+        bank_sq, bank_t = sq[0], bank.t().contiguous()
+
+        def bank_major(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            s = (torch.addmm(bank_sq[:, None], bank, q.t(), alpha=-2).t().contiguous() if 2 <= len(q) <= 16
+                 else torch.addmm(sq, q, bank_t, alpha=-2))
+            return knn.vote(labels[s.topk(k, dim=1, largest=False).indices], c)
+
+        backends["torch-bank-major"] = bank_major
     try:
         import faiss
 
@@ -75,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("faiss not installed: skipped", file=sys.stderr)
     g = torch.Generator().manual_seed(0)
-    result: dict[str, object] = {"artifact": str(a.artifact), "bank": list(bank.shape), "k": k, "metric": metric,
+    result: dict[str, object] = {"artifact": f"synthetic {a.synthetic_dim}-d" if a.synthetic_dim else str(a.artifact),
+                                 "bank": list(bank.shape), "k": k, "metric": metric,
                                  "threads": a.threads, "torch": torch.__version__,
                                  "loadavg_at_start": list(os.getloadavg()), "per_batch": {}}
     rows = result["per_batch"]

@@ -115,7 +115,8 @@ def _distances(query: Tensor, bank: Tensor, metric: Metric) -> Tensor:
     return (query.pow(2).sum(1, keepdim=True) - 2 * query @ bank.t() + bank.pow(2).sum(1)[None]).clamp_min(0)
 
 
-SMALL_BATCH = 16  # knn_search: up to this many queries (from 2) the bank-major product is the fastest layout
+SMALL_BATCH = 16  # knn_search: 2 to this many queries of a wide bank run fastest as the bank-major product
+WIDE_BANK = 64  # embedding widths above this are "wide" (128-d, 256-d); the default model's 48-d is not
 
 
 def knn_search(query: Tensor, bank: Tensor, k: int, metric: Metric = "l2", chunk: int = 1024,
@@ -125,10 +126,11 @@ def knn_search(query: Tensor, bank: Tensor, k: int, metric: Metric = "l2", chunk
     Ranks by ||b||^2 - 2 q.b (l2; the query's own norm does not change the order) or by q.b of the
     normalised vectors (cosine): one matmul and a top-k, the cheapest exact search on a CPU at the batch
     sizes a server sees (benchmarks/knn_backends.py). `bank_sq` caches ||b||^2 and `bank_t` a contiguous
-    [D, N] copy of the bank (TorchKnn keeps both). The product's layout follows the batch: BLAS is 2-4x
-    faster on one query against the contiguous transpose, and on 2-16 queries as bank @ q^T (the bank
-    read once, row-major), than as q @ bank^T through a transposed view (benchmarks/knn_backends.py);
-    every layout ranks by the same formula, so only float rounding differs between them.
+    [D, N] copy of the bank (TorchKnn keeps both). The product's layout follows the shape, as measured on a
+    45,000-row bank at 1 and 2 threads (benchmarks/results/knn_layout.md): one query (two of a narrow bank)
+    against the contiguous transpose; 2-16 queries of a wide bank as bank @ q^T (the bank read once,
+    row-major); everything else through the transposed view. Every layout ranks by the same formula, so only
+    float rounding differs between them.
     """
     if not 1 <= k <= bank.shape[0]:
         raise ValueError(f"k must be in [1, {bank.shape[0]}] (bank size), got {k}")
@@ -141,9 +143,12 @@ def knn_search(query: Tensor, bank: Tensor, k: int, metric: Metric = "l2", chunk
     bt = bank.t() if bank_t is None else bank_t.to(query.dtype)
 
     def scores(q: Tensor) -> Tensor:  # [b, N]: ||bank||^2 - 2 q.bank
-        if 2 <= len(q) <= SMALL_BATCH:
+        b, wide = len(q), bank.shape[1] > WIDE_BANK
+        if b == 1 or (b == 2 and not wide):
+            return torch.addmm(sq[None], q, bt, alpha=-2)
+        if wide and b <= SMALL_BATCH:
             return torch.addmm(sq[:, None], bank, q.t(), alpha=-2).t().contiguous()
-        return torch.addmm(sq[None], q, bt, alpha=-2)
+        return torch.addmm(sq[None], q, bank.t(), alpha=-2)
 
     return torch.cat([scores(q).topk(k, dim=1, largest=False).indices for q in query.split(chunk)])
 

@@ -54,6 +54,18 @@ def test_search_and_predict_equal_brute_force(metric: str, k: int) -> None:
     assert (counts.sum(1) == k).all()
 
 
+@pytest.mark.parametrize("d", [8, knn.WIDE_BANK + 16])
+@pytest.mark.parametrize("chunk", [1, 2, 3, knn.SMALL_BATCH, 20])
+def test_every_product_layout_finds_the_brute_force_neighbours(d: int, chunk: int) -> None:
+    """knn_search picks its matmul layout by batch size and width (one query, 2-16 of a wide bank, the rest):
+    each of them, with and without the cached norms and transpose, returns the exact neighbours."""
+    q, bank, _ = _bank(n=200, d=d, seed=d + chunk)
+    expected = brute_neighbours(q.double().numpy(), bank.double().numpy(), 9, "l2")
+    assert knn.knn_search(q, bank, 9, chunk=chunk).tolist() == expected
+    cached = knn.knn_search(q, bank, 9, chunk=chunk, bank_sq=bank.pow(2).sum(1), bank_t=bank.t().contiguous())
+    assert cached.tolist() == expected
+
+
 @pytest.mark.parametrize(
     ("row", "pred"),
     [
