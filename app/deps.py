@@ -12,13 +12,14 @@ from typing import Annotated
 
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from app.attack import AttackService
 from app.config import Settings
 from app.errors import ApiError
-from app.images import Decoded, decode_for_model, open_image
+from app.images import Decoded, decode_for_model, decode_opened, open_image
 from app.metrics import Metrics
 from app.registry import Registry
 
@@ -61,19 +62,16 @@ class Decoder:
         self.max_pixels, self.max_request_pixels, self.slots = settings.max_pixels, settings.max_request_pixels, slots
         self.wait_s = settings.decode_wait_s
 
-    def _check_budget(self, named: list[tuple[str, bytes]]) -> list[int]:
-        """Pixels (width x height, from the headers only) per image; ApiError 400/413/415 per file, 413 over
-        the request budget."""
-        pixels = []
-        for name, data in named:
-            w, h = open_image(data, self.max_pixels, name).size  # header only; 400/413/415 per file
-            pixels.append(w * h)
-        total = sum(pixels)
+    def _check_budget(self, named: list[tuple[str, bytes]]) -> list[Image.Image]:
+        """Each image opened (header only, nothing decoded); ApiError 400/413/415 per file, 413 when their pixels
+        (width x height) add up to more than the request budget."""
+        opened = [open_image(data, self.max_pixels, name) for name, data in named]
+        total = sum(im.size[0] * im.size[1] for im in opened)
         if total > self.max_request_pixels:
             raise ApiError(413, "request_too_large",
                            f"the {len(named)} images of this request have {total} pixels in all (width x height); "
                            f"the limit per request is {self.max_request_pixels}: send fewer or smaller images")
-        return pixels
+        return opened
 
     def _decode_one(self, named: list[tuple[str, bytes]], i: int, sizes: tuple[int, ...],
                     check: bool) -> Decoded:
@@ -108,9 +106,9 @@ class Decoder:
         once); between images the event loop gets the GIL back. Tiny requests never leave the loop."""
         wanted = tuple(sorted(set(sizes)))
         if len(named) <= INLINE_MAX_FILES and sum(len(data) for _, data in named) <= INLINE_MAX_BYTES:
-            pixels = self._check_budget(named)  # headers of a few small files: microseconds
-            if max(pixels) <= INLINE_MAX_PIXELS:
-                return [(name, decode_for_model(data, self.max_pixels, wanted, name)) for name, data in named]
+            opened = self._check_budget(named)  # headers of a few small files: microseconds
+            if max(im.size[0] * im.size[1] for im in opened) <= INLINE_MAX_PIXELS:  # decoded as opened, on the loop
+                return [(name, decode_opened(im, wanted, name)) for (name, _), im in zip(named, opened, strict=True)]
             return [(name, await self._decode(named, i, wanted, check=False)) for i, (name, _) in enumerate(named)]
         return [(name, await self._decode(named, i, wanted, check=i == 0)) for i, (name, _) in enumerate(named)]
 

@@ -184,9 +184,14 @@ def shrink(im: Image.Image, sizes: Iterable[int], filename: str = "image") -> De
     return Decoded(w, h, {s: to_model_input(src, s) for s in sorted(set(sizes))})
 
 
+def decode_opened(im: Image.Image, sizes: Iterable[int], filename: str = "image") -> Decoded:
+    """An image from `open_image` (header read) -> `Decoded`; ApiError 400/415 on bad pixel data."""
+    return shrink(load_image(im, filename), sizes, filename)
+
+
 def decode_for_model(data: bytes, max_pixels: int, sizes: Iterable[int], filename: str = "image") -> Decoded:
     """Bytes -> `Decoded` (only the small model inputs); ApiError 400/413/415 on bad input."""
-    return shrink(load_image(open_image(data, max_pixels, filename), filename), sizes, filename)
+    return decode_opened(open_image(data, max_pixels, filename), sizes, filename)
 
 
 def encode_png(pixels: np.ndarray) -> bytes:

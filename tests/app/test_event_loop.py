@@ -121,14 +121,16 @@ def test_thumbnails_decode_on_the_loop_and_big_images_do_not(server: SimpleNames
     import app.deps
 
     threads: list[tuple[int, str]] = []
-    real = app.deps.decode_for_model
 
-    def spy(data: bytes, *args, **kwargs):
-        out = real(data, *args, **kwargs)
-        threads.append((out.width, threading.current_thread().name))
-        return out
+    def spy(real):
+        def decode(*args, **kwargs):
+            out = real(*args, **kwargs)
+            threads.append((out.width, threading.current_thread().name))
+            return out
+        return decode
 
-    monkeypatch.setattr(app.deps, "decode_for_model", spy)
+    for name in ("decode_for_model", "decode_opened"):  # bytes (decode threads) / opened on the loop (inline)
+        monkeypatch.setattr(app.deps, name, spy(getattr(app.deps, name)))
     tiny = [("files", (f"{i}.png", bilevel_png(32), "image/png")) for i in range(3)]
     assert httpx.post(f"{server.url}/classify", files=tiny, timeout=30).status_code == 200
     assert threads == [(32, server.loop_thread)] * 3
