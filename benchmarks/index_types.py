@@ -12,6 +12,11 @@ type is built and searched with the same queries; `flat` is the reference (exact
 
     python benchmarks/index_types.py --sizes 1000000 --artifact artifacts/default   # writes results/index_types.*
     python benchmarks/index_types.py --sizes 20000 --queries 200 --out /tmp/x      # a quick look
+    python benchmarks/index_types.py --sizes 10000000 --nlist 4096 --threads 1 --kinds ivf_flat ivf_pq \
+        --queries 500 --out benchmarks/results/index_types_10m                     # 10 M on one core
+
+Memory: the bank is drawn in place (4 bytes x 128 per vector) and one index is alive at a time beside it; an
+index's size is read from the file faiss writes (in a temporary folder), not from a copy in memory.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,15 +44,21 @@ K = 75
 def synthetic_bank(n: int, dim: int = 128, classes: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Unit vectors of a Gaussian mixture (class centres at a spread the real bank's k-NN accuracy resembles)."""
     rng = np.random.default_rng(seed)
-    centres = np.random.default_rng(1234).standard_normal((classes, dim)).astype(np.float32)
+    centres = np.random.default_rng(1234).standard_normal((classes, dim)).astype(np.float32) * 0.35
     labels = rng.integers(0, classes, n)
-    x = centres[labels] * 0.35 + rng.standard_normal((n, dim), dtype=np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True), labels.astype(np.int64)
+    x = np.empty((n, dim), dtype=np.float32)
+    for i in range(0, n, 1 << 20):  # in place, a million rows at a time: no full-size temporaries at 10 M
+        part = x[i:i + (1 << 20)]
+        rng.standard_normal(part.shape, dtype=np.float32, out=part)
+        part += centres[labels[i:i + len(part)]]
+        part /= np.linalg.norm(part, axis=1, keepdims=True)
+    return x, labels.astype(np.int64)
 
 
-def specs(n: int) -> dict[str, knn.IndexSpec]:
-    """The parameters measured: nlist ~ 4 sqrt(N) (faiss' advice), nprobe 1/32 of it, 16-byte PQ, HNSW M=32."""
-    nlist = int(2 ** round(np.log2(max(16, 4 * np.sqrt(n)))))
+def specs(n: int, nlist: int | None = None) -> dict[str, knn.IndexSpec]:
+    """The parameters measured: nlist ~ 4 sqrt(N) (faiss' advice) unless given, nprobe 1/32 of it, 16-byte PQ,
+    HNSW M=32."""
+    nlist = nlist or int(2 ** round(np.log2(max(16, 4 * np.sqrt(n)))))
     nprobe = max(1, nlist // 32)
     return {"flat": knn.IndexSpec("flat"),
             "ivf_flat": knn.IndexSpec("ivf_flat", nlist=nlist, nprobe=nprobe),
@@ -63,12 +75,22 @@ def _median_ms(fn: Any, reps: int) -> float:
     return 1000 * float(np.median(times))
 
 
-def measure(bank: np.ndarray, labels: np.ndarray, queries: np.ndarray, kinds: list[str]) -> list[dict[str, Any]]:
+def index_bytes(index: Any) -> int:
+    """Size of the index as faiss writes it (to a temporary file: a serialized copy in memory would double a
+    10 M-vector index)."""
     import faiss
 
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "index.faiss")
+        faiss.write_index(index, path)
+        return os.path.getsize(path)
+
+
+def measure(bank: np.ndarray, labels: np.ndarray, queries: np.ndarray, kinds: list[str],
+            nlist: int | None = None) -> list[dict[str, Any]]:
     num_classes = int(labels.max()) + 1
     rows, exact_idx, exact_pred = [], None, None
-    for name, spec in specs(len(bank)).items():
+    for name, spec in specs(len(bank), nlist).items():
         if name not in kinds and name != "flat":
             continue
         t0 = time.perf_counter()
@@ -83,12 +105,13 @@ def measure(bank: np.ndarray, labels: np.ndarray, queries: np.ndarray, kinds: li
         one, batch = queries[:1], queries[:64]
         rows.append({"index": name, "n": len(bank), "params": {k: v for k, v in vars(spec).items() if k != "type"},
                      "build_s": round(build, 2),
-                     "bytes_per_vector": round(len(faiss.serialize_index(index.index)) / len(bank), 1),
+                     "bytes_per_vector": round(index_bytes(index.index) / len(bank), 1),
                      "recall_at_75": round(recall, 4),
                      "vote_agreement": round(float((pred == exact_pred).float().mean()), 4),
                      "ms_batch_1": round(_median_ms(functools.partial(index.search, one), 30), 3),
                      "ms_batch_64": round(_median_ms(functools.partial(index.search, batch), 10), 3)})
         print(json.dumps(rows[-1]), flush=True)
+        del index  # one index at a time beside the bank
     return rows
 
 
@@ -117,8 +140,14 @@ def main() -> None:
     p.add_argument("--artifact", default=None, help="also measure this artifact's real bank")
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--kinds", nargs="+", default=["ivf_flat", "ivf_pq", "hnsw"], help="besides flat")
+    p.add_argument("--nlist", type=int, help="IVF cells for every bank (default ~4 sqrt(N), a power of two)")
+    p.add_argument("--threads", type=int, help="faiss OpenMP threads (default: faiss' own, all cores)")
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args()
+    if a.threads:
+        import faiss
+
+        faiss.omp_set_num_threads(a.threads)
     load_start = [round(v, 2) for v in os.getloadavg()]
     rows = []
     if a.artifact:
@@ -130,12 +159,14 @@ def main() -> None:
         rng = np.random.default_rng(1)
         q = bank[rng.choice(len(bank), a.queries, replace=False)] + 0.05 * rng.standard_normal(
             (a.queries, bank.shape[1])).astype(np.float32)
-        rows += [{"bank": Path(a.artifact).name, **r} for r in measure(bank, labels, q, a.kinds)]
+        rows += [{"bank": Path(a.artifact).name, **r} for r in measure(bank, labels, q, a.kinds, a.nlist)]
     for n in a.sizes:
         bank, labels = synthetic_bank(n)
         q, _ = synthetic_bank(a.queries, seed=99)
-        rows += [{"bank": "synthetic", **r} for r in measure(bank, labels, q, a.kinds)]
-    meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, faiss threads default, "
+        rows += [{"bank": "synthetic", **r} for r in measure(bank, labels, q, a.kinds, a.nlist)]
+        del bank, labels
+    meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+                       f"faiss threads {a.threads or 'default'}, "
                        f"torch {torch.__version__}",
             "loadavg_start": load_start, "loadavg_end": [round(v, 2) for v in os.getloadavg()],
             "queries": a.queries, "args": " ".join(sys.argv[1:])}
