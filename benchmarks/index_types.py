@@ -66,9 +66,12 @@ def specs(n: int, nlist: int | None = None) -> dict[str, knn.IndexSpec]:
             "hnsw": knn.IndexSpec("hnsw", hnsw_m=32, ef_search=128)}
 
 
-def _median_ms(fn: Any, reps: int) -> float:
-    times = []
-    for _ in range(reps):
+def _median_ms(fn: Any, reps: int, budget_s: float = 20.0) -> float:
+    """Median ms of `reps` calls, or of those that fit in `budget_s` (at least 3: a 10 M flat search at batch 64
+    takes seconds)."""
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < reps and (len(times) < 3 or time.perf_counter() - start < budget_s):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
