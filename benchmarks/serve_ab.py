@@ -170,7 +170,8 @@ def markdown(result: dict[str, Any], command: str) -> str:
               "p99 ms per round | p50 ms (median) | errors |", "|---|---|---|---:|---:|---|---:|---:|"]
     for row in result["summary"]:
         lines.append(f"| {row['point']} | {row['variant']} | {', '.join(f'{x:.0f}' for x in row['images_per_s'])} | "
-                     f"{row['median']:.0f} | {row['ratio']:.2f} | {', '.join(f'{x:.1f}' for x in row['p99_ms'])} | "
+                     f"{row['median']:.0f} | {'-' if row['ratio'] is None else format(row['ratio'], '.2f')} | "
+                     f"{', '.join(f'{x:.1f}' for x in row['p99_ms'])} | "
                      f"{row['p50_median']:.1f} | {row['errors']} |")
     lines += ["", "A point with errors (shed 429/503, timeouts) is not a valid throughput figure (img/s counts "
               "answered requests only)."]

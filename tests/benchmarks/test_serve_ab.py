@@ -38,3 +38,19 @@ def test_summary_medians_and_ratios_to_the_first_variant() -> None:
     rows = serve_ab.summarise(result)
     assert [(r["variant"], r["median"], r["p99_median"]) for r in rows] == [("a", 100, 12), ("b", 130, 8)]
     assert rows[0]["ratio"] == 1.0 and rows[1]["ratio"] == pytest.approx(1.3)
+
+
+def test_markdown_shows_no_ratio_when_the_first_variant_answered_nothing() -> None:
+    def run(variant: str, ips: float) -> dict[str, object]:
+        return {"point": "1x32", "variant": variant, "images_per_s": ips, "p50_ms": 1.0, "p99_ms": 2.0,
+                "errors": 0 if ips else 40}
+
+    result = {"variants": [{"name": "a", "env": {}, "rev": None}, {"name": "b", "env": {}, "rev": None}],
+              "points": ["1x32"], "runs": [run("a", 0), run("b", 120)], "started": "now",
+              "artifacts": "x", "model": "default",
+              "machine": {"cpu": "c", "cores": 2, "torch": "t", "loadavg_at_start": [0], "loadavg_at_end": [0]},
+              "rounds": 1, "duration_s": 1.0}
+    result["summary"] = rows = serve_ab.summarise(result)
+    assert rows[1]["ratio"] is None
+    text = serve_ab.markdown(result, "cmd")
+    assert "| 1x32 | b | 120 | 120 | - |" in text
