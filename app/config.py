@@ -56,12 +56,13 @@ class Settings(BaseSettings):
     # (one full collection of those took ~145 ms here beside a training job, and it stops every thread, the event
     # loop included)
     gc_freeze: bool = True
-    # faiss index type (training.knn.IndexSpec): flat is exact; ivf_flat, ivf_pq, hnsw are approximate, for banks
-    # of millions (benchmarks/results/index_types.md measures recall, vote agreement, latency, memory); a type
-    # other than flat needs faiss (index auto then picks faiss-gpu or faiss-cpu, never torch)
-    index_type: Literal["flat", "ivf_flat", "ivf_pq", "hnsw"] = "flat"
-    index_nlist: Annotated[int, Field(ge=1)] = 1024  # ivf_*: coarse cells
-    index_nprobe: Annotated[int, Field(ge=1)] = 32  # ivf_*: cells searched per query
+    # k-NN index (training.knn.auto_index_spec): auto picks by bank size, from benchmarks/results/index_types*.md:
+    # exact flat up to 200,000 vectors (every shipped bank), ivf_flat above, ivf_pq from 20 M; or one of flat
+    # (exact), ivf_flat, ivf_pq, hnsw. An approximate type needs faiss (SATML_INDEX auto then picks faiss-gpu or
+    # faiss-cpu, never torch)
+    index_type: Literal["auto", "flat", "ivf_flat", "ivf_pq", "hnsw"] = "auto"
+    index_nlist: Annotated[int, Field(ge=1)] | None = None  # ivf_*: coarse cells; None: ~4 sqrt(bank size)
+    index_nprobe: Annotated[int, Field(ge=1)] | None = None  # ivf_*: cells searched per query; None: nlist / 32
     index_pq_m: Annotated[int, Field(ge=1)] = 16  # ivf_pq: bytes per vector
     index_hnsw_m: Annotated[int, Field(ge=1)] = 32  # hnsw: links per node
     index_ef_search: Annotated[int, Field(ge=1)] = 128  # hnsw: candidates per query
@@ -136,11 +137,12 @@ class Settings(BaseSettings):
             return self.compute_threads
         return max(1, (os.cpu_count() or 1) // self.workers) if self.workers > 1 else None
 
-    def index_spec(self) -> knn.IndexSpec:
+    def index_spec(self, bank_size: int, dim: int) -> knn.IndexSpec:
+        """The index for a bank of `bank_size` vectors of `dim` dimensions (auto type and IVF sizes resolved)."""
         from training import knn  # here, not at the top: the settings must not import torch (the --workers master)
 
-        return knn.IndexSpec(self.index_type, self.index_nlist, self.index_nprobe, self.index_pq_m,
-                             self.index_hnsw_m, self.index_ef_search)
+        return knn.auto_index_spec(bank_size, dim, self.index_nlist, self.index_nprobe, self.index_pq_m,
+                                   self.index_hnsw_m, self.index_ef_search, self.index_type)
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -109,8 +109,7 @@ def check_served_fields(art: Artifact) -> None:
         raise ArtifactError(f"{where}: classes must be a list of distinct non-empty names")
 
 
-def load_served_model(folder: Path, settings: Settings, device: torch.device, index_kind: str,
-                      metrics: Metrics) -> ServedModel:
+def load_served_model(folder: Path, settings: Settings, device: torch.device, metrics: Metrics) -> ServedModel:
     """Verify + load one artifact and start its batching worker; ArtifactError/RuntimeError when it cannot serve.
 
     Named apart from `training.robustness.load_model`, which loads an artifact as a model under test."""
@@ -121,7 +120,8 @@ def load_served_model(folder: Path, settings: Settings, device: torch.device, in
     if runtime == "onnxruntime" and not (folder / ENCODER_ONNX).is_file():
         raise ArtifactError(f"{folder}: runtime onnxruntime requested but the artifact has no {ENCODER_ONNX}")
     metric = cast(knn.Metric, art.metric)
-    spec = settings.index_spec()
+    spec = settings.index_spec(*art.bank.shape)  # the index type by bank size when SATML_INDEX_TYPE=auto
+    index_kind = resolve_index(settings.index, device, spec.type)
     live = LiveBank(name, art, index_kind, settings.vote or art.spec.knn.vote,
                     lambda kind, bank, labels, n, rule: build_index_over(kind, bank, labels, n, art.k, metric, rule,
                                                                         spec),
@@ -206,7 +206,8 @@ def public_reason(reason: str, folder: Path) -> str:
 def load_registry(settings: Settings, metrics: Metrics) -> Registry:
     """Load every artifact folder; a bad one is logged and skipped, the others serve."""
     device = resolve_serving_device(settings.device)
-    index_kind = resolve_index(settings.index, device, settings.index_type)
+    # a setting no bank can satisfy (SATML_INDEX=torch with an approximate type, faiss missing) fails start-up
+    resolve_index(settings.index, device, "flat" if settings.index_type == "auto" else settings.index_type)
     reg = Registry()
     root = Path(settings.artifacts_dir)
     if not root.is_dir():
@@ -219,7 +220,7 @@ def load_registry(settings: Settings, metrics: Metrics) -> Registry:
                                                          path=str(folder), reason=f"no {MANIFEST}"))
             continue
         try:
-            model = load_served_model(folder, settings, device, index_kind, metrics)
+            model = load_served_model(folder, settings, device, metrics)
         except Exception as e:  # any fault of one artifact (corrupt safetensors, odd manifest) skips only it
             reason = str(e) if isinstance(e, ArtifactError) else f"{type(e).__name__}: {e}"
             reg.skipped[folder.name] = public_reason(reason, folder)

@@ -55,15 +55,10 @@ def synthetic_bank(n: int, dim: int = 128, classes: int = 10, seed: int = 0) -> 
     return x, labels.astype(np.int64)
 
 
-def specs(n: int, nlist: int | None = None) -> dict[str, knn.IndexSpec]:
-    """The parameters measured: nlist ~ 4 sqrt(N) (faiss' advice) unless given, nprobe 1/32 of it, 16-byte PQ,
-    HNSW M=32."""
-    nlist = nlist or int(2 ** round(np.log2(max(16, 4 * np.sqrt(n)))))
-    nprobe = max(1, nlist // 32)
-    return {"flat": knn.IndexSpec("flat"),
-            "ivf_flat": knn.IndexSpec("ivf_flat", nlist=nlist, nprobe=nprobe),
-            "ivf_pq": knn.IndexSpec("ivf_pq", nlist=nlist, nprobe=nprobe, pq_m=16),
-            "hnsw": knn.IndexSpec("hnsw", hnsw_m=32, ef_search=128)}
+def specs(n: int, dim: int, nlist: int | None = None) -> dict[str, knn.IndexSpec]:
+    """Every type with the server's automatic sizes (`knn.auto_index_spec`: nlist ~ 4 sqrt(N) unless given,
+    nprobe 1/32 of it), 16-byte PQ, HNSW M=32."""
+    return {t: knn.auto_index_spec(n, dim, nlist, index_type=t) for t in knn.INDEX_TYPES}  # type: ignore[arg-type]
 
 
 def _median_ms(fn: Any, reps: int, budget_s: float = 20.0) -> float:
@@ -93,7 +88,7 @@ def measure(bank: np.ndarray, labels: np.ndarray, queries: np.ndarray, kinds: li
             nlist: int | None = None) -> list[dict[str, Any]]:
     num_classes = int(labels.max()) + 1
     rows, exact_idx, exact_pred = [], None, None
-    for name, spec in specs(len(bank), nlist).items():
+    for name, spec in specs(len(bank), bank.shape[1], nlist).items():
         if name not in kinds and name != "flat":
             continue
         t0 = time.perf_counter()

@@ -101,6 +101,27 @@ def test_approximate_index_types_serve_the_exact_answers_on_a_small_bank(good_ro
         reg.close()
 
 
+def test_auto_index_type_follows_the_bank_size(good_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SATML_INDEX_TYPE=auto (the default): exact search (torch on a CPU) for a bank up to knn.FLAT_MAX vectors,
+    faiss' ivf_flat above; the toy bank crosses the line when the threshold is lowered."""
+    reg = load_registry(make_settings(good_root, device="cpu"), Metrics())
+    try:
+        assert reg.get("default").index == "torch"
+    finally:
+        reg.close()
+    monkeypatch.setattr(knn, "FLAT_MAX", 10)
+    reg = load_registry(make_settings(good_root, device="cpu", index_nprobe=4096), Metrics())
+    try:
+        m = reg.get("default")
+        assert m.index == "faiss-cpu"
+        images, _ = toy_images(6, seed=13)
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+        pred, _ = m.worker.submit(x).result(30)
+        assert torch.equal(pred, reference(good_root, "default", x))  # every cell searched: exact
+    finally:
+        reg.close()
+
+
 def test_index_type_needs_a_faiss_backend() -> None:
     cpu = torch.device("cpu")
     assert resolve_index("auto", cpu, "ivf_pq") == "faiss-cpu"

@@ -313,6 +313,18 @@ def test_missing_neighbours_cast_no_vote() -> None:
     assert (counts.sum(1) == (idx >= 0).sum(1)).all() and (pred == labels[:20]).all()
 
 
+def test_auto_index_spec_by_bank_size() -> None:
+    assert knn.auto_index_spec(45_000, 48).type == "flat"
+    assert knn.auto_index_spec(knn.FLAT_MAX, 128).type == "flat"
+    big = knn.auto_index_spec(knn.FLAT_MAX + 1, 128)
+    assert big.type == "ivf_flat" and big.nlist == knn.auto_nlist(knn.FLAT_MAX + 1) and big.nprobe == big.nlist // 32
+    assert knn.auto_index_spec(knn.PQ_MIN, 128).type == "ivf_pq"
+    assert knn.auto_index_spec(knn.PQ_MIN, 72).type == "ivf_flat"  # 16-byte codes need 16 | dim
+    assert knn.auto_index_spec(10, 8, index_type="hnsw").type == "hnsw"  # an explicit type is kept
+    assert knn.auto_index_spec(10**6, 128, nlist=100, nprobe=7).nlist == 100
+    assert [knn.auto_nlist(n) for n in (1, 45_000, 10**6, 10**7)] == [16, 1024, 4096, 16384]
+
+
 def test_index_spec_rejects_bad_parameters() -> None:
     with pytest.raises(ValueError, match="index type"):
         knn.IndexSpec("annoy")  # type: ignore[arg-type]
