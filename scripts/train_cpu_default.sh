@@ -22,6 +22,8 @@
 # TRAIN_ARGS / EXPORT_ARGS / SUITE_ARGS, appended to every `satml train` / `satml export` / `satml robustness`
 # (later flags win: small runs such as tests/scripts/test_train_cpu_default.py, or `--precision bf16`).
 set -euo pipefail
+# `make install-dev` puts satml in .venv: use it when the caller has not activated an environment
+command -v satml > /dev/null || { [ -x .venv/bin/satml ] && export PATH="$PWD/.venv/bin:$PATH"; }
 RUNS=${RUNS:-runs/cpu}
 DATA=${DATA:-data}
 ART=${ART:-artifacts}
