@@ -10,7 +10,9 @@
 #      default, DeACL-style distillation (beta 2). No labels anywhere in encoder training (labels only in the bank);
 #   3. bank + export with the manifest/card (the default's 256-d embedding served as its 48-d PCA, baked into the
 #      encoder: the artifact stays under 15 MB), calibration (credibility), then the adaptive robustness suite.
-#   BASELINES=1 also trains the labelled PGD-AT reference (artifacts/pgd_at) on the same encoder and budget.
+#   BASELINES=1 also trains the labelled PGD-AT reference (artifacts/pgd_at) on the same encoder and budget:
+#   PGD_AT_EPOCHS (default 63: the robust stage's 40 epochs plus the teacher's ~40 min at ~1.75 min per w32 PGD-3
+#   epoch on this CPU).
 # Every step is resumable (rerun the script after an interruption: finished steps are skipped, a stopped run
 # continues from its checkpoint). Env: RUNS, RECIPE, TEACHER_EPOCHS, ROBUST_EPOCHS, TEACHER_T, BASELINES,
 # TEACHER (an existing teacher, a checkpoint or an artifact dir such as artifacts/ssl: the teacher stage and the
@@ -72,7 +74,8 @@ case "$RECIPE" in
   *) echo "RECIPE must be pseudo_at or distill, got '$RECIPE'" >&2; exit 2 ;;
 esac
 if [ -n "${BASELINES:-}" ]; then
-  done_ "$RUNS/pgd_at" || satml train --method pgd_at --run-dir "$RUNS/pgd_at" --epochs 8 --lr 0.1 \
+  PGD_AT_EPOCHS=${PGD_AT_EPOCHS:-63}
+  done_ "$RUNS/pgd_at" || satml train --method pgd_at --run-dir "$RUNS/pgd_at" --epochs "$PGD_AT_EPOCHS" --lr 0.1 \
     --warmup-epochs 0.5 --alpha 0.0261438 "${ADV[@]}" "${FAST[@]}" "${ARCH[@]}" "${COMMON[@]}" "${EXTRA[@]}"
 fi
 [ -n "${NO_EXPORT:-}" ] && exit 0
@@ -89,7 +92,7 @@ if [ -n "${OWN_TEACHER:-}" ]; then
 fi
 if [ -n "${BASELINES:-}" ]; then
   satml export --checkpoint "$RUNS/pgd_at/checkpoint.pt" --out "$ART/pgd_at" --name pgd_at "${EXPORT[@]}" \
-    --description "Supervised PGD-AT cnn8 width $WIDTH + k-NN (k=75), CPU-trained (PGD-3 at 8/255, EMA, 8 epochs): the labelled robust reference, uses labels in encoder training" \
+    --description "Supervised PGD-AT cnn8 width $WIDTH + k-NN (k=75), CPU-trained (PGD-3 at 8/255, EMA, $PGD_AT_EPOCHS epochs): the labelled robust reference, uses labels in encoder training" \
     "${REDUCE[@]}" "${EXPORT_EXTRA[@]}"
   SUITE+=("$ART/pgd_at")
 fi
