@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from app.config import Settings
 from app.index import resolve_index
 from app.metrics import Metrics
 from app.predictor import unpack_output
@@ -89,14 +90,18 @@ def test_approximate_index_types_serve_the_exact_answers_on_a_small_bank(good_ro
     """SATML_INDEX_TYPE picks the faiss index (issue 16); auto then means faiss, and on the toy bank (every IVF cell
     searched, HNSW with a wide candidate list) the answers equal the exact search's."""
     settings = make_settings(good_root, index_type=index_type, index_nlist=4, index_nprobe=4, device="cpu")
+    assert_faiss_serves_the_exact_answers(good_root, settings, seed=12)
+
+
+def assert_faiss_serves_the_exact_answers(root: Path, settings: Settings, seed: int) -> None:
     reg = load_registry(settings, Metrics())
     try:
         m = reg.get("default")
         assert m.index == "faiss-cpu"
-        images, _ = toy_images(6, seed=12)
+        images, _ = toy_images(6, seed=seed)
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
         pred, _ = m.worker.submit(x).result(30)
-        assert torch.equal(pred, reference(good_root, "default", x))
+        assert torch.equal(pred, reference(root, "default", x))
     finally:
         reg.close()
 
@@ -110,16 +115,8 @@ def test_auto_index_type_follows_the_bank_size(good_root: Path, monkeypatch: pyt
     finally:
         reg.close()
     monkeypatch.setattr(knn, "FLAT_MAX", 10)
-    reg = load_registry(make_settings(good_root, device="cpu", index_nprobe=4096), Metrics())
-    try:
-        m = reg.get("default")
-        assert m.index == "faiss-cpu"
-        images, _ = toy_images(6, seed=13)
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-        pred, _ = m.worker.submit(x).result(30)
-        assert torch.equal(pred, reference(good_root, "default", x))  # every cell searched: exact
-    finally:
-        reg.close()
+    # every cell searched: exact answers from an ivf_flat index
+    assert_faiss_serves_the_exact_answers(good_root, make_settings(good_root, device="cpu", index_nprobe=4096), 13)
 
 
 def test_index_type_needs_a_faiss_backend() -> None:
