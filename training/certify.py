@@ -172,25 +172,49 @@ def certified_accuracy(labels: Sequence[int], certs: Sequence[Certificate], radi
 
 def certify_images(classify: Classifier, images: Tensor, labels: Sequence[int], *, sigma: float, n0: int, n: int,
                    alpha: float, num_classes: int, batch_size: int = 256, seed: int = 0,
-                   radii: Sequence[float] = RADII, progress: bool = False) -> CertifyReport:
+                   radii: Sequence[float] = RADII, progress: bool = False, cache: Path | None = None) -> CertifyReport:
     """CERTIFY each image [N, C, H, W] in [0, 1] (its own generator, seeded seed + index, so any subset
-    reproduces) and tabulate Cohen et al.'s certified accuracy."""
+    reproduces) and tabulate Cohen et al.'s certified accuracy.
+
+    `cache`: a JSON-lines file of finished images (one row each, appended and flushed as it is done) read back
+    first, so a run of hours that stops resumes where it was; the caller keys the file by everything that
+    decides a row (model, sigma, n, n0, alpha, seed)."""
     from tqdm.auto import tqdm
 
+    done: dict[int, dict[str, Any]] = {}
+    if cache is not None and cache.is_file():
+        for line in cache.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                done[int(row["index"])] = row
     certs, rows, total = [], [], 0.0
     base = [int(p) for p in torch.cat([torch.as_tensor(classify(images[i:i + batch_size])).long().cpu().view(-1)
                                        for i in range(0, len(images), batch_size)]).tolist()] if len(images) else []
-    for i in tqdm(range(len(images)), desc=f"certify sigma={sigma:g}", disable=not progress, leave=False):
-        g = torch.Generator(device=images.device).manual_seed(seed + i)
-        t0 = time.perf_counter()
-        c = certify(classify, images[i], sigma=sigma, n0=n0, n=n, alpha=alpha, generator=g,
-                    num_classes=num_classes, batch_size=batch_size)
-        dt = time.perf_counter() - t0
-        total += dt
-        certs.append(c)
-        rows.append({"index": i, "label": int(labels[i]), "base": base[i], "smoothed": c.label,
-                     "correct": c.label == int(labels[i]), "radius": c.radius, "p_lower": c.p_lower,
-                     "count": c.count, "seconds": dt})
+    sink = cache.open("a") if cache is not None else None
+    try:
+        for i in tqdm(range(len(images)), desc=f"certify sigma={sigma:g}", disable=not progress, leave=False):
+            row = done.get(i)
+            if row is None:
+                g = torch.Generator(device=images.device).manual_seed(seed + i)
+                t0 = time.perf_counter()
+                c = certify(classify, images[i], sigma=sigma, n0=n0, n=n, alpha=alpha, generator=g,
+                            num_classes=num_classes, batch_size=batch_size)
+                row = {"index": i, "label": int(labels[i]), "base": base[i], "smoothed": c.label,
+                       "correct": c.label == int(labels[i]), "radius": c.radius, "p_lower": c.p_lower,
+                       "count": c.count, "seconds": time.perf_counter() - t0}
+                if sink is not None:
+                    sink.write(json.dumps(row) + "\n")
+                    sink.flush()
+            elif row["label"] != int(labels[i]) or row["base"] != base[i]:
+                raise ValueError(f"{cache}: image {i} was cached with label {row['label']} / base vote {row['base']}, "
+                                 f"now {int(labels[i])} / {base[i]}: not the same model or data; delete the file")
+            total += row["seconds"]
+            certs.append(Certificate(row["smoothed"], row["radius"], row["p_lower"], row["count"], n, n0, sigma,
+                                     alpha))
+            rows.append(row)
+    finally:
+        if sink is not None:
+            sink.close()
     m = max(len(images), 1)
     return CertifyReport(
         sigma=sigma, n=n, n0=n0, alpha=alpha, images=len(images),
@@ -270,7 +294,7 @@ def _load() -> str:
 
 
 def cmd_certify(args: argparse.Namespace) -> dict[str, Any]:
-    from training.artifact import load_artifact
+    from training.artifact import load_artifact, sha256_file
     from training.data import load_dataset
     from training.evaluate import KnnModel
     from training.knn import to_float_images
@@ -287,9 +311,18 @@ def cmd_certify(args: argparse.Namespace) -> dict[str, Any]:
     count = min(args.n_images, len(test))
     model = KnnModel.from_artifact(art)
     images, labels = to_float_images(test.images[:count], device), test.labels[:count].tolist()
+    cache_dir = Path(args.cache_dir) if args.cache_dir else None
+    if cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    weights = sha256_file(Path(args.artifact) / "manifest.json")[:16]  # the manifest hashes every file
+
+    def cache(sigma: float) -> Path | None:
+        key = f"{weights}_sigma{sigma:g}_n{args.n}_n0{args.n0}_alpha{args.alpha:g}_seed{args.seed}.jsonl"
+        return cache_dir / key if cache_dir is not None else None
+
     reports = [certify_images(model.predict, images, labels, sigma=sigma, n0=args.n0, n=args.n, alpha=args.alpha,
                               num_classes=art.num_classes, batch_size=args.batch_size, seed=args.seed,
-                              progress=args.progress) for sigma in args.sigma]
+                              progress=args.progress, cache=cache(sigma)) for sigma in args.sigma]
     sigmas = " ".join(f"{s:g}" for s in args.sigma)
     meta = {"artifact": art.name, "path": str(args.artifact), "device": str(device), "threads": torch.get_num_threads(),
             "machine": _machine(), "load_before": load_before, "load_after": _load(),
@@ -339,6 +372,8 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
     p.add_argument("--out", default="test-output/certify", help="folder for <name>.json and <name>.md")
+    p.add_argument("--cache-dir", default=None, help="keep each finished image here (JSON lines per model, sigma, "
+                   "n, n0, alpha and seed) and resume from it: a run of hours survives a stop")
     p.add_argument("--name", default=None, help="file stem (default: certify)")
     p.add_argument("--note", default="", help="a paragraph for the markdown (e.g. what else ran on the machine)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False, help="progress bar")

@@ -136,6 +136,33 @@ def test_certified_accuracy_counts_correct_certificates_at_each_radius() -> None
     assert acc == {"0": 0.5, "0.25": 0.5, "0.5": 0.25, "1": 0.0}
 
 
+def test_a_cached_run_resumes_where_it_stopped_with_the_same_answers(tmp_path: Path) -> None:
+    """certify_images(cache=...): finished images are appended as they are done; a second run reads them back
+    and certifies only the rest, and the report equals one uninterrupted run; a cache of another model or data
+    (a different clean vote) is refused."""
+    images = torch.stack([at_distance(d) for d in (0.1, 0.3, -0.2, 0.6)])
+    labels = [1, 1, 0, 1]
+    kw = {"sigma": 0.25, "n0": 16, "n": 200, "alpha": 0.01, "num_classes": 2, "batch_size": 64, "seed": 3}
+    fresh = cert.certify_images(linear, images, labels, **kw)
+    cache = tmp_path / "run.jsonl"
+    cert.certify_images(linear, images[:2], labels[:2], cache=cache, **kw)  # a run that stopped after 2 images
+    assert len(cache.read_text().splitlines()) == 2
+    calls: list[int] = []
+
+    def counted(x: Tensor) -> Tensor:
+        calls.append(len(x))
+        return linear(x)
+
+    resumed = cert.certify_images(counted, images, labels, cache=cache, **kw)
+    assert len(cache.read_text().splitlines()) == 4
+    assert sum(calls) == len(images) + 2 * (16 + 200)  # the clean votes, then only images 2 and 3
+    assert resumed.certified_accuracy == fresh.certified_accuracy
+    assert [(r["smoothed"], r["p_lower"]) for r in resumed.per_image] == [
+        (r["smoothed"], r["p_lower"]) for r in fresh.per_image]
+    with pytest.raises(ValueError, match="not the same model"):
+        cert.certify_images(lambda x: 1 - linear(x), images, labels, cache=cache, **kw)
+
+
 def test_cli_certify_writes_json_and_markdown(tiny_artifact: Path, tiny_cifar: Path, tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
@@ -157,6 +184,11 @@ def test_cli_certify_writes_json_and_markdown(tiny_artifact: Path, tiny_cifar: P
     assert "| 0.12 |" in md and "| 0.5 |" in md and "shared box" in md
     # n = 16 at alpha 0.001 cannot certify above sigma * Phi^-1(0.001^(1/16)); the markdown says so
     assert f"{cert.max_radius(16, 0.001, 0.5):.2f} (sigma 0.5)" in md
+    cached = ["certify", str(tiny_artifact), "--data", str(tiny_cifar), "--sigma", "0.25", "--n", "32", "--n0", "8",
+              "--n-images", "2", "--out", str(out), "--name", "cached", "--cache-dir", str(tmp_path / "cache")]
+    assert main(cached) == 0 and main(cached) == 0  # the second run reads every image back
+    [jsonl] = (tmp_path / "cache").iterdir()
+    assert "sigma0.25_n32_n08" in jsonl.name and len(jsonl.read_text().splitlines()) == 2
     with pytest.raises(SystemExit):  # argparse refuses alpha outside (0, 0.5)
         main(["certify", str(tiny_artifact), "--data", str(tiny_cifar), "--alpha", "0.7"])
 
@@ -166,5 +198,6 @@ def test_cli_help_explains_every_option(capsys: pytest.CaptureFixture[str]) -> N
         main(["certify", "--help"])
     out = capsys.readouterr().out
     assert exc.value.code == 0 and out.startswith("usage: satml certify")
-    for flag in ("--sigma", "--n", "--n0", "--alpha", "--n-images", "--out", "--batch-size", "--seed", "--threads"):
+    for flag in ("--sigma", "--n", "--n0", "--alpha", "--n-images", "--out", "--batch-size", "--seed", "--threads",
+                 "--cache-dir"):
         assert flag in out
