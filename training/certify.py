@@ -314,11 +314,12 @@ def cmd_certify(args: argparse.Namespace) -> dict[str, Any]:
     cache_dir = Path(args.cache_dir) if args.cache_dir else None
     if cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
-    weights = sha256_file(Path(args.artifact) / "manifest.json")[:16]  # the manifest hashes every file
+        model_key = sha256_file(Path(args.artifact) / "manifest.json")[:16]  # the manifest hashes every file
 
     def cache(sigma: float) -> Path | None:
-        key = f"{weights}_sigma{sigma:g}_n{args.n}_n0{args.n0}_alpha{args.alpha:g}_seed{args.seed}.jsonl"
-        return cache_dir / key if cache_dir is not None else None
+        if cache_dir is None:
+            return None
+        return cache_dir / f"{model_key}_sigma{sigma:g}_n{args.n}_n0{args.n0}_alpha{args.alpha:g}_seed{args.seed}.jsonl"
 
     reports = [certify_images(model.predict, images, labels, sigma=sigma, n0=args.n0, n=args.n, alpha=args.alpha,
                               num_classes=art.num_classes, batch_size=args.batch_size, seed=args.seed,

@@ -128,8 +128,8 @@ def knn_search(query: Tensor, bank: Tensor, k: int, metric: Metric = "l2", chunk
     normalised vectors (cosine): one matmul and a top-k, the cheapest exact search on a CPU at the batch
     sizes a server sees (benchmarks/knn_backends.py). `bank_sq` caches ||b||^2 and `bank_t` a contiguous
     [D, N] copy of the bank (TorchKnn keeps both). The product's layout follows the shape, as measured on a
-    45,000-row bank at 1 and 2 threads (benchmarks/results/knn_layout.md): one query (two of a narrow bank)
-    against the contiguous transpose; 2-16 queries of a wide bank as bank @ q^T (the bank read once,
+    45,000-row bank at 1 and 2 threads (benchmarks/README.md, results/knn_layout_*.json): one query (two of a
+    narrow bank) against the contiguous transpose; 2-16 queries of a wide bank as bank @ q^T (the bank read once,
     row-major); everything else through the transposed view. Every layout ranks by the same formula, so only
     float rounding differs between them.
     """
