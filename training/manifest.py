@@ -290,8 +290,12 @@ class Manifest(_Section):
 
     @property
     def model_sha256(self) -> str:
-        """Identity of the served model: sha256 over the recorded encoder and bank digests (cache key of the
-        suite; unchanged by card, calibration or metric updates)."""
-        files = self.files
-        return hashlib.sha256(f"{files['encoder.safetensors']}:{files['bank.safetensors']}".encode()).hexdigest()
+        """Identity of the served model: sha256 over the recorded encoder and bank digests and the vote (k, metric,
+        vote), the cache key of the suite: the same weights voting with another k are another model whose attack
+        results must not be reused. Unchanged by card, calibration or metric updates."""
+        files, v = self.files, self.knn
+        served = f"{files['encoder.safetensors']}:{files['bank.safetensors']}"
+        if (v.k, v.metric, v.vote) != (75, "l2", "majority"):  # keeps every earlier model's identity (and cache)
+            served += f":k={v.k}:{v.metric}:{v.vote}"
+        return hashlib.sha256(served.encode()).hexdigest()
 

@@ -83,6 +83,20 @@ def test_a_malformed_section_is_refused_by_name(tiny_artifact: Path, edit: Any, 
         load_artifact(tiny_artifact)
 
 
+def test_model_identity_includes_the_vote(tiny_artifact: Path) -> None:
+    """The suite caches attack results under model_sha256: the same weights voting with another k are another
+    model, while k = 75 / l2 / majority keeps the identity earlier caches were written under."""
+    spec = verify_artifact(tiny_artifact)
+    files = spec.files
+    legacy = hashlib.sha256(f"{files[ENCODER_WEIGHTS]}:{files[BANK]}".encode()).hexdigest()
+    ids = {}
+    for k, metric in ((75, "l2"), (20, "l2"), (75, "cosine")):
+        spec.knn.k, spec.knn.metric = k, metric
+        ids[(k, metric)] = spec.model_sha256
+    assert ids[(75, "l2")] == legacy
+    assert len(set(ids.values())) == 3
+
+
 def test_update_artifact_rehashes_and_the_update_round_trips(tiny_artifact: Path) -> None:
     before = verify_artifact(tiny_artifact)
     card = (tiny_artifact / CARD).read_text() + "\nmore\n"

@@ -132,7 +132,7 @@ def markdown_report(result: dict[str, Any]) -> str:
         lines += [f"| {r['attack']} | {_pct(r['ours'])} | {_pct(r['torchattacks'])} | {r['diff_points']:+.1f} |"
                   for r in v["rows"]]
     lines += ["", "## Models", ""]
-    lines += [f"- {m['name']}: `{m['path']}`, model sha256 `{m['model_sha256'][:16]}...` (encoder + bank), "
+    lines += [f"- {m['name']}: `{m['path']}`, model sha256 `{m['model_sha256'][:16]}...` (encoder, bank and vote), "
               f"{m['encoder'].get('arch', '?')} width {m['encoder'].get('width', '?')}, k={m['knn'].get('k', '?')}; "
               f"evaluated in {m['seconds'] / 60:.1f} min" for m in models]
     return "\n".join(lines) + "\n"
@@ -247,7 +247,7 @@ def update_card(artifact: str | Path, model: dict[str, Any], result: dict[str, A
 
     def record(manifest: Manifest) -> None:
         if manifest.model_sha256 != model["model_sha256"]:
-            raise ValueError(f"{path}: encoder/bank differ from the evaluated model {model['model_sha256'][:12]}")
+            raise ValueError(f"{path}: encoder, bank or vote differ from the evaluated {model['model_sha256'][:12]}")
         metrics = manifest.metrics = manifest.metrics or Metrics()
         robust = [r for r in metrics.robust or [] if r.suite != "robustness"]
         most = max((r["steps"] for r in model["attacks"]), default=0)  # the worst case's longest attack
