@@ -276,6 +276,58 @@ def test_config_validation() -> None:
     assert fmt_eps(8 / 255) == "8/255" and fmt_eps(0.03) == "0.03"
 
 
+def test_validation_split_run_attacks_held_out_images_with_the_full_protocol(tmp_path: Path) -> None:
+    """split="validation" (choosing a k, a vote or a recipe without the test set): the sweep and the attacked
+    images are the models' validation split, never a bank image; the ordering holds; no abstention stage (the
+    calibration was fitted on these images) and never a card update."""
+    from training import conformal
+    from training.data import SplitSpec
+
+    train = toy_dataset(N_TRAIN, seed=0)
+    hp = {"val_size": N_TRAIN - BANK_SIZE, "val_fraction": 0.1, "val_seed": 0}
+    bank_part, val = SplitSpec.from_config(hp).apply(train)
+    assert val is not None and len(bank_part) == BANK_SIZE
+    models = [model_under_test("colour", ColourEncoder(), "sat", bank_part),
+              model_under_test("pattern", PatternEncoder(), "supervised", bank_part)]
+    for m in models:
+        m.manifest.training = TrainingInfo(method=m.method, hyperparameters=hp)
+        counts = m.model.predict_votes(knn.to_float_images(val.images))[1]
+        m.calibration = conformal.calibration_scores(counts, torch.as_tensor(val.labels), m.model.k)
+    cfg = toy_config(tmp_path, split="validation", n_robust=24, n_sweep=8, eps_sweep=(0.0, 8 / 255), paper_eps=(),
+                     temperatures=(0.05, 0.5))
+    sweep, attacked = rb.validation_images(models, train, cfg.n_sweep)
+    assert len(sweep) == 8 and len(attacked) == len(val) - 8
+    in_bank = {row.tobytes() for row in bank_part.images}
+    assert not any(row.tobytes() in in_bank for row in np.concatenate([sweep.images, attacked.images]))
+    result = rb.Suite(cfg, models, attacked, source=models[1], held_out=sweep).run()
+    assert result["protocol"]["split"] == "validation"
+    colour, pattern = by_name(result)["colour"], by_name(result)["pattern"]
+    assert colour["worst_case"]["acc"] > pattern["worst_case"]["acc"] + 0.3
+    assert "validation images" in colour["clean"]["protocol"] and colour["clean"]["exact_n"] == colour["clean"]["n"]
+    assert "validation images" in colour["temperature"]["protocol"]
+    assert "abstention" not in colour and "abstention" not in pattern
+    with pytest.raises(ValueError, match="validation"):
+        rb.run_suite(cfg, ["unused"], update_cards=True)
+    models[0].manifest.training = TrainingInfo(method="sat")  # no split recorded: refused, not guessed
+    with pytest.raises(ValueError, match="no training split"):
+        rb.validation_images(models, train, cfg.n_sweep)
+    with pytest.raises(ValueError, match="split"):
+        rb.SuiteConfig(split="train")
+
+
+def test_cli_validation_split_never_writes_over_the_test_report() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    rb.cli.add_arguments(parser)
+    cfg = rb.config_from_args(parser.parse_args(["artifacts/default", "--split", "validation"]))
+    assert cfg.split == "validation" and cfg.out == "benchmarks/results/validation"
+    assert rb.config_from_args(parser.parse_args(["a", "--split", "validation", "--out", "x"])).out == "x"
+    assert rb.config_from_args(parser.parse_args(["a"])).out == "benchmarks/results"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["a", "--split", "train"])
+
+
 # --- end to end: a real (tiny) artifact through the CLI, with card update --------------------------------------
 
 

@@ -29,6 +29,7 @@ from training.robustness.config import (
     EPS_SWEEP,
     EXACT_TEST,
     PAPER_EPS,
+    SPLITS,
     AttackSpec,
     SuiteConfig,
     attack_specs,
@@ -37,11 +38,19 @@ from training.robustness.config import (
 )
 from training.robustness.diagnostics import torchattacks_agreement, zero_gradient_share
 from training.robustness.report import markdown_report, plot_eps, plot_temperature, update_card, write_reports
-from training.robustness.suite import ModelUnderTest, Suite, abstention_attack, credibility, load_model, run_suite
+from training.robustness.suite import (
+    ModelUnderTest,
+    Suite,
+    abstention_attack,
+    credibility,
+    load_model,
+    run_suite,
+    validation_images,
+)
 
 __all__ = [
-    "EPS_SWEEP", "EXACT_TEST", "PAPER_EPS", "AttackSpec", "Cache", "ModelUnderTest", "Suite", "SuiteConfig",
+    "EPS_SWEEP", "EXACT_TEST", "PAPER_EPS", "SPLITS", "AttackSpec", "Cache", "ModelUnderTest", "Suite", "SuiteConfig",
     "abstention_attack", "add_cli", "attack_specs", "budget", "config_from_args", "credibility", "describe",
     "load_model", "markdown_report", "parse_eps", "plot_eps", "plot_temperature", "run_suite",
-    "torchattacks_agreement", "update_card", "write_reports", "zero_gradient_share",
+    "torchattacks_agreement", "update_card", "validation_images", "write_reports", "zero_gradient_share",
 ]

@@ -6,7 +6,7 @@ import argparse
 from dataclasses import replace
 from typing import Any
 
-from training.robustness.config import SuiteConfig
+from training.robustness.config import SPLITS, SuiteConfig
 from training.robustness.suite import run_suite
 
 
@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "benchmarks/results; with --quick: test-output/robustness_quick, so quick runs never overwrite)")
     p.add_argument("--cache-dir", default=None, help="per-attack results for resuming (default: <out>/cache)")
     p.add_argument("--quick", action="store_true", help="a few dozen images and few steps (tests, CI)")
+    p.add_argument("--split", choices=SPLITS, default="test",
+                   help="test: the report and the cards; validation: the artifacts' held-out training images, for "
+                        "choosing a k, a vote or a recipe without the test set (no cards, no abstention stage)")
     p.add_argument("--n-robust", type=int, default=None, help="first N test images attacked (full: 1000)")
     p.add_argument("--n-clean", type=int, default=None, help="test images for clean accuracy (full: all)")
     p.add_argument("--eps", type=parse_eps, default=None, help="main L-inf radius in [0, 1], e.g. 8/255 (full: 8/255)")
@@ -52,8 +55,10 @@ def config_from_args(args: argparse.Namespace) -> SuiteConfig:
     over = {k: v for k, v in {"n_robust": args.n_robust, "n_clean": args.n_clean, "eps": args.eps, "eps_sweep": sweep,
                                 "validate_n": args.validate_n, "batch_size": args.batch_size}.items() if v is not None}
     out = args.out or ("test-output/robustness_quick" if args.quick else "benchmarks/results")
+    if args.split != "test" and not args.out:
+        out = f"{out}/validation"  # never over the test-set report
     common = dict(data=args.data, out=out, cache_dir=args.cache_dir, seed=args.seed, device=args.device,
-                  resume=args.resume, progress=args.progress)
+                  resume=args.resume, progress=args.progress, split=args.split)
     cfg = SuiteConfig.quick_config(**common) if args.quick else SuiteConfig(**common)
     return replace(cfg, **over)
 

@@ -9,6 +9,7 @@ from training import knn_attacks
 from training.card import fmt_eps
 from training.knn_attacks import Surrogate
 
+SPLITS = ("test", "validation")  # validation: the training images after each bank and the sweep's, for choices
 EXACT_TEST = 1017  # leading CIFAR-10 test images that are pixel-exact (../shared/data/cifar10/README.md)
 
 
@@ -64,14 +65,22 @@ class SuiteConfig:
     resume: bool = True
     progress: bool = True
     quick: bool = False
+    split: str = "test"  # "validation": attack held-out training images instead (model selection; SPLITS)
 
     def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
         if self.n_robust < 1:
             raise ValueError(f"n_robust must be >= 1, got {self.n_robust}")
         if not 0 < self.eps <= 1 or any(not 0 <= e <= 1 for e in self.eps_sweep):
             raise ValueError(f"eps values must be in [0, 1] pixel units, got {self.eps}, {self.eps_sweep}")
         if not self.temperatures or min(self.temperatures) <= 0:
             raise ValueError(f"temperatures must be positive, got {self.temperatures}")
+
+    @property
+    def images_word(self) -> str:
+        """What the attacked images are, for every protocol sentence."""
+        return "test images" if self.split == "test" else "validation images (training images held out of the bank)"
 
     @classmethod
     def quick_config(cls, **overrides: Any) -> SuiteConfig:
@@ -145,6 +154,6 @@ def describe(kind: str, steps: int, eps: float, surrogate: Surrogate | None, cfg
         parts.append(f"surrogate {surrogate}")
     if track and kind not in ("noise", "transfer", "guided", "square"):
         parts.append("an image counts as broken at its first iterate that flips the hard vote")
-    parts.append(f"scored by the hard k-NN vote on the first {n} test images (clean-wrong images count as broken), "
-                 f"seed {cfg.seed}")
+    parts.append(f"scored by the hard k-NN vote on the first {n} {cfg.images_word} (clean-wrong images count as "
+                 f"broken), seed {cfg.seed}")
     return "; ".join(parts) + (f"; {extra}" if extra else "")

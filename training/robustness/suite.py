@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from training import attacks, conformal, knn, knn_attacks
 from training.artifact import load_artifact
 from training.card import fmt_eps
-from training.data import ImageDataset, load_dataset
+from training.data import ImageDataset, SplitSpec, load_dataset
 from training.evaluate import KnnModel, predictions, robust_mask
 from training.knn_attacks import AttackFn, Surrogate
 from training.manifest import Manifest
@@ -102,11 +102,13 @@ class Suite:
 
     `Suite.from_artifacts` is the usual entry; the constructor takes models and data already in memory
     (tests build hand-made encoders this way). `source` is the transfer source (None: no transfer).
-    `train` holds the images left out of each bank (the temperature choice), loaded lazily when absent.
+    `train` holds the images left out of each bank (the temperature choice), loaded lazily when absent;
+    `held_out`, when given, is the temperature choice's images instead (a validation run's own split).
     """
 
     def __init__(self, cfg: SuiteConfig, models: Sequence[ModelUnderTest], test: ImageDataset, *,
-                 source: ModelUnderTest | None = None, train: ImageDataset | None = None) -> None:
+                 source: ModelUnderTest | None = None, train: ImageDataset | None = None,
+                 held_out: ImageDataset | None = None) -> None:
         from training.config import resolve_device
 
         if not models:
@@ -115,6 +117,7 @@ class Suite:
         self.device = resolve_device(cfg.device)
         self.cache = Cache(Path(cfg.cache_dir or Path(cfg.out) / "cache"), cfg.resume)
         self.models, self.source, self.test, self._train = list(models), source, test, train
+        self.held_out = held_out
         names = [m.name for m in self.models]
         for m in self.models:  # distinct names in tables and plots
             if names.count(m.name) > 1:
@@ -140,7 +143,10 @@ class Suite:
         elif str(transfer_source).lower() != "none":
             given = Path(transfer_source).resolve()
             source = next((m for m in models if m.path.resolve() == given), None) or load_model(given, device)
-        return cls(cfg, models, load_dataset(cfg.data, "test"), source=source)
+        if cfg.split == "test":
+            return cls(cfg, models, load_dataset(cfg.data, "test"), source=source)
+        sweep, attacked = validation_images(models, load_dataset(cfg.data, "train"), cfg.n_sweep)
+        return cls(cfg, models, attacked, source=source, held_out=sweep)
 
     # --- helpers
 
@@ -210,18 +216,22 @@ class Suite:
             hit = {"correct": to_bits(pred == self.test.labels[:n]), "seconds": time.time() - t0}
             self.cache.put(m.model_sha256, "clean", key, hit)
         correct = from_bits(hit["correct"])
-        n_exact = min(EXACT_TEST, n)
+        n_exact = min(EXACT_TEST, n) if self.cfg.split == "test" else n  # every training image is pixel-exact
         return CleanResult(acc=float(correct.mean()), n=int(n), exact_acc=float(correct[:n_exact].mean()),
                            exact_n=int(n_exact), seconds=hit["seconds"],
-                           protocol=f"hard k-NN vote (k={m.model.k}, {m.model.metric}) on the first {n} test images; "
-                                    f"exact_acc on the first {n_exact}, whose pixels are exact (the rest of the test "
-                                    "set is rebuilt from JPEG copies)")
+                           protocol=f"hard k-NN vote (k={m.model.k}, {m.model.metric}) on the first {n} "
+                                    f"{self.cfg.images_word}; exact_acc on the first {n_exact}, whose pixels are "
+                                    "exact (the rest of the test set is rebuilt from JPEG copies; every training "
+                                    "image is exact)")
 
     def temperature_sweep(self, m: ModelUnderTest) -> dict[str, Any]:
         """Pick the surrogate whose PGD leaves the lowest hard-vote accuracy on held-out images (sets m.surrogate)."""
         cfg = self.cfg
         bank_size = m.manifest.bank_size if m.manifest.bank_size is not None else len(m.model.bank)
-        if bank_size < len(self.train_set):
+        if self.held_out is not None:
+            held = self.held_out.subset(slice(0, cfg.n_sweep))
+            where = "validation images (the first of the split, never attacked)"
+        elif bank_size < len(self.train_set):
             held = self.train_set.subset(slice(bank_size, bank_size + cfg.n_sweep))
             where = f"training images {bank_size}..{bank_size + len(held) - 1} (held out of the bank)"
         else:  # no held-out split: test images after the attacked ones (never reported)
@@ -349,7 +359,7 @@ class Suite:
                             "worst_case": to_bits(worst), "noise": to_bits(noise_mask)}
         res["paper_protocol"] = to_json(self.paper_table(m, sweep, correct))
         res["masking_checks"] = to_json(self.masking_checks(m, rows, noise_acc, float(correct.mean()), idx))
-        if m.calibration is not None:
+        if m.calibration is not None and self.cfg.split == "test":  # calibrated on the validation images
             res["abstention"] = self.abstention(m, correct)
         return res
 
@@ -565,8 +575,10 @@ class Suite:
                 "threat_model": "L-inf, eps in [0, 1] pixel units (8/255 = 0.0314)",
                 "scoring": "the hard k-NN vote the product serves; attacks are crafted on a differentiable "
                            "soft-kNN surrogate (softmax over negative squared distances to the whole bank)",
-                "images": f"first {len(self.labels)} CIFAR-10 test images (attacks); clean accuracy on "
-                          f"{models[0]['clean']['n'] if models else '?'} test images and the exact leading subset",
+                "images": f"first {len(self.labels)} CIFAR-10 {cfg.images_word} (attacks); clean accuracy on "
+                          f"{models[0]['clean']['n'] if models else '?'} {cfg.images_word} and the exact leading "
+                          "subset",
+                "split": cfg.split,
                 "worst_case": "per image: robust only if correct clean and after every worst-case attack",
                 "references": "Croce & Hein 2020 (APGD, DLR); Madry et al. 2018 (PGD); Chen et al. 2020 (SAT, "
                               "guided attack, defence success rate)",
@@ -574,6 +586,30 @@ class Suite:
             "models": models,
             "torchattacks_validation": validation,
         }
+
+
+def validation_images(models: Sequence[ModelUnderTest], train: ImageDataset,
+                      n_sweep: int) -> tuple[ImageDataset, ImageDataset]:
+    """(sweep, attacked) of a `split="validation"` run: the models' shared validation split, rebuilt from their
+    manifests as training split it (on CIFAR-10 the training images after the bank), its first `n_sweep` for the
+    temperature choice and the rest attacked, so no surrogate is chosen on an image it is scored on. For choosing
+    a k, a vote or a recipe with the suite's full strength without looking at the test set."""
+    specs = set()
+    for m in models:
+        hp = m.manifest.training.hyperparameters if m.manifest.training else None
+        if not hp or "val_fraction" not in hp:
+            raise ValueError(f"{m.path}: the manifest records no training split; its validation images are unknown")
+        specs.add(SplitSpec.from_config(hp))
+    if len(specs) > 1:
+        raise ValueError("the models were trained on different splits; evaluate them in separate validation runs")
+    bank, val = specs.pop().apply(train)
+    for m in models:
+        if len(m.model.bank) != len(bank):
+            raise ValueError(f"{m.path}: its bank ({len(m.model.bank)}) is not its split's training part "
+                             f"({len(bank)})")
+    if val is None or len(val) <= n_sweep:
+        raise ValueError(f"no validation images left after the temperature sweep's {n_sweep}")
+    return val.subset(slice(0, n_sweep)), val.subset(slice(n_sweep, len(val)))
 
 
 def _digest(idx: np.ndarray) -> str:
@@ -607,6 +643,8 @@ def _loadavg() -> list[float] | None:
 def run_suite(cfg: SuiteConfig, artifacts: Sequence[str | Path], transfer_source: str | Path | None = None,
               update_cards: bool = False) -> dict[str, Any]:
     """Evaluate, write the reports to `cfg.out`, optionally update the cards; returns a short summary."""
+    if update_cards and cfg.split != "test":
+        raise ValueError("--update-cards records test-set figures; a validation run is for choices, not for cards")
     result = Suite.from_artifacts(cfg, artifacts, transfer_source).run()
     paths = write_reports(result, cfg.out)
     if update_cards:
