@@ -18,7 +18,8 @@
 # TEACHER (an existing teacher, a checkpoint or an artifact dir such as artifacts/ssl: the teacher stage and the
 # ssl export are skipped, the robust stage starts from it, widened to WIDTH when it is narrower),
 # NO_EXPORT, TEACHER_WIDTH (cnn8 width of the teacher, default 16), WIDTH (of the robust student, default 32),
-# K (the default's k, default 75), REDUCE_DIM (the default's served embedding size, default 48; empty: the full embedding), PRECISION (every stage:
+# CLUSTERS (pseudo_at's k-means clusters, default 100), K (the default's k, default 75),
+# REDUCE_DIM (the default's served embedding size, default 48; empty: the full embedding), PRECISION (every stage:
 # bf16 or fp32), DATA (default data),
 # ART (artifact root, default artifacts); and
 # TRAIN_ARGS / EXPORT_ARGS / SUITE_ARGS, appended to every `satml train` / `satml export` / `satml robustness`
@@ -62,10 +63,11 @@ fi
 case "$RECIPE" in
   pseudo_at)
     ROBUST_EPOCHS=${ROBUST_EPOCHS:-40}  # w32: 40 epochs 66.5 / 31.4 % (r19) against 20 epochs 65.3 / 29.2 (r18)
+    CLUSTERS=${CLUSTERS:-100}  # k-means clusters of the teacher's embedding (the pseudo-labels)
     done_ "$RUNS/robust" || satml train --method pseudo_at --run-dir "$RUNS/robust" --epochs "$ROBUST_EPOCHS" \
-      --clusters 100 --teacher "$TEACHER" --init "$TEACHER" --lr 0.1 \
+      --clusters "$CLUSTERS" --teacher "$TEACHER" --init "$TEACHER" --lr 0.1 \
       --warmup-epochs 0.5 --alpha 0.0261438 "${ADV[@]}" "${FAST[@]}" "${ARCH[@]}" "${COMMON[@]}" "${EXTRA[@]}"
-    WHAT="label-free PGD-AT (PGD-3 at 8/255, EMA) on 100 k-means clusters of the teacher's embedding" ;;
+    WHAT="label-free PGD-AT (PGD-3 at 8/255, EMA) on $CLUSTERS k-means clusters of the teacher's embedding" ;;
   distill)
     ROBUST_EPOCHS=${ROBUST_EPOCHS:-14}
     done_ "$RUNS/robust" || satml train --method distill --run-dir "$RUNS/robust" --epochs "$ROBUST_EPOCHS" \
