@@ -315,6 +315,30 @@ def test_validation_split_run_attacks_held_out_images_with_the_full_protocol(tmp
         rb.SuiteConfig(split="train")
 
 
+def test_temperature_sweep_uses_the_recorded_split_outside_cifar(tmp_path: Path) -> None:
+    """A class-sorted folder is split stratified: the images after the bank are bank images of the last classes,
+    so the sweep takes the recorded validation split's first images instead (CIFAR-10 keeps its slice)."""
+    from training.data import SplitSpec
+
+    toy = toy_dataset(N_TRAIN, seed=0)
+    order = np.argsort(toy.labels, kind="stable")  # class-sorted, as an image folder loads
+    train = ImageDataset(toy.images[order], toy.labels[order], toy.classes, "folder")
+    hp = {"val_size": N_TRAIN - BANK_SIZE, "val_fraction": 0.1, "val_seed": 0}
+    bank_part, val = SplitSpec.from_config(hp).apply(train)
+    assert val is not None
+    m = model_under_test("colour", ColourEncoder(), "sat", bank_part)
+    m.manifest.training = TrainingInfo(method="sat", hyperparameters=hp)
+    suite = rb.Suite(toy_config(tmp_path, temperatures=(0.5,), n_sweep=8), [m], toy_dataset(48, seed=1), train=train)
+    held = suite._recorded_sweep(m)
+    assert held is not None and len(held) == 8
+    in_bank = {row.tobytes() for row in bank_part.images}
+    assert not any(row.tobytes() in in_bank for row in held.images)
+    assert "the split the manifest records" in suite.temperature_sweep(m)["protocol"]
+    m.manifest.training = TrainingInfo(method="sat")  # nothing recorded: the old slice, with a warning
+    assert suite._recorded_sweep(m) is None
+    assert f"training images {BANK_SIZE}.." in suite.temperature_sweep(m)["protocol"]
+
+
 def test_cli_validation_split_never_writes_over_the_test_report() -> None:
     import argparse
 

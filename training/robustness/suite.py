@@ -231,6 +231,8 @@ class Suite:
         if self.held_out is not None:
             held = self.held_out.subset(slice(0, cfg.n_sweep))
             where = "validation images (the first of the split, never attacked)"
+        elif self.train_set.kind != "cifar10" and (recorded := self._recorded_sweep(m)) is not None:
+            held, where = recorded, "validation images (the split the manifest records)"
         elif bank_size < len(self.train_set):
             held = self.train_set.subset(slice(bank_size, bank_size + cfg.n_sweep))
             where = f"training images {bank_size}..{bank_size + len(held) - 1} (held out of the bank)"
@@ -270,6 +272,17 @@ class Suite:
                             f"soft-kNN surrogate (temperatures x whole bank / k nearest), on {len(held)} {where}; "
                             "selected = lowest hard-vote accuracy, ties broken by the lower true-class vote share, "
                             "then the fewer all-zero input gradients (saturated softmax), then the larger temperature"}
+
+    def _recorded_sweep(self, m: ModelUnderTest) -> ImageDataset | None:
+        """The sweep's images from the split the manifest records. Only CIFAR-10 keeps its validation images
+        after the bank; any other kind is split stratified, so the images after the bank are mostly bank images
+        of the last classes. None (and the slice after the bank, with a warning) when no split is recorded."""
+        try:
+            val = recorded_validation([m], self.train_set)
+            return val.subset(slice(0, min(self.cfg.n_sweep, len(val))))
+        except ValueError as e:
+            log.warning("%s: %s; the temperature sweep uses the training images after the bank", m.name, e)
+            return None
 
     def transfer_images(self, eps: float) -> Tensor | None:
         """Adversarial images crafted on the source model (cached), for all n attacked images."""
@@ -588,12 +601,9 @@ class Suite:
         }
 
 
-def validation_images(models: Sequence[ModelUnderTest], train: ImageDataset,
-                      n_sweep: int) -> tuple[ImageDataset, ImageDataset]:
-    """(sweep, attacked) of a `split="validation"` run: the models' shared validation split, rebuilt from their
-    manifests as training split it (on CIFAR-10 the training images after the bank), its first `n_sweep` for the
-    temperature choice and the rest attacked, so no surrogate is chosen on an image it is scored on. For choosing
-    a k, a vote or a recipe with the suite's full strength without looking at the test set."""
+def recorded_validation(models: Sequence[ModelUnderTest], train: ImageDataset) -> ImageDataset:
+    """The validation split the models' manifests record (rebuilt as training split it; on CIFAR-10 the training
+    images after the bank). Refused when a manifest records none, the models differ, or a bank does not match."""
     specs = set()
     for m in models:
         hp = m.manifest.training.hyperparameters if m.manifest.training else None
@@ -607,7 +617,18 @@ def validation_images(models: Sequence[ModelUnderTest], train: ImageDataset,
         if len(m.model.bank) != len(bank):
             raise ValueError(f"{m.path}: its bank ({len(m.model.bank)}) is not its split's training part "
                              f"({len(bank)})")
-    if val is None or len(val) <= n_sweep:
+    if val is None:
+        raise ValueError("the recorded split holds no validation images (val_size 0)")
+    return val
+
+
+def validation_images(models: Sequence[ModelUnderTest], train: ImageDataset,
+                      n_sweep: int) -> tuple[ImageDataset, ImageDataset]:
+    """(sweep, attacked) of a `split="validation"` run: the models' recorded validation split, its first
+    `n_sweep` for the temperature choice and the rest attacked, so no surrogate is chosen on an image it is scored
+    on. For choosing a k, a vote or a recipe with the suite's full strength without looking at the test set."""
+    val = recorded_validation(models, train)
+    if len(val) <= n_sweep:
         raise ValueError(f"no validation images left after the temperature sweep's {n_sweep}")
     return val.subset(slice(0, n_sweep)), val.subset(slice(n_sweep, len(val)))
 
