@@ -184,5 +184,7 @@ def test_live_answers_fast_while_a_heavy_request_runs(server: SimpleNamespace, k
         t.join()
     assert result["r"].status_code == 200, result["r"].text
     assert len(latencies) >= 3, "the heavy request finished too fast to measure anything"
-    # before the fix, the 4 resizes on the loop held one probe ~170 ms; now the worst is a few ms
-    assert max(latencies) < 0.05, str(sorted(round(x * 1000, 1) for x in latencies)[-8:])
+    # before the fix, the 4 resizes on the loop held one probe ~170 ms (alpha_composite 130-440 ms); now the worst
+    # is a few ms idle, and a probe has measured 50 ms on a 2-core machine running two training jobs beside the
+    # suite: 100 ms still fails every held loop this test was written for
+    assert max(latencies) < 0.1, str(sorted(round(x * 1000, 1) for x in latencies)[-8:])
