@@ -8,7 +8,8 @@ surrogate restricted to the k nearest (the vote's own k). The robust column is t
 two. A screen, not a verdict: a k picked here ships only after the full suite (`satml robustness`). On the
 w32 default the screen ranked k = 20 above 75 on both columns and the suite's temperature-swept and runner-up
 surrogates then broke k = 20 far more (worst case under 30 % against 31.4; recipes.md): weaker surrogates than the
-suite's under-rank small k.
+suite's under-rank small k. Check a candidate k with the suite itself on the validation split before any test
+figure: `satml export ... --k K --out runs/kK` then `satml robustness runs/kK --split validation --n-robust 300`.
 
     nice python benchmarks/k_sweep.py artifacts/default --k 10 20 50 75 100 150 --out benchmarks/results/k_sweep
 """
