@@ -301,6 +301,7 @@ def test_validation_split_run_attacks_held_out_images_with_the_full_protocol(tmp
     assert not any(row.tobytes() in in_bank for row in np.concatenate([sweep.images, attacked.images]))
     result = rb.Suite(cfg, models, attacked, source=models[1], held_out=sweep).run()
     assert result["protocol"]["split"] == "validation"
+    assert "on the validation split: for choices, not for claims" in rb.markdown_report(result).splitlines()[0]
     colour, pattern = by_name(result)["colour"], by_name(result)["pattern"]
     assert colour["worst_case"]["acc"] > pattern["worst_case"]["acc"] + 0.3
     assert "validation images" in colour["clean"]["protocol"] and colour["clean"]["exact_n"] == colour["clean"]["n"]

@@ -29,7 +29,9 @@ def markdown_report(result: dict[str, Any]) -> str:
     names = [r["attack"] for r in models[0]["attacks"]] if models else []
     for m in models[1:]:
         names += [r["attack"] for r in m["attacks"] if r["attack"] not in names]
-    lines = [f"# Robustness report{' (quick mode: not the full protocol)' if result['quick'] else ''}", "",
+    validation = result["protocol"].get("split") == "validation"
+    lines = [f"# Robustness report{' (quick mode: not the full protocol)' if result['quick'] else ''}"
+             f"{' on the validation split: for choices, not for claims' if validation else ''}", "",
              f"Code {result['code_version']}, seed {result['seed']}, {result['device']}, torch {result['torch']}, "
              f"{result['created']}, {result['seconds'] / 60:.1f} min. "
              f"Threat model: {result['protocol']['threat_model']}. "
