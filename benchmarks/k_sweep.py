@@ -29,7 +29,7 @@ import torch
 
 from training import knn_attacks
 from training.artifact import Artifact, load_artifact
-from training.data import SplitSpec, load_dataset
+from training.data import load_dataset, recorded_validation
 from training.evaluate import KnnModel, clean_accuracy, robust_mask
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,11 +39,12 @@ from serve_bench import write_result  # a sibling script: the one writer of benc
 def validation_split(art: Artifact, data: str) -> tuple[np.ndarray, np.ndarray]:
     """The artifact's held-out validation images (uint8 NHWC) and labels, as its training run split them."""
     hp = art.manifest.get("training", {}).get("hyperparameters", {})
-    if "val_size" not in hp:
+    try:
+        val = recorded_validation(hp, load_dataset(data, "train"), int(art.bank.shape[0]), f"{art.path} with {data}")
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
+    if val is None:
         raise SystemExit(f"{art.path}: the manifest records no split; cannot rebuild its validation images")
-    bank, val = SplitSpec.from_config(hp).apply(load_dataset(data, "train"))
-    if val is None or len(bank) != art.bank.shape[0]:
-        raise SystemExit(f"{art.path}: {data} split as in training does not give this artifact's bank")
     return val.images, np.asarray(val.labels)
 
 

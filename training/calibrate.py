@@ -18,7 +18,7 @@ from safetensors.torch import save
 
 from training import conformal, knn
 from training.artifact import load_artifact, update_artifact
-from training.data import SplitSpec, load_dataset
+from training.data import SplitSpec, load_dataset, recorded_validation
 from training.evaluate import KnnModel
 from training.manifest import Calibration, Manifest
 
@@ -40,21 +40,16 @@ def calibrate_artifact(path: str | Path, data: str | Path, n: int | None = None,
     hp = art.manifest.get("training", {}).get("hyperparameters", {})
     full = load_dataset(data, "train")
     stratified = False
-    if "val_size" in hp:  # the split the artifact's run trained and exported with
-        spec = SplitSpec.from_config(hp)
-        bank, val = spec.apply(full)
-        if len(bank) != bank_size:
-            raise ValueError(f"{path}: the bank holds {bank_size} images but {data}, split as in training, gives "
-                             f"{len(bank)}: not the data this artifact was exported from?")
-        if val is None:
-            raise ValueError(f"{path}: trained with --val-size 0: no validation split to calibrate on")
+    val = recorded_validation(hp, full, bank_size, f"{path} with {data}")  # the split the run trained with
+    if val is not None:
         held, stratified = val, full.kind != "cifar10"
     else:  # hand-made artifacts without a recorded split: the training images after the bank
         held = full.subset(slice(bank_size, None))
     truncated = n is not None and n < len(held)
     if truncated:
         held = held.subset(slice(0, n))  # the stratified split is shuffled: a prefix is a random sample
-    where = (spec.describe(full) + (f"; its first {len(held)} images" if truncated else "") if stratified else
+    where = (SplitSpec.from_config(hp).describe(full) + (f"; its first {len(held)} images" if truncated else "")
+             if stratified else
              f"training images {bank_size}..{bank_size + len(held) - 1} (held out of the bank; the validation split)")
     if len(held) == 0:
         raise ValueError(f"{path}: no training images after the bank's {bank_size} to calibrate on "

@@ -177,6 +177,22 @@ def load_split(data: str | Path, spec: SplitSpec) -> tuple[ImageDataset, ImageDa
     return spec.apply(load_dataset(data, "train"))
 
 
+def recorded_validation(hp: dict[str, Any] | None, full: ImageDataset, bank_size: int,
+                        owner: str) -> ImageDataset | None:
+    """The validation images of the split a run recorded (`hp`: its checkpoint config or manifest hyper-parameters),
+    checked against the bank it built from `full`; None when `hp` records no split (hand-made artifacts). One
+    rebuild for calibration, the robustness suite and the benchmarks."""
+    if not hp or "val_size" not in hp:
+        return None
+    bank, val = SplitSpec.from_config(hp).apply(full)
+    if len(bank) != bank_size:
+        raise ValueError(f"{owner}: the bank holds {bank_size} images but the data, split as in training, gives "
+                         f"{len(bank)}: not the data this artifact was exported from?")
+    if val is None:
+        raise ValueError(f"{owner}: trained with --val-size 0: no validation split")
+    return val
+
+
 # ---------------------------------------------------------------- CIFAR-10 (python pickles)
 
 CIFAR_DIR = "cifar-10-batches-py"

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from training import attacks, conformal, knn, knn_attacks
 from training.artifact import load_artifact
 from training.card import fmt_eps
-from training.data import ImageDataset, SplitSpec, load_dataset
+from training.data import ImageDataset, SplitSpec, load_dataset, recorded_validation
 from training.evaluate import KnnModel, predictions, robust_mask
 from training.knn_attacks import AttackFn, Surrogate
 from training.manifest import Manifest
@@ -278,7 +278,7 @@ class Suite:
         after the bank; any other kind is split stratified, so the images after the bank are mostly bank images
         of the last classes. None (and the slice after the bank, with a warning) when no split is recorded."""
         try:
-            val = recorded_validation([m], self.train_set)
+            val = shared_validation([m], self.train_set)
             return val.subset(slice(0, min(self.cfg.n_sweep, len(val))))
         except ValueError as e:
             log.warning("%s: %s; the temperature sweep uses the training images after the bank", m.name, e)
@@ -601,24 +601,18 @@ class Suite:
         }
 
 
-def recorded_validation(models: Sequence[ModelUnderTest], train: ImageDataset) -> ImageDataset:
-    """The validation split the models' manifests record (rebuilt as training split it; on CIFAR-10 the training
-    images after the bank). Refused when a manifest records none, the models differ, or a bank does not match."""
-    specs = set()
-    for m in models:
-        hp = m.manifest.training.hyperparameters if m.manifest.training else None
-        if not hp or "val_fraction" not in hp:
-            raise ValueError(f"{m.path}: the manifest records no training split; its validation images are unknown")
-        specs.add(SplitSpec.from_config(hp))
-    if len(specs) > 1:
+def shared_validation(models: Sequence[ModelUnderTest], train: ImageDataset) -> ImageDataset:
+    """The validation split the models' manifests record (`training.data.recorded_validation`; on CIFAR-10 the
+    training images after the bank). Refused when a manifest records none or the models were split differently."""
+    hps = [m.manifest.training.hyperparameters if m.manifest.training else None for m in models]
+    if len({SplitSpec.from_config(hp) for hp in hps if hp}) > 1:
         raise ValueError("the models were trained on different splits; evaluate them in separate validation runs")
-    bank, val = specs.pop().apply(train)
-    for m in models:
-        if len(m.model.bank) != len(bank):
-            raise ValueError(f"{m.path}: its bank ({len(m.model.bank)}) is not its split's training part "
-                             f"({len(bank)})")
-    if val is None:
-        raise ValueError("the recorded split holds no validation images (val_size 0)")
+    val = None
+    for m, hp in zip(models, hps, strict=True):
+        val = recorded_validation(hp, train, len(m.model.bank), str(m.path))
+        if val is None:
+            raise ValueError(f"{m.path}: the manifest records no training split; its validation images are unknown")
+    assert val is not None  # models is never empty (Suite refuses that)
     return val
 
 
@@ -627,7 +621,7 @@ def validation_images(models: Sequence[ModelUnderTest], train: ImageDataset,
     """(sweep, attacked) of a `split="validation"` run: the models' recorded validation split, its first
     `n_sweep` for the temperature choice and the rest attacked, so no surrogate is chosen on an image it is scored
     on. For choosing a k, a vote or a recipe with the suite's full strength without looking at the test set."""
-    val = recorded_validation(models, train)
+    val = shared_validation(models, train)
     if len(val) <= n_sweep:
         raise ValueError(f"no validation images left after the temperature sweep's {n_sweep}")
     return val.subset(slice(0, n_sweep)), val.subset(slice(n_sweep, len(val)))
