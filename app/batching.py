@@ -3,6 +3,11 @@
 The thread takes the first waiting request, then collects more until `max_batch` images or
 `max_wait_s` have passed, runs one `predict` over the concatenation and hands each caller its own
 slice. All model work (CUDA, faiss GPU resources) happens on that one thread (DESIGN section 5).
+
+On a CPU a second lane may help under heavy load (`helper`): a thread that takes a batch only while the first
+is busy and at least `helper_min_images` images wait, with a predict of its own (one intra-op thread), so two
+batches run side by side instead of one on all cores with the Python between batches serialised. Light load
+never reaches it, so small requests keep one lane (benchmarks/README.md measures both).
 """
 
 from __future__ import annotations
@@ -51,19 +56,26 @@ class BatchWorker:
 
     def __init__(self, name: str, setup: Callable[[], PredictFn], *, max_batch: int, max_wait_s: float,
                  max_queue: int | None = None, on_batch: Callable[[int, float], None] | None = None,
-                 on_queue: Callable[[int], None] | None = None) -> None:
+                 on_queue: Callable[[int], None] | None = None, helper: Callable[[], PredictFn] | None = None,
+                 helper_min_images: int = 1) -> None:
         """`max_queue`: images waiting (not yet in a batch) beyond which `submit` raises QueueFull;
-        a job arriving at an empty queue is always taken, however large. None: unbounded."""
-        if max_batch < 1 or max_wait_s < 0 or (max_queue is not None and max_queue < 1):
-            raise ValueError(f"max_batch and max_queue must be >= 1 and max_wait_s >= 0, "
-                             f"got {max_batch}, {max_queue}, {max_wait_s}")
+        a job arriving at an empty queue is always taken, however large. None: unbounded.
+        `helper`: the setup of a second lane's predict (run on that lane's thread), which takes a batch only
+        while the first lane is busy and at least `helper_min_images` images wait. None: one lane."""
+        if max_batch < 1 or max_wait_s < 0 or (max_queue is not None and max_queue < 1) or helper_min_images < 1:
+            raise ValueError(f"max_batch, max_queue and helper_min_images must be >= 1 and max_wait_s >= 0, "
+                             f"got {max_batch}, {max_queue}, {helper_min_images}, {max_wait_s}")
         self.name, self.max_batch, self.max_wait_s, self.max_queue = name, max_batch, max_wait_s, max_queue
-        self._lock = threading.Lock()  # guards _closed, _waiting and the order of put(job) vs put(None)
+        self.helper_min_images = helper_min_images
+        # guards _closed, _waiting, _busy_since and the order of put(job) vs put(None); the helper waits on it
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._collecting = threading.Lock()  # one lane takes jobs off the queue at a time (and owns _carry)
         self._waiting = 0  # images submitted and not yet taken into a batch
         self._batch_s = 0.0  # running mean of one batch's time, for Retry-After
-        self._busy_since: float | None = None  # monotonic start of the batch in progress (None: idle)
+        self._busy_since: dict[int, float] = {}  # lane -> monotonic start of the batch it is running
         self._died = False  # the thread ended on an unexpected BaseException
-        self._current: list[_Job] = []  # the batch in progress
+        self._current: dict[int, list[_Job]] = {}  # lane -> the batch in progress
         self._setup, self._on_batch, self._on_queue = setup, on_batch, on_queue
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._carry: _Job | None = None  # a job that did not fit the previous batch
@@ -71,6 +83,8 @@ class BatchWorker:
         self._closed = False
         self._setup_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"batch-{name}", daemon=True)
+        self._helper_setup = helper
+        self._helper = threading.Thread(target=self._run_helper, name=f"batch-{name}-2", daemon=True)
 
     def start(self, timeout: float | None = None) -> None:
         """Start the thread and wait until `setup` has built the predictor; re-raise its error."""
@@ -97,6 +111,8 @@ class BatchWorker:
             self._waiting += n
             job.waiting = True
             self._queue.put(job)
+            if 0 in self._busy_since and self._waiting >= self.helper_min_images:
+                self._cond.notify()  # the helper lane, if any, may take a batch now
         # a caller that gave up (deadline) frees its place at once, not when the worker reaches the job
         job.future.add_done_callback(lambda f: self._taken(job) if f.cancelled() else None)
         self._report_queue()
@@ -114,18 +130,22 @@ class BatchWorker:
                 return
             self._closed = True
             self._queue.put(None)  # under the lock: no job can be queued behind the stop marker
+            self._cond.notify_all()  # the helper lane ends
 
     def close(self, timeout: float = 10.0) -> None:
         """`stop`, then wait up to `timeout` for the thread; if it is still busy (a stuck predict), every
         caller still waiting - the running batch included - gets WorkerClosed now, so none hangs."""
         self.stop()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-        if self._thread.is_alive():
+        deadline = time.monotonic() + timeout
+        for thread in (self._thread, self._helper):
+            if thread.is_alive():
+                thread.join(max(deadline - time.monotonic(), 0))
+        if self._thread.is_alive() or self._helper.is_alive():
             log.error("batch worker did not stop in time; failing its callers",
                       extra=fields(event="worker_stop_timeout", model=self.name, timeout_s=timeout))
-            for job in self._current:
-                _fail(job, WorkerClosed(f"batch worker {self.name} is closed"))
+            for jobs in list(self._current.values()):
+                for job in jobs:
+                    _fail(job, WorkerClosed(f"batch worker {self.name} is closed"))
             self._fail_waiting("closed")
 
     def state(self, stuck_after_s: float) -> str:
@@ -134,10 +154,15 @@ class BatchWorker:
             return "closed"
         if self._died or (self._ready.is_set() and not self._thread.is_alive()):
             return "dead"
-        busy = self._busy_since
-        if busy is not None and time.monotonic() - busy > stuck_after_s:
+        busy = list(self._busy_since.values())
+        if busy and time.monotonic() - min(busy) > stuck_after_s:
             return "stuck"
         return "ok"
+
+    @property
+    def lanes(self) -> int:
+        """Batch lanes running: 1, or 2 with a helper lane whose setup succeeded."""
+        return 1 + self._helper.is_alive()
 
     @property
     def depth(self) -> int:
@@ -154,20 +179,54 @@ class BatchWorker:
             self._setup_error = e
             self._ready.set()
             return
+        if self._helper_setup is not None:
+            self._helper.start()
         self._ready.set()
         stop = False
         try:
             while not stop:
-                jobs, stop = self._collect()
+                with self._collecting:
+                    jobs, stop = self._collect()
                 if jobs:
-                    self._process(predict, jobs)
+                    self._process(predict, jobs, lane=0)
         except BaseException:  # not an Exception of predict (those fail their batch only): the thread ends
             log.critical("batch worker died", exc_info=True, extra=fields(event="worker_died", model=self.name))
             with self._lock:
                 self._died = True
+                self._cond.notify_all()
             self._fail_waiting("dead")
             return
+        with self._lock:  # stop() already woke the helper; wait for it before failing what is left
+            self._cond.notify_all()
+        if self._helper.is_alive():
+            self._helper.join()
         self._fail_waiting("closed")
+
+    def _run_helper(self) -> None:
+        """The second lane: a batch of what waits, only while lane 0 is busy and enough images wait. A failed
+        setup leaves one lane (logged); an unexpected BaseException ends this lane only."""
+        assert self._helper_setup is not None
+        try:
+            predict = self._helper_setup()
+        except Exception:
+            log.exception("second batch lane not started", extra=fields(event="helper_setup_failed", model=self.name))
+            return
+        try:
+            while True:
+                with self._lock:
+                    self._cond.wait_for(lambda: self._closed or self._died or (
+                        0 in self._busy_since and self._waiting >= self.helper_min_images))
+                    if self._closed or self._died:
+                        return
+                with self._collecting:
+                    jobs, stop = self._collect(block=False)
+                if stop:
+                    self._queue.put(None)  # the stop marker is lane 0's: hand it back
+                    return
+                if jobs:
+                    self._process(predict, jobs, lane=1)
+        except BaseException:
+            log.critical("second batch lane died", exc_info=True, extra=fields(event="helper_died", model=self.name))
 
     def _fail_waiting(self, state: str) -> None:
         """Fail whatever is left rather than leave callers waiting forever."""
@@ -184,15 +243,24 @@ class BatchWorker:
             self._taken(job)
             _fail(job, WorkerClosed(f"batch worker {self.name} is {state}"))
 
-    def _collect(self) -> tuple[list[_Job], bool]:
-        """Block for a first job, then gather until max_batch images or max_wait_s. Returns (jobs, stop)."""
-        first = self._carry if self._carry is not None else self._queue.get()
+    def _collect(self, block: bool = True) -> tuple[list[_Job], bool]:
+        """Block for a first job (`block`; else take only what waits), then gather until max_batch images or
+        max_wait_s (0 when not blocking). Returns (jobs, stop). Call it holding `_collecting`."""
+        if self._carry is not None:
+            first: _Job | None = self._carry
+        elif block:
+            first = self._queue.get()
+        else:
+            try:
+                first = self._queue.get_nowait()
+            except queue.Empty:
+                return [], False
         self._carry = None
         if first is None:
             return [], True
         jobs, n = [first], first.images.shape[0]
         self._taken(first)
-        deadline = time.monotonic() + self.max_wait_s
+        deadline = time.monotonic() + (self.max_wait_s if block else 0.0)
         stop = False
         while n < self.max_batch:
             remaining = deadline - time.monotonic()
@@ -218,9 +286,13 @@ class BatchWorker:
                 job.waiting = False
                 self._waiting -= job.images.shape[0]
 
-    def _process(self, predict: PredictFn, jobs: list[_Job]) -> None:
+    def _process(self, predict: PredictFn, jobs: list[_Job], lane: int) -> None:
         t0 = time.perf_counter()
-        self._busy_since, self._current = time.monotonic(), jobs
+        self._current[lane] = jobs
+        with self._lock:
+            self._busy_since[lane] = time.monotonic()
+            if lane == 0 and self._waiting >= self.helper_min_images:
+                self._cond.notify_all()  # enough is waiting behind this batch for the helper lane
         try:
             x = torch.cat([j.images for j in jobs])  # N x 3 x H x W
             parts = [predict(chunk) for chunk in x.split(self.max_batch)]  # a lone oversized job is chunked
@@ -236,7 +308,9 @@ class BatchWorker:
                 _fail(j, WorkerClosed(f"batch worker {self.name} died"))
             raise
         finally:
-            self._busy_since, self._current = None, []
+            with self._lock:
+                self._busy_since.pop(lane, None)
+            self._current.pop(lane, None)
         seconds = time.perf_counter() - t0
         self._batch_s = seconds if self._batch_s == 0 else 0.8 * self._batch_s + 0.2 * seconds
         if self._on_batch is not None:

@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     # keep every thread. Idle 2-core A/B at 32 connections: 1 image/request +5 % over the hand-read form alone
     # (1,336 vs 1,271 img/s), 8 images/request unchanged (benchmarks/results/serve_ab_small_batch.md)
     small_batch_max: Annotated[int, Field(ge=0, le=4096)] = 16
+    # CPU: a second batch lane per model (batching.BatchWorker's helper) that takes a batch only while the first
+    # is busy and at least `second_lane_min_images` images wait; both lanes then run one intra-op thread each.
+    # Light load never wakes it. Idle 2-core A/B, 3 rounds (benchmarks/results/serve_ab_lanes.md): 8 images x 32
+    # connections 1.09x, 8 x 8 1.06x, 1 x 32 1.01x, 1 x 1 unchanged; a threshold of 17 cost 1 x 32 4 % and its p99
+    second_lane: bool = True
+    second_lane_min_images: Annotated[int, Field(ge=1, le=4096)] = 32
     # the interpreter's GIL switch interval in ms for the server's lifetime (sys.setswitchinterval; None: Python's
     # 5 ms). The event loop, decode threads and the batch worker hand the GIL to each other many times per
     # request, and a thread that wants it waits up to this long. Idle 2-core A/B, 3 rounds

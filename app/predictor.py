@@ -6,8 +6,9 @@ POST .../examples embeds through the same worker and batches as /classify.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,13 @@ class Predictor:
     threads: int | None = None  # onnxruntime intra-op threads (settings.threads_per_process)
     small_batch_max: int = 0  # CPU: batches of at most this many images run on one thread (settings)
     runtime_name: str = ""  # set by `setup`: "torch" or "onnxruntime (<provider>)"
+    # set by `setup`: the one-thread embed a second lane shares (`setup_helper`); None: no second lane here
+    _embed_one: Callable[[Tensor], Tensor] | None = None
+    _helper_busy: threading.Event = field(default_factory=threading.Event)  # the second lane is running a batch
+
+    def two_lanes(self) -> bool:
+        """Whether a second batch lane can run here: a CPU with more than one intra-op thread."""
+        return self.device.type == "cpu" and (self.threads or torch.get_num_threads()) > 1
 
     def setup(self) -> PredictFn:
         """Build the runtime and the index, warm up once (a broken runtime fails now, not on a request)."""
@@ -52,9 +60,12 @@ class Predictor:
             embed, self.runtime_name = onnx, onnx.name
             # onnxruntime fixes its threads per session: a second, one-thread session of the same model
             embed_small = OnnxEmbed(self.folder / ENCODER_ONNX, self.device, 1) if small_max else embed
+            # a one-thread session runs on its caller's thread, so two lanes can share it side by side
+            self._embed_one = embed_small if small_max else OnnxEmbed(self.folder / ENCODER_ONNX, self.device, 1)
         else:
-            embed = embed_small = TorchEmbed(self.art.encoder, self.device)
+            embed = embed_small = self._embed_one = TorchEmbed(self.art.encoder, self.device)
             self.runtime_name = "torch"
+        helper_busy = self._helper_busy
         live = self.live
         shipped = live.state
         if not shipped.examples and shipped.rule.majority:  # the bank as shipped: the index the artifact describes
@@ -62,7 +73,8 @@ class Predictor:
         live.index()  # built here, on the worker thread, if not yet (faiss GPU state lives on this thread)
 
         def predict(x: Tensor) -> Votes:
-            small = x.shape[0] <= small_max
+            # beside a busy second lane each lane keeps to one thread (two batches on two cores, not three threads)
+            small = x.shape[0] <= small_max or helper_busy.is_set()
             if small_max:  # torch's count is process-wide (a /attack running meanwhile follows it): set per batch
                 torch.set_num_threads(1 if small else threads)
             z = (embed_small if small else embed)(x)
@@ -71,6 +83,29 @@ class Predictor:
 
         size = self.art.input_size
         predict(torch.zeros(1, 3, size, size))
+        return predict
+
+    def setup_helper(self) -> PredictFn:
+        """The second lane's predict (on its own thread, after `setup`): the one-thread embed and the same live
+        bank; lane 0 keeps to one thread while it runs."""
+        embed_one, live, busy = self._embed_one, self.live, self._helper_busy
+        if embed_one is None:
+            raise RuntimeError("setup_helper needs setup to have run first")
+        # torch's count: set per batch only where lane 0 sets it per batch too (small_batch_max), so that a
+        # process-wide 1 never outlives the batch
+        per_batch = self.small_batch_max > 0
+
+        def predict(x: Tensor) -> Votes:
+            busy.set()
+            if per_batch:
+                torch.set_num_threads(1)
+            try:
+                z = embed_one(x)
+                pred, counts = live.index()(z)
+                return pred, pack_output(counts, z)
+            finally:
+                busy.clear()
+
         return predict
 
 

@@ -140,8 +140,10 @@ def load_served_model(folder: Path, settings: Settings, device: torch.device, me
         batch_latency.observe(seconds)
         images.inc(n)
 
+    helper = predictor.setup_helper if settings.second_lane and predictor.two_lanes() else None
     worker = BatchWorker(name, predictor.setup, max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000,
-                         max_queue=settings.max_queue_images, on_batch=on_batch, on_queue=depth.set)
+                         max_queue=settings.max_queue_images, on_batch=on_batch, on_queue=depth.set, helper=helper,
+                         helper_min_images=settings.second_lane_min_images)
     try:
         worker.start(timeout=SETUP_TIMEOUT_S)
     except BaseException:

@@ -178,3 +178,86 @@ def test_worker_keeps_serving_after_failing_batches() -> None:
         assert calls == [1, 2] * 3
     finally:
         w.close()
+
+
+def two_lane_worker(min_images: int, max_batch: int = 4, helper_fails: bool = False):
+    """A worker with a second lane; lane 0 blocks in predict until `release` is set. Records (lane, batch size)."""
+    release = threading.Event()
+    started = threading.Event()
+    runs: list[tuple[str, int]] = []
+
+    def make(lane: str, block: bool):
+        def setup():
+            if lane == "helper" and helper_fails:
+                raise RuntimeError("no second session")
+
+            def predict(x: Tensor) -> Votes:
+                if block and x.shape[0] > 0 and x[0, 0, 0, 0] > 0:  # the warm-up-free toy: image 0 never blocks
+                    started.set()
+                    assert release.wait(5)
+                runs.append((lane, x.shape[0]))
+                pred = (x[:, 0, 0, 0] * 100).round().long()
+                return pred, torch.nn.functional.one_hot(pred, 100)
+            return predict
+        return setup
+
+    w = BatchWorker("t", make("main", True), max_batch=max_batch, max_wait_s=0, helper=make("helper", False),
+                    helper_min_images=min_images)
+    return w, runs, started, release
+
+
+def test_second_lane_takes_a_batch_only_while_the_first_is_busy_and_enough_waits() -> None:
+    w, runs, started, release = two_lane_worker(min_images=3)
+    w.start()
+    assert w.lanes == 2
+    first = w.submit(images(1))
+    assert started.wait(5)  # lane 0 is busy with [1]
+    second = w.submit(images(2, 3))  # 2 images wait: below the helper's threshold
+    assert not second.done() and runs == []
+    third = w.submit(images(4))  # 3 wait: the helper takes them while lane 0 is still busy
+    assert [int(v) for v in third.result(5)[0]] == [4]
+    assert second.result(5)[0].tolist() == [2, 3]
+    assert runs == [("helper", 3)] and not first.done()
+    release.set()
+    assert first.result(5)[0].tolist() == [1]
+    assert runs == [("helper", 3), ("main", 1)]
+    w.close()
+    assert not w._helper.is_alive() and not w._thread.is_alive()
+
+
+def test_light_load_never_reaches_the_second_lane() -> None:
+    w, runs, _, release = two_lane_worker(min_images=2)
+    release.set()  # lane 0 never blocks: each request is done before the next
+    w.start()
+    for i in range(1, 20):
+        assert w.submit(images(i)).result(5)[0].tolist() == [i]
+    assert runs == [("main", 1)] * 19
+    w.close()
+
+
+def test_close_with_a_busy_second_lane_loses_no_caller() -> None:
+    w, runs, started, release = two_lane_worker(min_images=1, max_batch=2)
+    w.start()
+    futures = [w.submit(images(1))]
+    assert started.wait(5)
+    futures += [w.submit(images(i)) for i in range(2, 12)]
+    threading.Timer(0.2, release.set).start()
+    w.close(timeout=5)
+    # every caller has an answer (its own row) or WorkerClosed: none hangs
+    for i, f in enumerate(futures, start=1):
+        try:
+            assert f.result(5)[0].tolist() == [i]
+        except WorkerClosed:
+            pass
+    assert sum(n for _, n in runs) == sum(f.exception() is None for f in futures)
+    assert not w._helper.is_alive() and not w._thread.is_alive()
+
+
+def test_a_second_lane_that_fails_setup_leaves_one_lane(caplog: pytest.LogCaptureFixture) -> None:
+    w, runs, _, release = two_lane_worker(min_images=1, helper_fails=True)
+    release.set()
+    w.start()
+    w._helper.join(5)
+    assert w.lanes == 1 and "second batch lane not started" in caplog.text
+    assert w.submit(images(7)).result(5)[0].tolist() == [7] and runs == [("main", 1)]
+    w.close()
