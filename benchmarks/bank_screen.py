@@ -21,22 +21,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from training.data import load_split
+from training.data import load_split, mirrored
 from training.export import _checkpoint_parts, split_of
 from training.knn import embed, knn_predict
 from training.reduce import pca_map
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_bench import write_result  # a sibling script: the one writer of benchmarks/results
-
-
-def mirrored(images: np.ndarray) -> np.ndarray:
-    """uint8 NHWC images flipped left-right."""
-    return np.ascontiguousarray(images[:, :, ::-1])
 
 
 def screen(checkpoint: str, data: str, dims: list[int], k: int) -> list[dict[str, Any]]:
@@ -52,13 +46,12 @@ def screen(checkpoint: str, data: str, dims: list[int], k: int) -> list[dict[str
     for dim in [*dims, None]:  # None: the full (normalised) embedding, no PCA
         for pca_on_flip in ([False] if dim is None else [False, True]):
             if dim is None:
-                def project(x: Tensor) -> Tensor:
-                    return x.half().float()
+                weight, bias = torch.eye(bank.shape[1]), torch.zeros(bank.shape[1])
             else:
                 weight, bias, _ = pca_map(torch.cat([bank, bank_flip]) if pca_on_flip else bank, dim)
 
-                def project(x: Tensor, w: Tensor = weight, b: Tensor = bias) -> Tensor:
-                    return (x @ w.T + b).half().float()
+            def project(x: Tensor, w: Tensor = weight, b: Tensor = bias) -> Tensor:
+                return (x @ w.T + b).half().float()
             q = project(query)
             one = (knn_predict(q, project(bank), yb, classes, k)[0] == yv).float().mean().item()
             both = knn_predict(q, torch.cat([project(bank), project(bank_flip)]), torch.cat([yb, yb]), classes, k)

@@ -40,7 +40,8 @@ def validation_split(art: Artifact, data: str) -> tuple[np.ndarray, np.ndarray]:
     """The artifact's held-out validation images (uint8 NHWC) and labels, as its training run split them."""
     hp = art.manifest.get("training", {}).get("hyperparameters", {})
     try:
-        val = recorded_validation(hp, load_dataset(data, "train"), int(art.bank.shape[0]), f"{art.path} with {data}")
+        val = recorded_validation(hp, load_dataset(data, "train"), art.spec.bank_images(int(art.bank.shape[0])),
+                                  f"{art.path} with {data}")
     except ValueError as e:
         raise SystemExit(str(e)) from e
     if val is None:

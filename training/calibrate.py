@@ -36,7 +36,7 @@ def calibrate_artifact(path: str | Path, data: str | Path, n: int | None = None,
     """Compute, write and hash the calibration scores of the artifact at `path`; returns the manifest entry."""
     path = Path(path)
     art = load_artifact(path, device)
-    bank_size = art.spec.bank_size if art.spec.bank_size is not None else int(art.bank.shape[0])
+    bank_size = art.spec.bank_images(int(art.bank.shape[0]))
     hp = art.manifest.get("training", {}).get("hyperparameters", {})
     full = load_dataset(data, "train")
     stratified = False

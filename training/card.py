@@ -49,7 +49,8 @@ def render_card(manifest: Manifest) -> str:
         f"- Encoder: {enc.arch} width {enc.width} (CIFAR stem), {_embedding(enc)}; "
         "inputs RGB in [0, 1], normalisation inside the model.",
         f"- Classifier: k-NN, k = {knn.k}, {knn.metric} distance, "
-        f"unweighted majority vote over a bank of {manifest.bank_size} training embeddings.",
+        f"unweighted majority vote over a bank of {manifest.bank_size} training embeddings"
+        + (" and those of their mirror images." if (manifest.bank_views or 1) == 2 else "."),
         f"- Dataset: {manifest.dataset} ({len(manifest.classes)} classes: {', '.join(manifest.classes)}).",
         "", "## Training",
         f"- Method: `{t.method}`; epochs {t.epochs}; seed {t.seed}; code {t.code_version}.",

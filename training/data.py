@@ -177,6 +177,11 @@ def load_split(data: str | Path, spec: SplitSpec) -> tuple[ImageDataset, ImageDa
     return spec.apply(load_dataset(data, "train"))
 
 
+def mirrored(images: np.ndarray) -> np.ndarray:
+    """uint8 NHWC images flipped left-right (the bank's mirror view, `satml export --bank-mirror`)."""
+    return np.ascontiguousarray(images[:, :, ::-1])
+
+
 def recorded_validation(hp: dict[str, Any] | None, full: ImageDataset, bank_size: int,
                         owner: str) -> ImageDataset | None:
     """The validation images of the split a run recorded (`hp`: its checkpoint config or manifest hyper-parameters),

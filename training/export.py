@@ -3,12 +3,21 @@
 encoder.safetensors + encoder.onnx (checked against torch with onnxruntime) + bank.safetensors +
 manifest.json (sha256 of every file) + card.md. The manifest is a `training.manifest.Manifest`;
 `training.artifact.write_artifact` renders the card, hashes the files and writes it.
+
+The encoder's weights are stored once: encoder.onnx is exported without constant folding, so that each of its
+initializers is byte for byte a tensor of encoder.safetensors, and then points at that tensor's bytes inside
+encoder.safetensors (ONNX external data: location, offset, length). onnxruntime folds the batch norms into the
+convolutions when it loads the graph, so it runs as fast as a folded export; the file shrinks from the whole
+encoder (4.7 MB at cnn8 w32) to its graph (~12 kB), which is what the 15 MB artifact limit needed for a larger
+bank or encoder (issue 10). Loaders that open encoder.onnx by path (onnxruntime, `onnx.load`) find the weights
+beside it; the manifest hashes both files.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import subprocess
 import time
@@ -24,7 +33,15 @@ from training import knn
 from training.artifact import BANK, ENCODER_ONNX, ENCODER_WEIGHTS, write_artifact
 from training.checkpoint import config_of, encoder_from_checkpoint, load_checkpoint
 from training.config import TrainConfig, resolve_device
-from training.data import DatasetError, ImageDataset, SplitSpec, has_test_split, load_dataset, load_split
+from training.data import (
+    DatasetError,
+    ImageDataset,
+    SplitSpec,
+    has_test_split,
+    load_dataset,
+    load_split,
+    mirrored,
+)
 from training.evaluate import KnnModel, clean_accuracy, pgd_accuracy
 from training.manifest import EncoderSpec, InputSpec, KnnSpec, Manifest, Metrics, TrainingInfo
 from training.models import Encoder
@@ -45,15 +62,55 @@ def code_version() -> str:
         return "unknown"
 
 
-def export_onnx(encoder: Encoder, path: Path, size: int, atol: float = ONNX_ATOL) -> float:
-    """Export with a dynamic batch axis (opset 17) and return the measured max abs diff vs torch."""
+def share_weights(onnx_path: Path, weights_path: Path) -> int:
+    """Point every initializer of the ONNX file that equals (name, float32, bytes) a tensor of the safetensors file
+    beside it at that tensor's bytes (ONNX external data), rewrite the ONNX file, and return how many were linked.
+    An initializer with no tensor of its name (an exporter constant) stays inline; one whose name matches but whose
+    bytes differ is an error."""
+    import onnx
+    from onnx.external_data_helper import set_external_data
+
+    if onnx_path.parent != weights_path.parent:
+        raise ValueError(f"{weights_path} must sit beside {onnx_path} (external data is found relative to it)")
+    raw = weights_path.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    header, base = json.loads(raw[8:8 + header_len]), 8 + header_len
+    model = onnx.load(str(onnx_path))
+    linked = 0
+    for init in model.graph.initializer:
+        meta = header.get(init.name)
+        if not isinstance(meta, dict) or meta.get("dtype") != "F32" or init.data_type != onnx.TensorProto.FLOAT:
+            continue
+        start, end = meta["data_offsets"]
+        if list(meta["shape"]) != list(init.dims) or raw[base + start:base + end] != init.raw_data:
+            raise ValueError(f"{onnx_path.name}: initializer {init.name!r} differs from the tensor of that name in "
+                             f"{weights_path.name}")
+        set_external_data(init, location=weights_path.name, offset=base + start, length=end - start)
+        init.ClearField("raw_data")
+        init.data_location = onnx.TensorProto.EXTERNAL
+        linked += 1
+    onnx_path.write_bytes(model.SerializeToString())
+    return linked
+
+
+def export_onnx(encoder: Encoder, path: Path, size: int, atol: float = ONNX_ATOL,
+                weights: Path | None = None) -> float:
+    """Export with a dynamic batch axis (opset 17) and return the measured max abs diff vs torch. `weights`: the
+    encoder's safetensors file beside `path`, which the ONNX initializers then point into (`share_weights`); the
+    export fails if the ONNX file is still more than its graph afterwards."""
     import onnxruntime as ort
 
     encoder = encoder.cpu().eval()
     x = torch.rand(2, 3, size, size)
     torch.onnx.export(encoder, (x,), str(path), input_names=["images"], output_names=["embeddings"],
                       dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}}, opset_version=17,
-                      dynamo=False)
+                      dynamo=False, do_constant_folding=weights is None)
+    if weights is not None:
+        share_weights(path, weights)
+        inline = path.stat().st_size  # the graph and the exporter's own constants only, if the weights linked
+        if inline > max(1 << 16, weights.stat().st_size // 100):
+            raise RuntimeError(f"{path.name} still holds {inline} bytes after linking its weights to {weights.name}: "
+                               "did the exporter rename the initializers?")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     probe = torch.rand(5, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -82,8 +139,10 @@ def export_artifact(
     bank_dtype: torch.dtype = torch.float16,
     onnx: bool = True,
     encoder_extra: dict[str, Any] | None = None,
+    bank_views: int = 1,
 ) -> Path:
-    """Write the artifact folder; returns it. Existing files of the same names are replaced."""
+    """Write the artifact folder; returns it. Existing files of the same names are replaced. `bank_views` 2: the
+    bank's second half holds the embeddings of the first half's images mirrored (same order, same labels)."""
     cfg = encoder.cfg
     # refuse up front what `load_artifact` would refuse, so no half-written or unloadable folder is left
     missing = [key for key in TrainingInfo.REQUIRED if key not in training]
@@ -92,6 +151,8 @@ def export_artifact(
     if bank.dim() != 2 or bank.shape[1] != cfg.embed_dim or bank_labels.shape != (bank.shape[0],):
         raise ValueError(f"bank {tuple(bank.shape)} and labels {tuple(bank_labels.shape)} must be [N, "
                          f"{cfg.embed_dim}] and [N]")
+    if bank_views not in (1, 2) or bank.shape[0] % bank_views:
+        raise ValueError(f"bank_views must be 1 or 2 and divide the bank's {bank.shape[0]} rows, got {bank_views}")
     if bank_labels.numel() and not 0 <= int(bank_labels.min()) <= int(bank_labels.max()) < len(classes):
         raise ValueError(f"bank labels must be in [0, {len(classes)}) (one per class name)")
     training_info, measured = TrainingInfo.from_dict(training), Metrics.from_dict(metrics or {})
@@ -104,8 +165,10 @@ def export_artifact(
     files = [ENCODER_WEIGHTS, BANK]
     onnx_diff = None
     if onnx:
-        onnx_diff = export_onnx(encoder, out / ENCODER_ONNX, input_size)
+        onnx_diff = export_onnx(encoder, out / ENCODER_ONNX, input_size, weights=out / ENCODER_WEIGHTS)
         files.append(ENCODER_ONNX)
+    else:  # a graph left from an earlier export would point into the weights just replaced
+        (out / ENCODER_ONNX).unlink(missing_ok=True)
     manifest = Manifest(
         name=name, description=description, dataset=dataset, classes=list(classes),
         input=InputSpec(size=input_size, channels=3, mean=cfg.mean, std=cfg.std, value_range=(0.0, 1.0),
@@ -113,7 +176,8 @@ def export_artifact(
         encoder=EncoderSpec(arch=cfg.arch, width=cfg.width, proj_dim=cfg.proj_dim, mean=cfg.mean, std=cfg.std,
                             embed_dim=cfg.embed_dim, normalize=cfg.reduce_dim is None, reduce_dim=cfg.reduce_dim,
                             extra={"onnx_max_abs_diff": onnx_diff, **(encoder_extra or {})}),
-        knn=KnnSpec(k=k, metric=metric, vote="majority"), bank_size=int(bank.shape[0]),
+        knn=KnnSpec(k=k, metric=metric, vote="majority"), bank_size=int(bank.shape[0]) // bank_views,
+        bank_views=bank_views if bank_views > 1 else None,
         training=training_info, metrics=measured)
     write_artifact(out, manifest, files)
     return out
@@ -191,6 +255,9 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
         encoder_extra = {"reduce": "pca of the bank embeddings", "reduce_explained_variance": round(kept, 4)}
         log.info("embedding reduced %d -> %d dimensions by a PCA of the bank (%.1f %% of its variance)",
                  encoder.cfg.feature_dim, args.reduce_dim, 100 * kept)
+    if args.bank_mirror:  # the mirrored images through the served encoder (after the PCA: fitted on originals only)
+        emb = torch.cat([emb, knn.embed(encoder, mirrored(ds.images), device=device, progress=True).to(emb.device)])
+        labels = torch.cat([labels, labels])
     # evaluate with the bank exactly as it is shipped (after the fp16 round trip)
     model = KnnModel(encoder, emb.to(dtype).float().to(device), labels.to(device), len(ds.classes), args.k)
     metrics = evaluate_model(model, args.data, args.n_clean, args.n_robust, args.eps, args.steps, val=val)
@@ -201,7 +268,7 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     out = export_artifact(args.out, encoder, emb, labels, name=args.name, classes=list(ds.classes),
                           dataset=args.dataset, training=training, metrics=metrics, description=args.description,
                           input_size=int(ds.images.shape[1]), k=args.k, bank_dtype=dtype,
-                          encoder_extra=encoder_extra)
+                          encoder_extra=encoder_extra, bank_views=2 if args.bank_mirror else 1)
     return {"artifact": str(out), "metrics": metrics}
 
 
@@ -253,6 +320,9 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--reduce-dim", type=int, default=None,
                    help="serve the N-d PCA of the embedding (fitted on the bank, baked into the encoder and the "
                         "ONNX file): a wide encoder's bank then fits the artifact size limit")
+    p.add_argument("--bank-mirror", action="store_true",
+                   help="add the embeddings of the bank images mirrored left-right (twice the rows; "
+                        "benchmarks/bank_screen.py measures what it buys)")
     p.add_argument("--trained-on", default="unknown", help="hardware the run trained on, for the card")
     metrics_args(p)
     common(p)

@@ -255,7 +255,10 @@ class Manifest(_Section):
     input: InputSpec
     encoder: EncoderSpec
     knn: KnnSpec
-    bank_size: int | None = None
+    bank_size: int | None = None  # training images in the bank
+    # bank rows per image: absent (1), or 2 when the rows of the mirrored images follow the originals' (export
+    # --bank-mirror); the bank then holds bank_size * bank_views rows
+    bank_views: int | None = None
     training: TrainingInfo | None = None
     metrics: Metrics | None = None
     files: dict[str, str] = field(default_factory=dict)
@@ -280,8 +283,13 @@ class Manifest(_Section):
         return cls(format_version=d.get("format_version", FORMAT_VERSION), name=str(d["name"]),
                    description=str(d.get("description", "")), dataset=_opt(d, "dataset", str), classes=list(classes),
                    input=InputSpec.from_dict(d["input"]), encoder=EncoderSpec.from_dict(d["encoder"]),
-                   knn=KnnSpec.from_dict(d["knn"]), bank_size=_opt(d, "bank_size", int), files=dict(files),
+                   knn=KnnSpec.from_dict(d["knn"]), bank_size=_opt(d, "bank_size", int),
+                   bank_views=_opt(d, "bank_views", int), files=dict(files),
                    extra=_extra(d, cls), **optional)
+
+    def bank_images(self, rows: int) -> int:
+        """Training images behind a bank of `rows` rows (the split rebuilds check against this, not the rows)."""
+        return self.bank_size if self.bank_size is not None else rows // (self.bank_views or 1)
 
     @property
     def method(self) -> str:

@@ -28,7 +28,7 @@ from training.artifact import (
     load_artifact,
     verify_artifact,
 )
-from training.export import ONNX_ATOL, code_version, export_artifact
+from training.export import ONNX_ATOL, code_version, export_artifact, export_onnx, share_weights
 from training.models import Encoder, EncoderConfig
 
 CLASSES = ["a", "b", "c"]
@@ -159,6 +159,49 @@ def test_onnx_parity_with_dynamic_batch(exported: tuple[Path, Encoder, torch.Ten
         np.testing.assert_allclose(got, ref, atol=ONNX_ATOL, rtol=0)
 
 
+def test_onnx_holds_no_second_copy_of_the_weights(exported: tuple[Path, Encoder, torch.Tensor, torch.Tensor]
+                                                  ) -> None:
+    """Every parameter and buffer of the graph is read from encoder.safetensors (ONNX external data), so the
+    ONNX file is its graph only; `onnx.load` brings the weights in, and a session from those bytes matches."""
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    out, enc, _, _ = exported
+    bare = onnx.load(str(out / ENCODER_ONNX), load_external_data=False)
+    external = [i for i in bare.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(external) >= sum(1 for _ in enc.parameters())
+    assert {e.value for i in external for e in i.external_data if e.key == "location"} == {ENCODER_WEIGHTS}
+    inline = sum(len(i.raw_data) for i in bare.graph.initializer if i.data_location != onnx.TensorProto.EXTERNAL)
+    assert inline < 1024, f"{inline} bytes of weights still inline"
+    full = onnx.load(str(out / ENCODER_ONNX))  # the weights read from beside it
+    session = ort.InferenceSession(full.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = _images(3, 4)
+    with torch.no_grad():
+        np.testing.assert_allclose(session.run(None, {"images": x.numpy()})[0], enc(x).numpy(), atol=ONNX_ATOL, rtol=0)
+
+
+def test_share_weights_refuses_a_weights_file_that_differs(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    enc = _encoder()
+    export_onnx(enc, tmp_path / ENCODER_ONNX, 16)  # folded: no initializer links
+    save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, tmp_path / ENCODER_WEIGHTS)
+    assert share_weights(tmp_path / ENCODER_ONNX, tmp_path / ENCODER_WEIGHTS) < sum(1 for _ in enc.parameters())
+    other = {k: (v + 1 if v.is_floating_point() else v).contiguous() for k, v in enc.state_dict().items()}
+    save_file(other, tmp_path / ENCODER_WEIGHTS)
+    torch.onnx.export(enc.eval(), (torch.rand(1, 3, 16, 16),), str(tmp_path / ENCODER_ONNX), dynamo=False,
+                      do_constant_folding=False)
+    with pytest.raises(ValueError, match="differs from the tensor"):
+        share_weights(tmp_path / ENCODER_ONNX, tmp_path / ENCODER_WEIGHTS)
+
+
+def test_export_without_onnx_removes_a_stale_graph(exported: tuple[Path, Encoder, torch.Tensor, torch.Tensor],
+                                                   tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(exported[0], tmp_path / "again"))
+    enc = _encoder()
+    export_artifact(folder, enc, knn.embed(enc, _images(4, 5)), torch.tensor([0, 1, 2, 0]), name="again",
+                    classes=CLASSES, dataset="synthetic", training=TRAINING, input_size=16, onnx=False)
+    assert not (folder / ENCODER_ONNX).exists()
+
+
 def test_export_again_replaces_the_files(copy: Path) -> None:
     enc = _encoder()
     bank = knn.embed(enc, _images(4, 5))
@@ -284,3 +327,19 @@ def test_export_refuses_what_load_would_refuse(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="training"):
         export_artifact(tmp_path / "c", enc, bank, torch.tensor([0, 1, 2, 0]), training={"method": "sat"}, **kw)
     assert not any((tmp_path / d).exists() and any((tmp_path / d).iterdir()) for d in "abc")  # nothing half-written
+
+
+def test_bank_views_must_be_one_or_two_and_divide_the_rows(tmp_path: Path) -> None:
+    enc = _encoder()
+    bank = knn.embed(enc, _images(6, 3))
+    for views in (3, 4):
+        with pytest.raises(ValueError, match="bank_views"):
+            export_artifact(tmp_path / "v", enc, bank, torch.arange(6) % 3, name="v", classes=CLASSES,
+                            dataset="synthetic", training=TRAINING, input_size=16, onnx=False, bank_views=views)
+    out = export_artifact(tmp_path / "v2", enc, bank, torch.arange(6) % 3, name="v2", classes=CLASSES,
+                          dataset="synthetic", training=TRAINING, input_size=16, onnx=False, bank_views=2)
+    m = json.loads((out / MANIFEST).read_text())
+    assert (m["bank_size"], m["bank_views"]) == (3, 2)
+    one = export_artifact(tmp_path / "v1", enc, bank, torch.arange(6) % 3, name="v1", classes=CLASSES,
+                          dataset="synthetic", training=TRAINING, input_size=16, onnx=False)
+    assert "bank_views" not in json.loads((one / MANIFEST).read_text())  # old manifests' shape unchanged

@@ -119,3 +119,37 @@ def test_train_bank_export_evaluate_smoke(tiny_cifar: Path, tmp_path: Path, caps
     # the shipped (fp16) bank is what export evaluated: the same numbers come back
     assert evaluated["clean_acc"] == manifest.metrics.clean_acc
     assert evaluated["robust"][0]["acc"] == manifest.metrics.robust[0].acc
+
+
+def test_export_bank_mirror_adds_the_mirrored_images(tiny_cifar: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """`--bank-mirror`: the bank's second half is the served encoder's embedding of the same images mirrored,
+    same labels; the manifest counts images (bank_size) and views, so the split rebuilds still check out."""
+    import torch
+
+    from training.calibrate import calibrate_artifact
+    from training.data import load_dataset, mirrored, recorded_validation
+    from training.knn import embed
+
+    common = ["--data", str(tiny_cifar), "--device", "cpu"]
+    tiny = ["--arch", TINY_ENCODER["arch"], "--width", str(TINY_ENCODER["width"]),
+            "--proj-dim", str(TINY_ENCODER["proj_dim"])]
+    assert main(["train", "--method", "supervised", "--run-dir", str(tmp_path / "run"), *tiny, "--epochs", "1",
+                 "--batch-size", "16", "--val-size", "16", "--knn-k", "5", "--no-progress", *common]) == 0
+    capsys.readouterr()
+    art_dir = tmp_path / "mirror"
+    assert main(["export", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--out", str(art_dir),
+                 "--name", "m", "--k", "5", "--n-robust", "0", "--reduce-dim", "8", "--bank-mirror", *common]) == 0
+    manifest = verify_artifact(art_dir)
+    assert manifest.bank_size == 64 and manifest.bank_views == 2
+    art = load_artifact(art_dir)
+    assert art.bank.shape[0] == 128 and torch.equal(art.bank_labels[:64], art.bank_labels[64:])
+    train = load_dataset(str(tiny_cifar), "train")
+    flipped = embed(art.encoder, mirrored(train.images[:64]))
+    torch.testing.assert_close(art.bank[64:], flipped.half().float(), atol=2e-3, rtol=0)
+    assert not torch.equal(art.bank[:64], art.bank[64:])
+    hp = manifest.training.hyperparameters if manifest.training else None
+    val = recorded_validation(hp, train, manifest.bank_images(art.bank.shape[0]), "mirror")
+    assert val is not None and len(val) == 16
+    assert calibrate_artifact(art_dir, tiny_cifar)["n"] == 16  # the split checks against 64 images, not 128 rows
+    assert "mirror images" in (art_dir / "card.md").read_text()

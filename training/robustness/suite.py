@@ -227,7 +227,7 @@ class Suite:
     def temperature_sweep(self, m: ModelUnderTest) -> dict[str, Any]:
         """Pick the surrogate whose PGD leaves the lowest hard-vote accuracy on held-out images (sets m.surrogate)."""
         cfg = self.cfg
-        bank_size = m.manifest.bank_size if m.manifest.bank_size is not None else len(m.model.bank)
+        bank_size = m.manifest.bank_images(len(m.model.bank))
         if self.held_out is not None:
             held = self.held_out.subset(slice(0, cfg.n_sweep))
             where = "validation images (the first of the split, never attacked)"
@@ -609,7 +609,7 @@ def shared_validation(models: Sequence[ModelUnderTest], train: ImageDataset) -> 
         raise ValueError("the models were trained on different splits; evaluate them in separate validation runs")
     val = None
     for m, hp in zip(models, hps, strict=True):
-        val = recorded_validation(hp, train, len(m.model.bank), str(m.path))
+        val = recorded_validation(hp, train, m.manifest.bank_images(len(m.model.bank)), str(m.path))
         if val is None:
             raise ValueError(f"{m.path}: the manifest records no training split; its validation images are unknown")
     assert val is not None  # models is never empty (Suite refuses that)
