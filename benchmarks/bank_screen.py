@@ -30,7 +30,7 @@ from training.knn import embed, knn_predict
 from training.reduce import pca_map
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_bench import write_result  # a sibling script: the one writer of benchmarks/results
+from serve_bench import emit_result  # a sibling script: the one writer of benchmarks/results
 
 
 def screen(checkpoint: str, data: str, dims: list[int], k: int) -> list[dict[str, Any]]:
@@ -81,10 +81,7 @@ def main() -> None:
     md += [f"| {r['dim']} | {'bank + mirrored' if r['pca_on_flip'] else 'bank'} | {r['bank']:.2%} | "
            f"{r['bank_and_mirror']:.2%} |" for r in rows]
     result = {"checkpoint": a.checkpoint, "k": a.k, "rows": rows, "load_average": os.getloadavg()}
-    if a.out:
-        write_result(Path(a.out), result, "\n".join(md) + "\n")
-    else:
-        print("\n".join(md))
+    emit_result(a.out, result, md)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from training.data import load_dataset, recorded_validation
 from training.evaluate import KnnModel, clean_accuracy, robust_mask
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_bench import write_result  # a sibling script: the one writer of benchmarks/results
+from serve_bench import emit_result  # a sibling script: the one writer of benchmarks/results
 
 
 def validation_split(art: Artifact, data: str) -> tuple[np.ndarray, np.ndarray]:
@@ -101,10 +101,7 @@ def main() -> None:
            for r in rows]
     result = {"artifact": a.artifact, "steps": a.steps, "eps": a.eps, "n_clean": a.n_clean,
               "n_robust": a.n_robust, "rows": rows, "load_average": os.getloadavg()}
-    if a.out:
-        write_result(Path(a.out), result, "\n".join(md) + "\n")
-    else:
-        print("\n".join(md))
+    emit_result(a.out, result, md)
 
 
 if __name__ == "__main__":

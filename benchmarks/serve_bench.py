@@ -603,5 +603,13 @@ def write_result(prefix: Path, result: dict[str, Any], md: str) -> None:
     print(f"written {prefix}.json and .md")
 
 
+def emit_result(out: str | None, result: dict[str, Any], lines: list[str]) -> None:
+    """`write_result` under the `--out` prefix, or with no `--out` the table on stdout only."""
+    if out:
+        write_result(Path(out), result, "\n".join(lines) + "\n")
+    else:
+        print("\n".join(lines))
+
+
 if __name__ == "__main__":
     sys.exit(main())
