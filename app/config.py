@@ -55,10 +55,9 @@ class Settings(BaseSettings):
     second_lane_min_images: Annotated[int, Field(ge=1, le=4096)] = 32
     # the interpreter's GIL switch interval in ms for the server's lifetime (sys.setswitchinterval; None: Python's
     # 5 ms). The event loop, decode threads and the batch worker hand the GIL to each other many times per
-    # request, and a thread that wants it waits up to this long. Idle 2-core A/B, 3 rounds
-    # (benchmarks/results/serve_ab_switch.md): 1 ms against 5 ms gave 1 image x 32 connections 1.08x (p99 29 vs
-    # 32 ms), 8 x 32 1.03x, 1 x 1 unchanged; 0.2 ms no better than 1
-    switch_interval_ms: Annotated[float, Field(gt=0, le=100)] | None = 1.0
+    # request, and a thread that wants it waits up to this long. Not a default: 1 ms read 1.08x at 1 image x 32
+    # connections in one idle A/B (serve_ab_switch.md) but 0.95x in the next (serve_ab_session6_parts.md)
+    switch_interval_ms: Annotated[float, Field(gt=0, le=100)] | None = None
     # once the models are loaded, move every live object to the collector's permanent generation (gc.freeze): a
     # full collection then scans only what was made since, not the ~260,000 objects of torch, faiss and the app
     # (one full collection of those took ~145 ms here beside a training job, and it stops every thread, the event
