@@ -196,9 +196,7 @@ class BatchWorker:
                 self._cond.notify_all()
             self._fail_waiting("dead")
             return
-        with self._lock:  # stop() already woke the helper; wait for it before failing what is left
-            self._cond.notify_all()
-        if self._helper.is_alive():
+        if self._helper.is_alive():  # stop() woke it; wait for its batch before failing what is left
             self._helper.join()
         self._fail_waiting("closed")
 

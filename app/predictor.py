@@ -41,7 +41,7 @@ class Predictor:
     threads: int | None = None  # onnxruntime intra-op threads (settings.threads_per_process)
     small_batch_max: int = 0  # CPU: batches of at most this many images run on one thread (settings)
     runtime_name: str = ""  # set by `setup`: "torch" or "onnxruntime (<provider>)"
-    # set by `setup`: the one-thread embed a second lane shares (`setup_helper`); None: no second lane here
+    # set by `setup`: a one-thread embed the second lane can share (`setup_helper`); None: it builds its own
     _embed_one: Callable[[Tensor], Tensor] | None = None
     _helper_busy: threading.Event = field(default_factory=threading.Event)  # the second lane is running a batch
 
@@ -54,14 +54,14 @@ class Predictor:
         embed: Callable[[Tensor], Tensor]
         embed_small: Callable[[Tensor], Tensor]
         threads = self.threads or torch.get_num_threads()
-        small_max = self.small_batch_max if self.device.type == "cpu" and threads > 1 else 0
+        small_max = self.small_batch_max if self.two_lanes() else 0
         if self.runtime == "onnxruntime":
             onnx = OnnxEmbed(self.folder / ENCODER_ONNX, self.device, self.threads)
             embed, self.runtime_name = onnx, onnx.name
             # onnxruntime fixes its threads per session: a second, one-thread session of the same model
             embed_small = OnnxEmbed(self.folder / ENCODER_ONNX, self.device, 1) if small_max else embed
             # a one-thread session runs on its caller's thread, so two lanes can share it side by side
-            self._embed_one = embed_small if small_max else OnnxEmbed(self.folder / ENCODER_ONNX, self.device, 1)
+            self._embed_one = embed_small if small_max else None
         else:
             embed = embed_small = self._embed_one = TorchEmbed(self.art.encoder, self.device)
             self.runtime_name = "torch"
@@ -77,9 +77,7 @@ class Predictor:
             small = x.shape[0] <= small_max or helper_busy.is_set()
             if small_max:  # torch's count is process-wide (a /attack running meanwhile follows it): set per batch
                 torch.set_num_threads(1 if small else threads)
-            z = (embed_small if small else embed)(x)
-            pred, counts = live.index()(z)  # one state per batch (app.bank: updates swap one reference)
-            return pred, pack_output(counts, z)  # the embeddings ride along for POST .../examples
+            return packed_votes(live, (embed_small if small else embed)(x))
 
         size = self.art.input_size
         predict(torch.zeros(1, 3, size, size))
@@ -88,9 +86,10 @@ class Predictor:
     def setup_helper(self) -> PredictFn:
         """The second lane's predict (on its own thread, after `setup`): the one-thread embed and the same live
         bank; lane 0 keeps to one thread while it runs."""
-        embed_one, live, busy = self._embed_one, self.live, self._helper_busy
-        if embed_one is None:
+        if not self.runtime_name:
             raise RuntimeError("setup_helper needs setup to have run first")
+        embed_one = self._embed_one or OnnxEmbed(self.folder / ENCODER_ONNX, self.device, 1)
+        live, busy = self.live, self._helper_busy
         # torch's count: set per batch only where lane 0 sets it per batch too (small_batch_max), so that a
         # process-wide 1 never outlives the batch
         per_batch = self.small_batch_max > 0
@@ -100,13 +99,18 @@ class Predictor:
             if per_batch:
                 torch.set_num_threads(1)
             try:
-                z = embed_one(x)
-                pred, counts = live.index()(z)
-                return pred, pack_output(counts, z)
+                return packed_votes(live, embed_one(x))
             finally:
                 busy.clear()
 
         return predict
+
+
+def packed_votes(live: LiveBank, z: Tensor) -> Votes:
+    """The live bank's vote for embeddings z, packed with them (one bank state per batch: app.bank's updates
+    swap one reference; the embeddings ride along for POST .../examples)."""
+    pred, counts = live.index()(z)
+    return pred, pack_output(counts, z)
 
 
 def pack_output(counts: Tensor, z: Tensor) -> Tensor:
