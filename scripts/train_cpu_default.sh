@@ -12,7 +12,9 @@
 #      encoder: the artifact stays under 15 MB), calibration (credibility), then the adaptive robustness suite.
 #   BASELINES=1 also trains the labelled PGD-AT reference (artifacts/pgd_at) on the same encoder and budget:
 #   PGD_AT_EPOCHS (default 63: the robust stage's 40 epochs plus the teacher's ~40 min at ~1.75 min per w32 PGD-3
-#   epoch on this CPU).
+#   epoch on this CPU), and the supervised cross-entropy baseline (artifacts/supervised, the suite's transfer
+#   source) on the same encoder: SUPERVISED_EPOCHS (default 100; one forward-backward per image instead of PGD-3's
+#   four, so it stays inside the same budget).
 # Every step is resumable (rerun the script after an interruption: finished steps are skipped, a stopped run
 # continues from its checkpoint). Env: RUNS, RECIPE, TEACHER_EPOCHS, ROBUST_EPOCHS, TEACHER_T, BASELINES,
 # TEACHER (an existing teacher, a checkpoint or an artifact dir such as artifacts/ssl: the teacher stage and the
@@ -80,6 +82,10 @@ if [ -n "${BASELINES:-}" ]; then
   PGD_AT_EPOCHS=${PGD_AT_EPOCHS:-63}
   done_ "$RUNS/pgd_at" || satml train --method pgd_at --run-dir "$RUNS/pgd_at" --epochs "$PGD_AT_EPOCHS" --lr 0.1 \
     --warmup-epochs 0.5 --alpha 0.0261438 "${ADV[@]}" "${FAST[@]}" "${ARCH[@]}" "${COMMON[@]}" "${EXTRA[@]}"
+  SUPERVISED_EPOCHS=${SUPERVISED_EPOCHS:-100}
+  done_ "$RUNS/supervised" || satml train --method supervised --run-dir "$RUNS/supervised" \
+    --epochs "$SUPERVISED_EPOCHS" --lr 0.1 --warmup-epochs 0.5 --ema-decay 0.995 --eval-every 10 "${FAST[@]}" \
+    "${ARCH[@]}" "${COMMON[@]}" "${EXTRA[@]}"
 fi
 [ -n "${NO_EXPORT:-}" ] && exit 0
 EXPORT=(--data "$DATA" --trained-on "2-core CPU")
@@ -98,6 +104,10 @@ if [ -n "${BASELINES:-}" ]; then
     --description "Supervised PGD-AT cnn8 width $WIDTH + k-NN (k=75), CPU-trained (PGD-3 at 8/255, EMA, $PGD_AT_EPOCHS epochs): the labelled robust reference, uses labels in encoder training" \
     "${REDUCE[@]}" "${EXPORT_EXTRA[@]}"
   SUITE+=("$ART/pgd_at")
+  satml export --checkpoint "$RUNS/supervised/checkpoint.pt" --out "$ART/supervised" --name supervised "${EXPORT[@]}" \
+    --description "Supervised cross-entropy cnn8 width $WIDTH + k-NN (k=75), CPU-trained ($SUPERVISED_EPOCHS epochs, ${PRECISION:-bf16}): the non-robust labelled baseline and the suite's transfer source" \
+    "${REDUCE[@]}" "${EXPORT_EXTRA[@]}"
+  satml calibrate "$ART/supervised" --data "$DATA"  # its credibility too (the suite adds it as the transfer source)
 fi
 for a in "${SUITE[@]}"; do satml calibrate "$a" --data "$DATA"; done  # credibility
 # the supervised baseline (trained apart: it is the transfer source and the ordering's first row) when present

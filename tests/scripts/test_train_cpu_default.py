@@ -59,9 +59,10 @@ def test_the_default_recipe_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     assert "training.train: epoch" not in second.stderr
 
     # TEACHER=<an existing teacher artifact>: no teacher stage and no ssl export; the robust stage starts from
-    # it, widened (Net2WiderNet) to a WIDTH wider than the teacher's, and REDUCE_DIM serves a PCA of its embedding
+    # it, widened (Net2WiderNet) to a WIDTH wider than the teacher's, and REDUCE_DIM serves a PCA of its embedding;
+    # BASELINES=1 adds the labelled references on the same encoder: PGD-AT, and cross-entropy as the transfer source
     third = run_script(tmp_path, data, TEACHER=str(ssl), WIDTH="8", REDUCE_DIM="16", RUNS=str(tmp_path / "runs2"),
-                       ART=str(tmp_path / "art2"))
+                       ART=str(tmp_path / "art2"), BASELINES="1", PGD_AT_EPOCHS="1", SUPERVISED_EPOCHS="1")
     assert third.returncode == 0, third.stderr[-3000:]
     assert not (tmp_path / "runs2" / "teacher").exists() and not (tmp_path / "art2" / "ssl").exists()
     wide = verify_artifact(tmp_path / "art2" / "default")
@@ -70,3 +71,11 @@ def test_the_default_recipe_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     assert "16-d PCA of the bank" in wide.description
     assert f"the given teacher ({ssl})" in wide.description
     assert "widened cnn8 width 4 -> 8" in third.stderr
+    for name, method in (("pgd_at", "pgd_at"), ("supervised", "supervised")):
+        base = verify_artifact(tmp_path / "art2" / name)
+        assert base.training.method == method and base.calibration is not None
+        assert base.encoder.arch == "cnn8" and base.encoder.width == 8 and base.encoder.reduce_dim == 16
+    assert "Supervised cross-entropy cnn8 width 8" in verify_artifact(tmp_path / "art2" / "supervised").description
+    report = json.loads((tmp_path / "suite" / "robustness.json").read_text())
+    assert [m["name"] for m in report["models"]] == ["default", "pgd_at", "supervised"]
+    assert report["transfer_source"]["name"] == "supervised"
