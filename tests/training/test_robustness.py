@@ -396,3 +396,84 @@ def test_cache_returns_what_was_put_for_the_same_protocol_only(tmp_path: Path) -
     assert cache.get("abc", "pgd20", key) is None, "a file for another protocol is never served"
     assert rb.Cache(tmp_path, enabled=False).get("abc", "pgd20", key) is None
 
+
+
+def split_runs(result: dict) -> tuple[dict, dict]:
+    """The toy result as two runs of the same protocol: colour measured by one code version, pattern by another."""
+    a = json.loads(json.dumps(result)) | {"code_version": "aaaa111", "created": "2026-01-01T00:00:00+00:00"}
+    b = json.loads(json.dumps(result)) | {"code_version": "bbbb222", "created": "2026-01-02T00:00:00+00:00"}
+    a["models"] = [m for m in a["models"] if m["name"] == "colour"]
+    b["models"] = [m for m in b["models"] if m["name"] == "pattern"]
+    return a, b
+
+
+def test_merge_rebuilds_one_table_from_runs_of_one_protocol(toy_result: dict, tmp_path: Path) -> None:
+    from training.robustness.merge import merge_results
+
+    a, b = split_runs(toy_result)
+    merged = merge_results([("b.json", b, None), ("a.json", a, ["colour"])])
+    assert [m["name"] for m in merged["models"]] == ["pattern", "colour"], "rows in the order asked for"
+    original = by_name(toy_result)
+    for m in merged["models"]:
+        assert {k: v for k, v in m.items() if k != "run"} == original[m["name"]], "each row is its run's, unchanged"
+    assert by_name(merged)["colour"]["run"] == {"file": "a.json", "code_version": "aaaa111",
+                                                "created": "2026-01-01T00:00:00+00:00"}
+    assert merged["code_version"] == "bbbb222, aaaa111" and merged["created"] == "2026-01-02T00:00:00+00:00"
+    md = Path(rb.write_reports(merged, tmp_path)["markdown"]).read_text()
+    assert "Merged from 2 suite runs of one protocol" in md and "colour from `a.json` (code aaaa111" in md
+    single = rb.markdown_report(toy_result)
+    for name in ("colour", "pattern"):  # the worst-case and per-attack rows read as in the one-run report
+        rows = [line for line in single.splitlines() if line.startswith(f"| {name} |")][:2]
+        assert all(row in md for row in rows)
+
+
+def test_merge_refuses_what_is_not_one_table(toy_result: dict) -> None:
+    from training.robustness.merge import merge_results, parse_source
+
+    a, b = split_runs(toy_result)
+    other_eps = b | {"config": b["config"] | {"eps": 4 / 255}}
+    with pytest.raises(ValueError, match=r"different protocols \(eps\)"):
+        merge_results([("a", a, None), ("b", other_eps, None)])
+    other_source = b | {"transfer_source": {"name": "x", "model_sha256": "another"}}
+    with pytest.raises(ValueError, match="transfer_source"):
+        merge_results([("a", a, None), ("b", other_source, None)])
+    with pytest.raises(ValueError, match="quick"):
+        merge_results([("a", a, None), ("b", b | {"quick": False}, None)])
+    with pytest.raises(ValueError, match="picked twice"):
+        merge_results([("a", a, None), ("a2", a, None)])
+    with pytest.raises(ValueError, match="has no model 'pattern'"):
+        merge_results([("a", a, ["pattern"])])
+    # where a run was written and how fast it went are not the protocol
+    moved = b | {"config": b["config"] | {"out": "elsewhere", "batch_size": 7, "cache_dir": None}}
+    assert len(merge_results([("a", a, None), ("b", moved, None)])["models"]) == 2
+    assert parse_source("r.json") == (Path("r.json"), None)
+    assert parse_source("r.json:ssl,default") == (Path("r.json"), ["ssl", "default"])
+    with pytest.raises(ValueError, match="no model names"):
+        parse_source("r.json:")
+
+
+def test_merge_checks_rows_against_the_shipped_artifacts(tiny_artifact: Path) -> None:
+    from training.robustness.merge import check_artifacts
+
+    sha = verify_artifact(tiny_artifact).model_sha256
+    row = {"name": tiny_artifact.name, "model_sha256": sha, "run": {"file": "r.json"}}
+    check_artifacts({"models": [row]}, tiny_artifact.parent)
+    with pytest.raises(ValueError, match=r"the row from r\.json measured"):
+        check_artifacts({"models": [row | {"model_sha256": "0" * 64}]}, tiny_artifact.parent)
+
+
+def test_cli_robustness_report(toy_result: dict, tmp_path: Path) -> None:
+    from training.cli import main
+
+    a, b = split_runs(toy_result)
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b | {"config": b["config"] | {"seed": 1}}))
+    out = tmp_path / "out"
+    assert main(["robustness-report", f"{tmp_path / 'a.json'}:colour", str(tmp_path / "b.json"),
+                 "--out", str(out)]) == 2, "seed differs: refused"
+    assert not out.exists()
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    assert main(["robustness-report", f"{tmp_path / 'a.json'}:colour", str(tmp_path / "b.json"),
+                 "--out", str(out), "--stem", "shipped"]) == 0
+    report = json.loads((out / "shipped.json").read_text())
+    assert [m["name"] for m in report["models"]] == ["colour", "pattern"] and (out / "shipped.md").is_file()

@@ -74,3 +74,24 @@ def add_cli(sub: Any) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(p)
     p.set_defaults(func=cmd_robustness)
+    r = sub.add_parser("robustness-report", help="one report (JSON + markdown + plots) from several suite runs of "
+                       "the same protocol, e.g. the shipped models evaluated at different times",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument("sources", nargs="+", metavar="FILE[:name,...]",
+                   help="a suite's robustness.json, optionally with the models to take from it, in order")
+    r.add_argument("--out", required=True, help="folder for <stem>.json, <stem>.md and the plots")
+    r.add_argument("--stem", default="robustness", help="file name stem")
+    r.add_argument("--artifacts", default=None,
+                   help="refuse a row whose model differs from <artifacts>/<name> (verified): the report then "
+                        "describes the files shipped there")
+    r.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
+    from training.robustness.merge import check_artifacts, load_sources, merge_results
+    from training.robustness.report import write_reports
+
+    result = merge_results(load_sources(args.sources))
+    if args.artifacts is not None:
+        check_artifacts(result, args.artifacts)
+    return {"models": [m["name"] for m in result["models"]], "paths": write_reports(result, args.out, args.stem)}

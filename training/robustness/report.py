@@ -32,8 +32,7 @@ def markdown_report(result: dict[str, Any]) -> str:
     validation = result["protocol"].get("split") == "validation"
     lines = [f"# Robustness report{' (quick mode: not the full protocol)' if result['quick'] else ''}"
              f"{' on the validation split: for choices, not for claims' if validation else ''}", "",
-             f"Code {result['code_version']}, seed {result['seed']}, {result['device']}, torch {result['torch']}, "
-             f"{result['created']}, {result['seconds'] / 60:.1f} min. "
+             _provenance(result) +
              f"Threat model: {result['protocol']['threat_model']}. "
              f"Scoring: {result['protocol']['scoring']}.", "",
              f"## Worst case at eps {eps} (an image is robust only if it survives every attack)", "",
@@ -136,8 +135,21 @@ def markdown_report(result: dict[str, Any]) -> str:
     lines += ["", "## Models", ""]
     lines += [f"- {m['name']}: `{m['path']}`, model sha256 `{m['model_sha256'][:16]}...` (encoder, bank and vote), "
               f"{m['encoder'].get('arch', '?')} width {m['encoder'].get('width', '?')}, k={m['knn'].get('k', '?')}; "
-              f"evaluated in {m['seconds'] / 60:.1f} min" for m in models]
+              f"evaluated in {m['seconds'] / 60:.1f} min"
+              + (f" (run: `{m['run']['file']}`, code {m['run']['code_version']}, {m['run']['created']})"
+                 if "run" in m else "") for m in models]
     return "\n".join(lines) + "\n"
+
+
+def _provenance(result: dict[str, Any]) -> str:
+    """Which code measured it, when, on what: one run, or each run of a merged report (`merge.merge_results`)."""
+    if "merged_from" not in result:
+        return (f"Code {result['code_version']}, seed {result['seed']}, {result['device']}, torch {result['torch']}, "
+                f"{result['created']}, {result['seconds'] / 60:.1f} min. ")
+    runs = "; ".join(f"{', '.join(r['models'])} from `{r['file']}` (code {r['code_version']}, {r['created']}, "
+                     f"torch {r['torch']})" for r in result["merged_from"])
+    return (f"Merged from {len(result['merged_from'])} suite runs of one protocol (seed {result['seed']}, "
+            f"{result['device']}): {runs}. ")
 
 
 def _save_plot(fig: Any, ax: Any, path: Path) -> Path:
