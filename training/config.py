@@ -72,6 +72,10 @@ class TrainConfig:
                 "student matches; pseudo_at: the teacher whose embedding is clustered into pseudo-labels"})
     clusters: int = field(default=100, metadata={
         "help": "pseudo_at: k-means clusters of the teacher's embedding used as classes (no labels are used)"})
+    soft_targets: float = field(default=0.0, metadata={
+        "help": "pseudo_at: 0 trains on the hard cluster ids; > 0 on the teacher's soft assignment "
+                "softmax(cos(z, centroids) / this temperature), the attack raising the same soft cross-entropy "
+                "(noisy hard pseudo-labels hurt adversarial training most)"})
     ema_decay: float = field(default=0.0, metadata={
         "help": "keep an exponential moving average of the weights with this decay (0: off); validation and export "
                 "use the average"})
@@ -129,6 +133,9 @@ class TrainConfig:
             raise ValueError(f"noise_sigma must be in [0, 4], got {self.noise_sigma}")
         if self.clusters < 2:
             raise ValueError(f"clusters must be >= 2, got {self.clusters}")
+        if self.soft_targets < 0 or (self.soft_targets > 0 and self.method != "pseudo_at"):
+            raise ValueError(f"soft_targets must be >= 0 and is for pseudo_at only, got {self.soft_targets} with "
+                             f"method {self.method}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.alpha <= max(self.eps, 1e-12) <= 1 and self.method in ("sat", "pgd_at", "distill",

@@ -65,7 +65,7 @@ def distillation_loss(student: Tensor, teacher: Tensor, student_adv: Tensor, bet
 
 
 def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Supervised baseline loss; logits [B, C], labels [B] int64."""
+    """Supervised baseline loss; logits [B, C], labels [B] int64 or class probabilities [B, C] (soft targets)."""
     return F.cross_entropy(logits, labels)
 
 

@@ -48,12 +48,22 @@ def spherical_kmeans(z: Tensor, k: int, *, iters: int = 30, seed: int = 0) -> tu
     return c, (z @ c.t()).argmax(1)
 
 
+def soft_assignment(z: Tensor, centroids: Tensor, temperature: float) -> Tensor:
+    """[N, k] rows summing to 1: softmax over the cosine of each row of z to each unit centroid, divided by the
+    temperature. Its argmax is the hard k-means id; as the temperature falls it approaches the one-hot id."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return torch.softmax(F.normalize(z.float(), dim=1) @ centroids.float().t() / temperature, dim=1)
+
+
 @torch.no_grad()
 def teacher_pseudo_labels(teacher: nn.Module, images: np.ndarray, k: int, *, seed: int = 0,
-                          device: torch.device | str = "cpu") -> Tensor:
-    """Cluster ids [N] (int64, CPU) of uint8 NHWC images under the teacher's embedding."""
+                          device: torch.device | str = "cpu", soft: float = 0.0) -> Tensor:
+    """Cluster ids [N] (int64, CPU) of uint8 NHWC images under the teacher's embedding; with `soft` > 0 the
+    teacher's soft assignment [N, k] (float32, CPU) at that temperature instead (`soft_assignment`)."""
     z = knn.embed(teacher, images, device=device)
-    return spherical_kmeans(z, k, seed=seed)[1].cpu()
+    centroids, assign = spherical_kmeans(z, k, seed=seed)
+    return soft_assignment(z, centroids, soft).cpu() if soft > 0 else assign.cpu()
 
 
 def purity(assign: Tensor, labels: Tensor) -> float:

@@ -183,7 +183,8 @@ class Step:
         return losses.cross_entropy(self.net(self._crop_flip(x)).float(), y), {}
 
     def pseudo_at(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """PGD-AT where y are the teacher's cluster ids (setup replaced the labels): no label is used."""
+        """PGD-AT where y are the teacher's cluster ids, or its soft assignment [B, clusters] with `soft_targets`
+        (setup replaced the labels): no label is used."""
         return self.pgd_at(x, y)
 
     def pgd_at(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
@@ -195,7 +196,8 @@ class Step:
         x_adv = attacks.pgd(objective, x, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.attack_steps, model=self.model,
                             generator=self.g)
         logits = self.net(x_adv).float()
-        return losses.cross_entropy(logits, y), {"adv_acc": (logits.argmax(1) == y).float().mean().item()}
+        hard = y.argmax(1) if y.dim() == 2 else y  # soft pseudo_at targets: their argmax is the cluster id
+        return losses.cross_entropy(logits, y), {"adv_acc": (logits.argmax(1) == hard).float().mean().item()}
 
     def _trades(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
         """TRADES: the attack raises KL from the clean prediction (eval mode, as the PGD-AT attack); the loss
@@ -208,7 +210,8 @@ class Step:
                             generator=self.g)
         logits_clean, logits_adv = self.net(torch.cat([x, x_adv])).float().chunk(2)
         loss, kl = losses.trades_loss(logits_clean, logits_adv, y, cfg.trades_beta)
-        return loss, {"adv_acc": (logits_adv.argmax(1) == y).float().mean().item(), "kl": kl.item()}
+        hard = y.argmax(1) if y.dim() == 2 else y
+        return loss, {"adv_acc": (logits_adv.argmax(1) == hard).float().mean().item(), "kl": kl.item()}
 
 
 @dataclass(frozen=True)
@@ -339,9 +342,12 @@ def cluster_labels(cfg: TrainConfig, data: Data, device: torch.device) -> Tensor
     resumed run recomputes the same ones); their purity against the real labels is logged, never trained on."""
     teacher = encoder_from_checkpoint(load_weights_source(cfg.teacher or "", device)).to(device).eval()
     assign = pseudo_labels.teacher_pseudo_labels(teacher, data.train_set.images, cfg.clusters, seed=cfg.seed,
-                                                 device=device)
+                                                 device=device, soft=cfg.soft_targets)
+    hard = assign.argmax(1) if assign.dim() == 2 else assign
     log.info("pseudo_at: %d clusters of the teacher's embedding, purity %.3f against the real labels (a "
-             "diagnostic)", cfg.clusters, pseudo_labels.purity(assign, torch.as_tensor(data.train_set.labels)))
+             "diagnostic)%s", cfg.clusters, pseudo_labels.purity(hard, torch.as_tensor(data.train_set.labels)),
+             f"; soft targets at T={cfg.soft_targets:g}, mean top share {assign.max(1).values.mean():.3f}"
+             if assign.dim() == 2 else "")
     return assign.to(device)
 
 

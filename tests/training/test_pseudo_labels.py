@@ -77,16 +77,54 @@ def teacher(tiny_cifar: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(train(cfg)["checkpoint"])
 
 
-def test_pseudo_at_trains_without_labels(teacher: str, tmp_path: Path) -> None:
-    """Same pixels, different labels: bit-identical weights (labels only reach the validation numbers)."""
+@pytest.mark.parametrize("soft", [0.0, 0.1], ids=["hard", "soft"])
+def test_pseudo_at_trains_without_labels(teacher: str, tmp_path: Path, soft: float) -> None:
+    """Same pixels, different labels: bit-identical weights (labels only reach the validation numbers), with the
+    hard cluster ids and with the teacher's soft assignment as targets."""
     ckpts = []
     for shift in (0, 3):
         data = _relabelled_cifar(tmp_path / f"data{shift}", shift)
         cfg = tiny_config(data, tmp_path / f"run{shift}", method="pseudo_at", teacher=teacher,
-                          init=teacher, clusters=6, eps=8 / 255, alpha=4 / 255, attack_steps=2)
+                          init=teacher, clusters=6, eps=8 / 255, alpha=4 / 255, attack_steps=2, soft_targets=soft)
         ckpt = _check_run(cfg, train(cfg))
         assert ckpt["model"]["head.weight"].shape[0] == 6, "one output per cluster, not per class"
+        assert ckpt["config"]["soft_targets"] == soft
         ckpts.append(load_checkpoint(Path(cfg.run_dir) / "checkpoint.pt")["model"])
     assert ckpts[0].keys() == ckpts[1].keys()
     assert all(torch.equal(ckpts[0][k], ckpts[1][k]) for k in ckpts[0])
     assert STEPS > 0
+
+
+def test_soft_assignment_is_a_distribution_whose_argmax_is_the_cluster() -> None:
+    from training.pseudo_labels import soft_assignment
+
+    z = torch.randn(300, 8, generator=torch.Generator().manual_seed(3))
+    centroids, assign = spherical_kmeans(z, 6, seed=0)
+    warm, cold = soft_assignment(z, centroids, 0.5), soft_assignment(z, centroids, 0.01)
+    for p in (warm, cold):
+        assert p.shape == (300, 6) and torch.allclose(p.sum(1), torch.ones(300), atol=1e-5) and (p >= 0).all()
+        assert torch.equal(p.argmax(1), assign), "the soft target's argmax is the hard k-means id"
+    assert cold.max(1).values.mean() > 0.95 > warm.max(1).values.mean(), "lower temperature: closer to one-hot"
+    with pytest.raises(ValueError, match="temperature"):
+        soft_assignment(z, centroids, 0.0)
+
+
+def test_soft_targets_only_for_pseudo_at() -> None:
+    with pytest.raises(ValueError, match="soft_targets"):
+        TrainConfig(method="pgd_at", soft_targets=0.1)
+    with pytest.raises(ValueError, match="soft_targets"):
+        TrainConfig(method="pseudo_at", teacher="t.pt", soft_targets=-1)
+    assert TrainConfig(method="pseudo_at", teacher="t.pt", soft_targets=0.1).soft_targets == 0.1
+
+
+def test_soft_targets_reach_the_loss(teacher: str, tiny_cifar: Path, tmp_path: Path, caplog) -> None:
+    """The same run with the hard ids and with the soft assignment ends at different weights (the flag is used)."""
+    weights = []
+    for soft in (0.0, 0.1):
+        cfg = tiny_config(tiny_cifar, tmp_path / f"run{soft}", method="pseudo_at", teacher=teacher, init=teacher,
+                          clusters=6, eps=8 / 255, alpha=4 / 255, attack_steps=2, soft_targets=soft)
+        with caplog.at_level("INFO", logger="training.train"):
+            train(cfg)
+        weights.append(load_checkpoint(Path(cfg.run_dir) / "checkpoint.pt")["model"]["head.weight"])
+    assert not torch.equal(weights[0], weights[1])
+    assert "soft targets at T=0.1, mean top share" in caplog.text
