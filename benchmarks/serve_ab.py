@@ -156,11 +156,14 @@ def summarise(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 def markdown(result: dict[str, Any], command: str) -> str:
     m = result["machine"]
+    own = [v["name"] for v in result["variants"] if "SATML_ARTIFACTS_DIR" in v["env"]]
+    where = (f"`{result['artifacts']}/{result['model']}`" if not own else
+             f"model `{result['model']}` from each variant's `SATML_ARTIFACTS_DIR` (else `{result['artifacts']}`)")
     lines = [f"# Serving A/B (`benchmarks/serve_ab.py`): {', '.join(v['name'] for v in result['variants'])}", "",
              f"Run {result['started']}; `{command}`.",
              f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')}; load average "
-             f"at start {m['loadavg_at_start']}, at end {m['loadavg_at_end']}. Artifact `{result['artifacts']}/"
-             f"{result['model']}`; wrk 1 thread, closed loop, loopback, {result['duration_s']:g} s per point; "
+             f"at start {m['loadavg_at_start']}, at end {m['loadavg_at_end']}. Artifact {where}; "
+             f"wrk 1 thread, closed loop, loopback, {result['duration_s']:g} s per point; "
              f"{result['rounds']} rounds, the variants alternating, a fresh server per variant per round.", "",
              "| variant | settings | revision |", "|---|---|---|"]
     for v in result["variants"]:

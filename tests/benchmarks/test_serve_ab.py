@@ -54,3 +54,6 @@ def test_markdown_shows_no_ratio_when_the_first_variant_answered_nothing() -> No
     assert rows[1]["ratio"] is None
     text = serve_ab.markdown(result, "cmd")
     assert "| 1x32 | b | 120 | 120 | - |" in text
+    assert "Artifact `x/default`" in text
+    result["variants"][1]["env"] = {"SATML_ARTIFACTS_DIR": "/tmp/b"}  # a variant with its own models folder
+    assert "from each variant's `SATML_ARTIFACTS_DIR` (else `x`)" in serve_ab.markdown(result, "cmd")
