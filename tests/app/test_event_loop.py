@@ -166,25 +166,33 @@ def test_live_answers_fast_while_a_heavy_request_runs(server: SimpleNamespace, k
     composites after the resize, on the premultiplied image (`app.images.premultiplied`)."""
     data = HEAVY[kind]()
     files = [("files", (f"{i}.png", data, "image/png")) for i in range(4)]
-    result: dict[str, httpx.Response] = {}
 
-    def heavy() -> None:
-        result["r"] = httpx.post(f"{server.url}/classify", files=files, timeout=60)
+    def worst_probe() -> list[float]:
+        result: dict[str, httpx.Response] = {}
 
-    with httpx.Client(base_url=server.url, timeout=10) as c:
-        assert c.get("/health/live").status_code == 200  # connection open before the heavy request
-        t = threading.Thread(target=heavy)
-        t.start()
-        latencies = []
-        while t.is_alive() or not latencies:
-            t0 = time.perf_counter()
-            assert c.get("/health/live").status_code == 200
-            latencies.append(time.perf_counter() - t0)
-            time.sleep(0.01)
-        t.join()
-    assert result["r"].status_code == 200, result["r"].text
-    assert len(latencies) >= 3, "the heavy request finished too fast to measure anything"
-    # before the fix, the 4 resizes on the loop held one probe ~170 ms (alpha_composite 130-440 ms); now the worst
-    # is a few ms idle, and a probe has measured 50 ms on a 2-core machine running two training jobs beside the
-    # suite: 100 ms still fails every held loop this test was written for
-    assert max(latencies) < 0.1, str(sorted(round(x * 1000, 1) for x in latencies)[-8:])
+        def heavy() -> None:
+            result["r"] = httpx.post(f"{server.url}/classify", files=files, timeout=60)
+
+        with httpx.Client(base_url=server.url, timeout=10) as c:
+            assert c.get("/health/live").status_code == 200  # connection open before the heavy request
+            t = threading.Thread(target=heavy)
+            t.start()
+            latencies = []
+            while t.is_alive() or not latencies:
+                t0 = time.perf_counter()
+                assert c.get("/health/live").status_code == 200
+                latencies.append(time.perf_counter() - t0)
+                time.sleep(0.01)
+            t.join()
+        assert result["r"].status_code == 200, result["r"].text
+        assert len(latencies) >= 3, "the heavy request finished too fast to measure anything"
+        return sorted(round(x * 1000, 1) for x in latencies)
+
+    # before the fix, the 4 resizes on the loop held one probe ~170 ms (alpha_composite 130-440 ms) on every
+    # request; now the worst is a few ms idle, 50 ms on a 2-core machine running two training jobs beside the suite,
+    # and once 106 ms with the suite niced below a training job (one hiccup). A held loop fails both tries; a
+    # scheduling hiccup on a loaded machine does not repeat
+    tries = [worst_probe()]
+    if tries[0][-1] >= 100:
+        tries.append(worst_probe())
+    assert tries[-1][-1] < 100, str([t[-8:] for t in tries])
