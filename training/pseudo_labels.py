@@ -66,6 +66,11 @@ def teacher_pseudo_labels(teacher: nn.Module, images: np.ndarray, k: int, *, see
     return soft_assignment(z, centroids, soft).cpu() if soft > 0 else assign.cpu()
 
 
+def hard_ids(targets: Tensor) -> Tensor:
+    """Cluster ids [N] of pseudo-label targets: the ids themselves, or the argmax of soft assignments [N, k]."""
+    return targets.argmax(1) if targets.dim() == 2 else targets
+
+
 def purity(assign: Tensor, labels: Tensor) -> float:
     """Share of images whose cluster's majority label is their own (a diagnostic; training never sees labels)."""
     k, c = int(assign.max()) + 1, int(labels.max()) + 1

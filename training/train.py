@@ -196,7 +196,7 @@ class Step:
         x_adv = attacks.pgd(objective, x, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.attack_steps, model=self.model,
                             generator=self.g)
         logits = self.net(x_adv).float()
-        hard = y.argmax(1) if y.dim() == 2 else y  # soft pseudo_at targets: their argmax is the cluster id
+        hard = pseudo_labels.hard_ids(y)  # soft pseudo_at targets: their argmax is the cluster id
         return losses.cross_entropy(logits, y), {"adv_acc": (logits.argmax(1) == hard).float().mean().item()}
 
     def _trades(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
@@ -210,7 +210,7 @@ class Step:
                             generator=self.g)
         logits_clean, logits_adv = self.net(torch.cat([x, x_adv])).float().chunk(2)
         loss, kl = losses.trades_loss(logits_clean, logits_adv, y, cfg.trades_beta)
-        hard = y.argmax(1) if y.dim() == 2 else y
+        hard = pseudo_labels.hard_ids(y)
         return loss, {"adv_acc": (logits_adv.argmax(1) == hard).float().mean().item(), "kl": kl.item()}
 
 
@@ -343,7 +343,7 @@ def cluster_labels(cfg: TrainConfig, data: Data, device: torch.device) -> Tensor
     teacher = encoder_from_checkpoint(load_weights_source(cfg.teacher or "", device)).to(device).eval()
     assign = pseudo_labels.teacher_pseudo_labels(teacher, data.train_set.images, cfg.clusters, seed=cfg.seed,
                                                  device=device, soft=cfg.soft_targets)
-    hard = assign.argmax(1) if assign.dim() == 2 else assign
+    hard = pseudo_labels.hard_ids(assign)
     log.info("pseudo_at: %d clusters of the teacher's embedding, purity %.3f against the real labels (a "
              "diagnostic)%s", cfg.clusters, pseudo_labels.purity(hard, torch.as_tensor(data.train_set.labels)),
              f"; soft targets at T={cfg.soft_targets:g}, mean top share {assign.max(1).values.mean():.3f}"

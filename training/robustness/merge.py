@@ -55,16 +55,15 @@ def merge_results(sources: Sequence[tuple[str, dict[str, Any], list[str] | None]
             raise ValueError(f"{label} and {first_label} measured different protocols ({', '.join(diff)}): "
                              "not one table")
         by_name = {m["name"]: m for m in result["models"]}
+        run = {"file": label, "code_version": result["code_version"], "created": result["created"]}
         for name in names if names is not None else list(by_name):
             if name not in by_name:
                 raise ValueError(f"{label} has no model {name!r} (it has {', '.join(by_name)})")
             if any(m["name"] == name for m in models):
                 raise ValueError(f"model {name!r} is picked twice; pick it from one run")
-            run = {"file": label, "code_version": result["code_version"], "created": result["created"]}
             models.append({"run": run} | by_name[name])  # a row of a merged report keeps its first run
-        runs.append({"file": label, "code_version": result["code_version"], "created": result["created"],
-                     "seconds": result["seconds"], "machine": result.get("machine"), "torch": result["torch"],
-                     "models": names if names is not None else list(by_name)})
+        runs.append(run | {"seconds": result["seconds"], "machine": result.get("machine"), "torch": result["torch"],
+                           "models": names if names is not None else list(by_name)})
     validation = next((r.get("torchattacks_validation") for _, r, _ in sources
                        if r.get("torchattacks_validation") and "skipped" not in r["torchattacks_validation"]), None)
     return first | {
