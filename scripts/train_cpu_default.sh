@@ -21,7 +21,8 @@
 # ssl export are skipped, the robust stage starts from it, widened to WIDTH when it is narrower),
 # NO_EXPORT, TEACHER_WIDTH (cnn8 width of the teacher, default 16), WIDTH (of the robust student, default 32),
 # CLUSTERS (pseudo_at's k-means clusters, default 100), SOFT_TARGETS (pseudo_at on the teacher's soft cluster
-# assignment at this temperature; unset: the hard ids), K (the default's k, default 75),
+# assignment at this temperature; unset: the hard ids), AWP_GAMMA (pseudo_at with adversarial weight perturbation
+# of this relative size; unset: off), K (the default's k, default 75),
 # REDUCE_DIM (the default's served embedding size, default 48; empty: the full embedding), PRECISION (every stage:
 # bf16 or fp32), DATA (default data),
 # ART (artifact root, default artifacts); and
@@ -67,12 +68,13 @@ case "$RECIPE" in
   pseudo_at)
     ROBUST_EPOCHS=${ROBUST_EPOCHS:-40}  # w32: 40 epochs 66.5 / 31.4 % (r19) against 20 epochs 65.3 / 29.2 (r18)
     CLUSTERS=${CLUSTERS:-100}  # k-means clusters of the teacher's embedding (the pseudo-labels)
-    SOFT=()  # SOFT_TARGETS=T: the teacher's soft cluster assignment at temperature T as targets (unset: hard ids)
-    [ -n "${SOFT_TARGETS:-}" ] && SOFT=(--soft-targets "$SOFT_TARGETS")
+    OPTS=()  # SOFT_TARGETS=T: the teacher's soft cluster assignment at temperature T as targets (unset: hard ids)
+    [ -n "${SOFT_TARGETS:-}" ] && OPTS=(--soft-targets "$SOFT_TARGETS")
+    [ -n "${AWP_GAMMA:-}" ] && OPTS+=(--awp-gamma "$AWP_GAMMA")  # adversarial weight perturbation (unset: off)
     done_ "$RUNS/robust" || satml train --method pseudo_at --run-dir "$RUNS/robust" --epochs "$ROBUST_EPOCHS" \
-      --clusters "$CLUSTERS" --teacher "$TEACHER" --init "$TEACHER" --lr 0.1 "${SOFT[@]}" \
+      --clusters "$CLUSTERS" --teacher "$TEACHER" --init "$TEACHER" --lr 0.1 "${OPTS[@]}" \
       --warmup-epochs 0.5 --alpha 0.0261438 "${ADV[@]}" "${FAST[@]}" "${ARCH[@]}" "${COMMON[@]}" "${EXTRA[@]}"
-    WHAT="label-free PGD-AT (PGD-3 at 8/255, EMA) on $CLUSTERS k-means clusters of the teacher's embedding${SOFT_TARGETS:+ (soft assignment at T=$SOFT_TARGETS)}" ;;
+    WHAT="label-free PGD-AT (PGD-3 at 8/255, EMA${AWP_GAMMA:+, AWP gamma $AWP_GAMMA}) on $CLUSTERS k-means clusters of the teacher's embedding${SOFT_TARGETS:+ (soft assignment at T=$SOFT_TARGETS)}" ;;
   distill)
     ROBUST_EPOCHS=${ROBUST_EPOCHS:-14}
     done_ "$RUNS/robust" || satml train --method distill --run-dir "$RUNS/robust" --epochs "$ROBUST_EPOCHS" \

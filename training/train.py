@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from training import attacks, augment, knn, losses, pseudo_labels
+from training import attacks, augment, awp, knn, losses, pseudo_labels
 from training.checkpoint import (
     CHECKPOINT,
     config_of,
@@ -103,6 +103,7 @@ class Step:
         self.net = net if net is not None else model
         self.aug = augment.AugmentConfig()
         self.teacher: Encoder | None = None
+        self.perturbed: tuple[list[Tensor], list[Tensor]] | None = None  # AWP: (weights, their shifts) this step
         if cfg.method == "distill":
             device = next(model.parameters()).device
             self.teacher = encoder_from_checkpoint(load_weights_source(cfg.teacher or "", device)).to(device).eval()
@@ -111,6 +112,21 @@ class Step:
 
     def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
         return getattr(self, self.cfg.method)(x, y)
+
+    def restore(self) -> None:
+        """Undo this step's adversarial weight perturbation (`awp_gamma`); call after the optimiser step."""
+        if self.perturbed is not None:
+            awp.shift(*self.perturbed, sign=-1.0)
+            self.perturbed = None
+
+    def _perturb_weights(self, x_adv: Tensor, y: Tensor) -> None:
+        """AWP: move the weights up the adversarial loss (one forward-backward, BN statistics kept) before the
+        training forward pass; `restore` moves them back."""
+        weights = awp.perturbable(self.model)
+        with awp.frozen_buffers(self.model):  # the gradient first: BN's backward reads the buffers it restores
+            grads = torch.autograd.grad(losses.cross_entropy(self.model(x_adv).float(), y), weights)
+        self.perturbed = (weights, awp.weight_perturbation(weights, grads, self.cfg.awp_gamma))
+        awp.shift(*self.perturbed)
 
     def _noisy(self, x: Tensor) -> Tensor:
         """`noise_sigma`: every training view gets Gaussian noise (after augmentation, before any attack)."""
@@ -195,6 +211,8 @@ class Step:
         objective = attacks.cross_entropy_objective(self.model, y)
         x_adv = attacks.pgd(objective, x, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.attack_steps, model=self.model,
                             generator=self.g)
+        if cfg.awp_gamma > 0:
+            self._perturb_weights(x_adv, y)
         logits = self.net(x_adv).float()
         hard = pseudo_labels.hard_ids(y)  # soft pseudo_at targets: their argmax is the cluster id
         return losses.cross_entropy(logits, y), {"adv_acc": (logits.argmax(1) == hard).float().mean().item()}
@@ -478,6 +496,7 @@ def optimise(run: Run, step_fn: Step, x: Tensor, y: Tensor) -> tuple[float, dict
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     run.opt.step()
+    step_fn.restore()  # AWP: the update was taken at perturbed weights; the weights themselves move back
     if run.ema is not None:
         run.ema.update(run.model, run.step)
     run.step += 1
