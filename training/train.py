@@ -491,12 +491,14 @@ def optimise(run: Run, step_fn: Step, x: Tensor, y: Tensor) -> tuple[float, dict
     lr = lr_at(run.step, run.total_steps, int(run.cfg.warmup_epochs * run.data.steps_per_epoch), run.base_lr)
     for group in run.opt.param_groups:
         group["lr"] = lr
-    with run.autocast():
-        loss, stats = step_fn(x, y)
-    run.opt.zero_grad(set_to_none=True)
-    loss.backward()
-    run.opt.step()
-    step_fn.restore()  # AWP: the update was taken at perturbed weights; the weights themselves move back
+    try:
+        with run.autocast():
+            loss, stats = step_fn(x, y)
+        run.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        run.opt.step()
+    finally:  # AWP: the update was taken at perturbed weights; the weights move back, also when the step fails
+        step_fn.restore()
     if run.ema is not None:
         run.ema.update(run.model, run.step)
     run.step += 1
