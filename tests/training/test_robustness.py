@@ -266,6 +266,30 @@ def test_resume_reuses_cached_results(tmp_path: Path, monkeypatch: pytest.Monkey
         assert a["masking_checks"] == b["masking_checks"]
 
 
+def test_headline_only_runs_the_main_table_and_nothing_else(toy_result: dict, tmp_path: Path) -> None:
+    """--headline-only (a gate for choices): the same per-attack masks and worst case at the main eps as the full
+    run, no other radius attacked, no paper table, masking checks or cross-check; refused for cards; a merge never
+    mixes it with full-protocol runs."""
+    from training.robustness.merge import merge_results
+
+    gate = run_toy(tmp_path, headline_only=True, validate_n=8)
+    assert gate["config"]["headline_only"] and gate["torchattacks_validation"] is None
+    for full, head in zip(toy_result["models"], gate["models"], strict=True):
+        assert [r["eps"] for r in head["eps_sweep"]] == [pytest.approx(8 / 255)]
+        assert head["paper_protocol"] == [] and head["masking_checks"] == []
+        assert {r["attack"]: r["acc"] for r in head["attacks"]} == {r["attack"]: r["acc"] for r in full["attacks"]}
+        assert head["worst_case"]["acc"] == head["worst_case"]["acc_attacks_at_eps_only"]
+        assert head["worst_case"]["acc_attacks_at_eps_only"] == full["worst_case"]["acc_attacks_at_eps_only"]
+    assert by_name(gate)["colour"]["worst_case"]["acc"] > by_name(gate)["pattern"]["worst_case"]["acc"] + 0.3
+    text = rb.markdown_report(gate)
+    assert rb.report.HEADLINE_ONLY in text and "Gradient-masking checks" not in text
+    assert "defence success rate" not in text and "Gradient-masking checks" in rb.markdown_report(toy_result)
+    with pytest.raises(ValueError, match="headline-only"):
+        rb.run_suite(rb.SuiteConfig(headline_only=True), ["unused"], update_cards=True)
+    with pytest.raises(ValueError, match="headline_only"):
+        merge_results([("full", toy_result, ["colour"]), ("gate", gate, ["pattern"])])
+
+
 def test_config_validation() -> None:
     with pytest.raises(ValueError):
         rb.SuiteConfig(eps=0.0)
@@ -349,6 +373,7 @@ def test_cli_validation_split_never_writes_over_the_test_report() -> None:
     assert cfg.split == "validation" and cfg.out == "benchmarks/results/validation"
     assert rb.config_from_args(parser.parse_args(["a", "--split", "validation", "--out", "x"])).out == "x"
     assert rb.config_from_args(parser.parse_args(["a"])).out == "benchmarks/results"
+    assert not cfg.headline_only and rb.config_from_args(parser.parse_args(["a", "--headline-only"])).headline_only
     with pytest.raises(SystemExit):
         parser.parse_args(["a", "--split", "train"])
 

@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=SPLITS, default="test",
                    help="test: the report and the cards; validation: the artifacts' held-out training images, for "
                         "choosing a k, a vote or a recipe without the test set (no cards, no abstention stage)")
+    p.add_argument("--headline-only", action="store_true",
+                   help="a gate for choices: clean, the main-table attacks and their worst case only (no eps sweep, "
+                        "paper table, masking checks or torchattacks cross-check; no cards)")
     p.add_argument("--n-robust", type=int, default=None, help="first N test images attacked (full: 1000)")
     p.add_argument("--n-clean", type=int, default=None, help="test images for clean accuracy (full: all)")
     p.add_argument("--eps", type=parse_eps, default=None, help="main L-inf radius in [0, 1], e.g. 8/255 (full: 8/255)")
@@ -58,7 +61,8 @@ def config_from_args(args: argparse.Namespace) -> SuiteConfig:
     if args.split != "test" and not args.out:
         out = f"{out}/validation"  # never over the test-set report
     common = dict(data=args.data, out=out, cache_dir=args.cache_dir, seed=args.seed, device=args.device,
-                  resume=args.resume, progress=args.progress, split=args.split)
+                  resume=args.resume, progress=args.progress, split=args.split,
+                  headline_only=args.headline_only)
     cfg = SuiteConfig.quick_config(**common) if args.quick else SuiteConfig(**common)
     return replace(cfg, **over)
 

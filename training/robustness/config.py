@@ -66,6 +66,9 @@ class SuiteConfig:
     progress: bool = True
     quick: bool = False
     split: str = "test"  # "validation": attack held-out training images instead (model selection; SPLITS)
+    # a gate for choices: clean, the surrogate sweep, the main-table attacks and their worst case only; no eps sweep
+    # beyond the main eps, paper table, masking checks or torchattacks cross-check (~half the minutes; no cards)
+    headline_only: bool = False
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:

@@ -20,10 +20,12 @@ NOT_PROTOCOL = frozenset({"out", "cache_dir", "progress", "resume", "device", "b
 
 
 def protocol_of(result: dict[str, Any]) -> dict[str, Any]:
-    """What a run measured: its config without paths and speed knobs (a missing split is the test split, the
-    default before the field existed), its quick flag and its transfer source."""
+    """What a run measured: its config without paths and speed knobs (a missing split is the test split and a
+    missing headline_only the full protocol, the defaults before the fields existed), its quick flag and its
+    transfer source."""
     cfg = {k: v for k, v in result["config"].items() if k not in NOT_PROTOCOL}
     cfg["split"] = cfg.get("split") or "test"
+    cfg["headline_only"] = bool(cfg.get("headline_only"))  # absent before the field existed: the full protocol
     source = result.get("transfer_source")
     return cfg | {"quick": result["quick"], "transfer_source": source and source["model_sha256"]}
 

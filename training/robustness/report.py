@@ -14,6 +14,9 @@ from training.card import verdict as _verdict
 from training.manifest import KnnSurrogate, Manifest, Metrics, RobustResult
 
 COVERAGE_POINTS = (1.0, 0.9, 0.8, 0.5)  # the coverages the markdown table reports
+HEADLINE_ONLY = ("Headline only (`--headline-only`, a gate): clean accuracy, the surrogate sweep and the main-table "
+                 "attacks with their worst case at the main eps; no eps sweep, paper table, masking checks or "
+                 "torchattacks cross-check were run.")
 
 
 def finite(x: float) -> float | None:
@@ -32,6 +35,7 @@ def markdown_report(result: dict[str, Any]) -> str:
     validation = result["protocol"].get("split") == "validation"
     lines = [f"# Robustness report{' (quick mode: not the full protocol)' if result['quick'] else ''}"
              f"{' on the validation split: for choices, not for claims' if validation else ''}", "",
+             *([HEADLINE_ONLY, ""] if cfg.get("headline_only") else []),
              _provenance(result) +
              f"Threat model: {result['protocol']['threat_model']}. "
              f"Scoring: {result['protocol']['scoring']}.", "",
@@ -65,48 +69,11 @@ def markdown_report(result: dict[str, Any]) -> str:
     if models:
         lines += ["", f"Worst case here: {models[0]['eps_sweep'][-1]['protocol'].split('; guided')[0]}. "
                   "Plot: `robustness_eps.png`."]
-    lines += ["", "## The paper's protocol: defence success rate", "",
-              "Share of the attacked, originally correct images whose k-NN prediction is unchanged (Chen et al. 2020, "
-              "100 test images there); ours under the paper's guided attack and under our adaptive worst case.", "",
-              "| model | method | eps | attacked | paper's guided attack | adaptive worst case | paper reports |",
-              "|---|---|---|---|---|---|---|"]
-    for m in models:
-        for r in m["paper_protocol"]:
-            lines.append(f"| {m['name']} | {m['method']} | {r['eps']:g} | {r['n_attacked']} | "
-                         f"{r['defence_success_rate']:.2f} | {r['adaptive_defence_rate']:.2f} | "
-                         f"{r['paper_reported'] or '-'} |")
-    with_abst = [m for m in models if m.get("abstention")]
-    if with_abst:
-        lines += ["", f"## Abstention (conformal credibility) at eps {eps}", "",
-                  "| model | threshold | clean coverage | selective clean acc | attack | robust acc, no abstention | "
-                  "**robust acc with abstention** | adversarial abstained on | AUROC clean vs adv |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for m in with_abst:
-            a = m["abstention"]
-            for r in a["attacks"]:
-                abst = "-" if r["abstained_on_adversarial"] is None else _pct(r["abstained_on_adversarial"])
-                lines.append(f"| {m['name']} | {a['threshold']:.3f} | {_pct(a['coverage'])} % | "
-                             f"{_pct(a['selective_clean_acc'])} % | {r['attack']} | "
-                             f"{_pct(r['robust_acc_without_abstention'])} % | "
-                             f"**{_pct(r['robust_acc_with_abstention'])} %** | {abst} % | "
-                             + ("-" if r["auroc_clean_vs_adversarial"] is None else
-                                f"{r['auroc_clean_vs_adversarial']:.3f}") + " |")
-        lines += ["", with_abst[0]["abstention"]["protocol"] + ".", "",
-                  "Clean accuracy against coverage (answering only images whose credibility reaches each threshold; "
-                  "`robustness_coverage.png`):", "",
-                  "| model | " + " | ".join(f"coverage >= {c:.0%}" for c in COVERAGE_POINTS) + " |",
-                  "|---|" + "---|" * len(COVERAGE_POINTS)]
-        for m in with_abst:
-            cells = []
-            for c in COVERAGE_POINTS:
-                ok = [r for r in m["abstention"]["coverage_curve"] if r["coverage"] >= c and r["accuracy"] is not None]
-                best = max(ok, key=lambda r: r["accuracy"], default=None)
-                cells.append("-" if best is None else f"{_pct(best['accuracy'])} % ({_pct(best['coverage'])} %)")
-            lines.append(f"| {m['name']} | " + " | ".join(cells) + " |")
-    lines += ["", "## Gradient-masking checks", "", "| model | check | result | detail |", "|---|---|---|---|"]
-    for m in models:
-        for c in m["masking_checks"]:
-            lines.append(f"| {m['name']} | {c['check']} | {_verdict(c['passed'])} | {c['detail']} |")
+    if not cfg.get("headline_only"):
+        lines += paper_section(models)
+    lines += abstention_section(models, eps)
+    if not cfg.get("headline_only"):
+        lines += masking_section(models)
     lines += ["", "## Surrogate choice (on held-out training images): hard-vote accuracy (%) after PGD", ""]
     if models:
         cols = [(r["temperature"], r["k"]) for r in models[0]["temperature"]["sweep"]]
@@ -139,6 +106,64 @@ def markdown_report(result: dict[str, Any]) -> str:
               + (f" (run: `{m['run']['file']}`, code {m['run']['code_version']}, {m['run']['created']})"
                  if "run" in m else "") for m in models]
     return "\n".join(lines) + "\n"
+
+
+def paper_section(models: list[dict[str, Any]]) -> list[str]:
+    """The paper's defence success rate beside our adaptive worst case."""
+    lines = ["", "## The paper's protocol: defence success rate", "",
+             "Share of the attacked, originally correct images whose k-NN prediction is unchanged (Chen et al. 2020, "
+             "100 test images there); ours under the paper's guided attack and under our adaptive worst case.", "",
+             "| model | method | eps | attacked | paper's guided attack | adaptive worst case | paper reports |",
+             "|---|---|---|---|---|---|---|"]
+    for m in models:
+        for r in m["paper_protocol"]:
+            lines.append(f"| {m['name']} | {m['method']} | {r['eps']:g} | {r['n_attacked']} | "
+                         f"{r['defence_success_rate']:.2f} | {r['adaptive_defence_rate']:.2f} | "
+                         f"{r['paper_reported'] or '-'} |")
+    return lines
+
+
+def abstention_section(models: list[dict[str, Any]], eps: str) -> list[str]:
+    """Abstention at the main eps and clean accuracy against coverage (models calibrated on a test run)."""
+    with_abst = [m for m in models if m.get("abstention")]
+    if not with_abst:
+        return []
+    lines = ["", f"## Abstention (conformal credibility) at eps {eps}", "",
+             "| model | threshold | clean coverage | selective clean acc | attack | robust acc, no abstention | "
+             "**robust acc with abstention** | adversarial abstained on | AUROC clean vs adv |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for m in with_abst:
+        a = m["abstention"]
+        for r in a["attacks"]:
+            abst = "-" if r["abstained_on_adversarial"] is None else _pct(r["abstained_on_adversarial"])
+            lines.append(f"| {m['name']} | {a['threshold']:.3f} | {_pct(a['coverage'])} % | "
+                         f"{_pct(a['selective_clean_acc'])} % | {r['attack']} | "
+                         f"{_pct(r['robust_acc_without_abstention'])} % | "
+                         f"**{_pct(r['robust_acc_with_abstention'])} %** | {abst} % | "
+                         + ("-" if r["auroc_clean_vs_adversarial"] is None else
+                            f"{r['auroc_clean_vs_adversarial']:.3f}") + " |")
+    lines += ["", with_abst[0]["abstention"]["protocol"] + ".", "",
+              "Clean accuracy against coverage (answering only images whose credibility reaches each threshold; "
+              "`robustness_coverage.png`):", "",
+              "| model | " + " | ".join(f"coverage >= {c:.0%}" for c in COVERAGE_POINTS) + " |",
+              "|---|" + "---|" * len(COVERAGE_POINTS)]
+    for m in with_abst:
+        cells = []
+        for c in COVERAGE_POINTS:
+            ok = [r for r in m["abstention"]["coverage_curve"] if r["coverage"] >= c and r["accuracy"] is not None]
+            best = max(ok, key=lambda r: r["accuracy"], default=None)
+            cells.append("-" if best is None else f"{_pct(best['accuracy'])} % ({_pct(best['coverage'])} %)")
+        lines.append(f"| {m['name']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def masking_section(models: list[dict[str, Any]]) -> list[str]:
+    """The gradient-masking checks, one row per model and check."""
+    lines = ["", "## Gradient-masking checks", "", "| model | check | result | detail |", "|---|---|---|---|"]
+    for m in models:
+        for c in m["masking_checks"]:
+            lines.append(f"| {m['name']} | {c['check']} | {_verdict(c['passed'])} | {c['detail']} |")
+    return lines
 
 
 def _provenance(result: dict[str, Any]) -> str:

@@ -370,8 +370,9 @@ class Suite:
                         "protocol": describe("noise", 1, cfg.eps, None, cfg, n, track=False)}
         res["per_image"] = {"clean_correct": to_bits(correct), **{k: to_bits(v) for k, v in masks.items()},
                             "worst_case": to_bits(worst), "noise": to_bits(noise_mask)}
-        res["paper_protocol"] = to_json(self.paper_table(m, sweep, correct))
-        res["masking_checks"] = to_json(self.masking_checks(m, rows, noise_acc, float(correct.mean()), idx))
+        res["paper_protocol"] = [] if cfg.headline_only else to_json(self.paper_table(m, sweep, correct))
+        res["masking_checks"] = [] if cfg.headline_only else to_json(
+            self.masking_checks(m, rows, noise_acc, float(correct.mean()), idx))
         if m.calibration is not None and self.cfg.split == "test":  # calibrated on the validation images
             res["abstention"] = self.abstention(m, correct)
         return res
@@ -459,8 +460,8 @@ class Suite:
         dlr = AttackSpec("apgd_dlr", "apgd_dlr", cfg.apgd_steps)
         guided = AttackSpec("knn_guided", "guided", cfg.guided_steps, alpha=cfg.guided_alpha, track=False)
         alive = correct.copy()
-        for eps in tqdm(sorted(set(cfg.eps_sweep) | set(cfg.paper_eps) | {cfg.eps}), desc=f"{m.name[:16]} eps sweep",
-                        disable=not cfg.progress):
+        radii = {cfg.eps} if cfg.headline_only else set(cfg.eps_sweep) | set(cfg.paper_eps) | {cfg.eps}
+        for eps in tqdm(sorted(radii), desc=f"{m.name[:16]} eps sweep", disable=not cfg.progress):
             if eps == 0:
                 guided_mask = correct.copy()
             elif math.isclose(eps, cfg.eps):
@@ -569,7 +570,7 @@ class Suite:
             log.info("%s: clean %.1f %%, worst case %.1f %% at eps %s", m.name, 100 * res["clean"]["acc"],
                      100 * res["worst_case"]["acc"], fmt_eps(cfg.eps))
         validation = None
-        if cfg.validate_n:
+        if cfg.validate_n and not cfg.headline_only:
             target = self.source or self.models[0]
             try:
                 validation = self.validate_torchattacks(target)
@@ -660,6 +661,9 @@ def run_suite(cfg: SuiteConfig, artifacts: Sequence[str | Path], transfer_source
     """Evaluate, write the reports to `cfg.out`, optionally update the cards; returns a short summary."""
     if update_cards and cfg.split != "test":
         raise ValueError("--update-cards records test-set figures; a validation run is for choices, not for cards")
+    if update_cards and cfg.headline_only:
+        raise ValueError("--update-cards records the full protocol; a --headline-only run has no eps sweep or "
+                         "masking checks to record")
     result = Suite.from_artifacts(cfg, artifacts, transfer_source).run()
     paths = write_reports(result, cfg.out)
     if update_cards:
