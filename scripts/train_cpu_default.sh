@@ -3,10 +3,10 @@
 # ../shared/data/cifar10 materialised into data/ (`make data`). Issue 10's measurements chose it
 # (benchmarks/results/recipes.md):
 #   1. SimCLR teacher: plain 8-layer CNN (cnn8, width 16), the fastest encoder per CPU-minute here, NT-Xent
-#      temperature 0.2, 100 epochs in bf16 autocast + channels_last (PRECISION, as the robust stage);
+#      temperature 0.2, 100 epochs in bf16 autocast (where the CPU runs bf16 natively) + channels_last (PRECISION);
 #   2. robust encoder (RECIPE=pseudo_at, the default): the teacher widened to width 32 (Net2WiderNet), then
 #      label-free PGD adversarial training (PGD-3 at 8/255) on 100 k-means clusters of the frozen teacher's
-#      embedding, weight average (EMA) served, 40 epochs in bf16 autocast (PRECISION); RECIPE=distill: an earlier
+#      embedding, weight average (EMA) served, 40 epochs, bf16 as the teacher (PRECISION); RECIPE=distill: an earlier
 #      default, DeACL-style distillation (beta 2). No labels anywhere in encoder training (labels only in the bank);
 #   3. bank + export with the manifest/card (the default's 256-d embedding served as its 48-d PCA, baked into the
 #      encoder: the artifact stays under 15 MB), calibration (credibility), then the adaptive robustness suite.
@@ -24,7 +24,7 @@
 # assignment at this temperature; unset: the hard ids), AWP_GAMMA (pseudo_at with adversarial weight perturbation
 # of this relative size; unset: off), K (the default's k, default 75),
 # REDUCE_DIM (the default's served embedding size, default 48; empty: the full embedding), PRECISION (every stage:
-# bf16 or fp32), DATA (default data),
+# auto, bf16 or fp32; default auto: bf16 where the CPU has AVX512-BF16 or AMX, fp32 elsewhere), DATA (default data),
 # ART (artifact root, default artifacts); and
 # TRAIN_ARGS / EXPORT_ARGS / SUITE_ARGS, appended to every `satml train` / `satml export` / `satml robustness`
 # (later flags win: small runs such as tests/scripts/test_train_cpu_default.py, or `--precision bf16`).
@@ -49,9 +49,11 @@ REDUCE=()
 [ -n "$REDUCE_DIM" ] && REDUCE=(--reduce-dim "$REDUCE_DIM")
 COMMON=(--data "$DATA" --batch-size 256 --workers-threads 2 --no-progress)
 ADV=(--eps 0.0313725 --attack-steps 3 --ema-decay 0.995 --eval-every 4 --eval-robust 500)
-# the robust stages in bf16 autocast + channels_last: ~3x the images/s on a CPU with AMX / AVX512-BF16
-# (benchmarks/encoder_speed.py --bf16; evaluation and export stay float32). PRECISION=fp32 for other CPUs.
-FAST=(--precision "${PRECISION:-bf16}" --memory-format channels_last)
+# bf16 autocast + channels_last: ~3x the images/s on a CPU with AMX / AVX512-BF16; an AVX2-only CPU emulates bf16
+# at ~0.1x, so auto (the default) trains in float32 there (benchmarks/encoder_speed.py --bf16; evaluation and
+# export stay float32; the shipped default was trained in bf16 on an AVX512-BF16 CPU)
+PRECISION=${PRECISION:-auto}
+FAST=(--precision "$PRECISION" --memory-format channels_last)
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # sleep, not spin, when a core is shared
 done_() { [ -f "$1/metrics.jsonl" ] && grep -q '"final": true' "$1/metrics.jsonl"; }
 if [ -n "${TEACHER:-}" ]; then
@@ -95,7 +97,7 @@ fi
 [ -n "${NO_EXPORT:-}" ] && exit 0
 EXPORT=(--data "$DATA" --trained-on "2-core CPU")
 satml export --checkpoint "$RUNS/robust/checkpoint.pt" --out "$ART/default" --name default "${EXPORT[@]}" --k "$K" \
-  --description "Robust self-supervised cnn8 width $WIDTH + k-NN (k=$K), CPU-trained: $TEACHER_DESC, then $WHAT, $ROBUST_EPOCHS ep (${PRECISION:-bf16})${REDUCE_DIM:+; served embedding: ${REDUCE_DIM}-d PCA of the bank baked into the encoder}; no labels in encoder training" \
+  --description "Robust self-supervised cnn8 width $WIDTH + k-NN (k=$K), CPU-trained: $TEACHER_DESC, then $WHAT, $ROBUST_EPOCHS ep (precision $PRECISION)${REDUCE_DIM:+; served embedding: ${REDUCE_DIM}-d PCA of the bank baked into the encoder}; no labels in encoder training" \
   "${REDUCE[@]}" "${EXPORT_EXTRA[@]}"
 SUITE=("$ART/default")
 if [ -n "${OWN_TEACHER:-}" ]; then
@@ -110,7 +112,7 @@ if [ -n "${BASELINES:-}" ]; then
     "${REDUCE[@]}" "${EXPORT_EXTRA[@]}"
   SUITE+=("$ART/pgd_at")
   satml export --checkpoint "$RUNS/supervised/checkpoint.pt" --out "$ART/supervised" --name supervised "${EXPORT[@]}" \
-    --description "Supervised cross-entropy cnn8 width $WIDTH + k-NN (k=75), CPU-trained ($SUPERVISED_EPOCHS epochs, ${PRECISION:-bf16}): the non-robust labelled baseline and the suite's transfer source" \
+    --description "Supervised cross-entropy cnn8 width $WIDTH + k-NN (k=75), CPU-trained ($SUPERVISED_EPOCHS epochs, precision $PRECISION): the non-robust labelled baseline and the suite's transfer source" \
     "${REDUCE[@]}" "${EXPORT_EXTRA[@]}"
   satml calibrate "$ART/supervised" --data "$DATA"  # its credibility too (the suite adds it as the transfer source)
 fi

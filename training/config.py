@@ -112,8 +112,9 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={
         "help": "training arithmetic: bf16 autocast (the loss and the optimizer state stay float32) or fp32; auto: "
-                "bf16 on CUDA, fp32 on a CPU. On a CPU with AMX or AVX512-BF16 bf16 is ~2x the images/s "
-                "(benchmarks/encoder_speed.py --bf16); the exported encoder and every evaluation are float32"})
+                "bf16 where it is native (CUDA, a CPU with AMX or AVX512-BF16: ~2-3x the images/s there), fp32 "
+                "elsewhere (an AVX2-only CPU emulates bf16 at ~0.1x; benchmarks/encoder_speed.py --bf16); the "
+                "exported encoder and every evaluation are float32"})
     memory_format: Literal["auto", "channels_last", "contiguous"] = field(default="auto", metadata={
         "help": "layout of the model and its input batches; auto: channels_last on CUDA, contiguous on a CPU "
                 "(channels_last is also faster on these CPUs: benchmarks/encoder_speed.py --channels-last)"})

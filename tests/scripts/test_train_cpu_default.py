@@ -76,6 +76,7 @@ def test_the_default_recipe_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     assert "AWP gamma 0.01" in wide.description
     robust_cfg = load_checkpoint(tmp_path / "runs2" / "robust" / "checkpoint.pt")["config"]
     assert robust_cfg["soft_targets"] == 0.1 and robust_cfg["awp_gamma"] == 0.01
+    assert robust_cfg["precision"] == "auto"  # PRECISION unset: bf16 only where the CPU runs it natively
     assert "widened cnn8 width 4 -> 8" in third.stderr
     for name, method in (("pgd_at", "pgd_at"), ("supervised", "supervised")):
         base = verify_artifact(tmp_path / "art2" / name)
