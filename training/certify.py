@@ -229,13 +229,15 @@ def render_markdown(reports: Sequence[CertifyReport], meta: dict[str, Any]) -> s
     and what an L2 certificate does and does not claim."""
     radii = list(reports[0].certified_accuracy) if reports else [f"{r:g}" for r in RADII]
     first = reports[0] if reports else None
+    runtime = ("encoder.onnx under onnxruntime, as the server runs it" if meta.get("runtime") == "onnxruntime" else
+               "the torch encoder, as `satml evaluate` scores it")
     lines = [
         f"# Certified accuracy (randomized smoothing, Cohen et al. 2019): {meta.get('artifact', '')}",
         "",
-        "Smoothed hard k-NN vote of the artifact's classifier (encoder + bank + k, torch, as `satml evaluate` "
-        "scores it). Noise N(0, sigma^2 I) in [0, 1] pixel space, not clipped (as in the paper). Certified accuracy "
-        "at r = share of images predicted correctly, not abstained, and certified at L2 radius >= r "
-        "(CERTIFY: Clopper-Pearson lower bound on pA, abstain when it is <= 1/2).",
+        f"Smoothed hard k-NN vote of the artifact's classifier (encoder + bank + k; {runtime}). Noise N(0, sigma^2 I) "
+        "in [0, 1] pixel space, not clipped (as in the paper). Certified accuracy at r = share of images predicted "
+        "correctly, not abstained, and certified at L2 radius >= r (CERTIFY: Clopper-Pearson lower bound on pA, "
+        "abstain when it is <= 1/2).",
         "",
     ]
     if first is not None:
@@ -293,6 +295,54 @@ def _load() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
 
 
+RUNTIMES = ("auto", "torch", "onnxruntime")
+
+
+def onnx_classifier(folder: Path, bank: Tensor, bank_labels: Tensor, num_classes: int, k: int, metric: str,
+                    threads: int = 0) -> Classifier:
+    """The served runtime's base classifier: `encoder.onnx` under onnxruntime (CPU, no spinning, as the server
+    runs it) and the exact k-NN vote over the bank (`knn.TorchKnn`, the server's torch index). The encoder
+    agrees with the torch one to ~1e-6 and ran 2.6x as fast here (cnn8 w32, batch 256, one thread)."""
+    import onnxruntime as ort
+
+    from training import knn
+    from training.artifact import ENCODER_ONNX
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(folder / ENCODER_ONNX), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    index = knn.TorchKnn(bank.float().cpu(), bank_labels.cpu(), num_classes, k, metric)  # type: ignore[arg-type]
+
+    def classify(x: Tensor) -> Tensor:
+        z = torch.from_numpy(session.run(None, {name: x.detach().cpu().float().numpy()})[0])
+        return index.predict(z)[0]
+
+    return classify
+
+
+def resolve_runtime(runtime: str, device: torch.device, folder: Path) -> str:
+    """auto: onnxruntime on a CPU where it is installed and the artifact has encoder.onnx (what the server runs
+    then, and the faster one), else torch."""
+    from training.artifact import ENCODER_ONNX
+
+    if runtime == "onnxruntime":
+        if device.type != "cpu":
+            raise ValueError("--runtime onnxruntime certifies on the CPU only; use --device cpu or --runtime torch")
+        if not (folder / ENCODER_ONNX).is_file():
+            raise ValueError(f"{folder} has no {ENCODER_ONNX}; use --runtime torch")
+        return runtime
+    if runtime == "torch" or device.type != "cpu" or not (folder / ENCODER_ONNX).is_file():
+        return "torch"
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "onnxruntime"
+
+
 def cmd_certify(args: argparse.Namespace) -> dict[str, Any]:
     from training.artifact import load_artifact, sha256_file
     from training.data import load_dataset
@@ -309,7 +359,12 @@ def cmd_certify(args: argparse.Namespace) -> dict[str, Any]:
     if list(test.classes) != art.classes:
         raise ValueError(f"dataset classes {test.classes} differ from the artifact's {art.classes}")
     count = min(args.n_images, len(test))
-    model = KnnModel.from_artifact(art)
+    runtime = resolve_runtime(args.runtime, device, Path(args.artifact))
+    if runtime == "onnxruntime":
+        classify = onnx_classifier(Path(args.artifact), art.bank, art.bank_labels, art.num_classes, art.k,
+                                   art.metric, args.threads)
+    else:
+        classify = KnnModel.from_artifact(art).predict
     images, labels = to_float_images(test.images[:count], device), test.labels[:count].tolist()
     cache_dir = Path(args.cache_dir) if args.cache_dir else None
     if cache_dir is not None:
@@ -319,17 +374,21 @@ def cmd_certify(args: argparse.Namespace) -> dict[str, Any]:
     def cache(sigma: float) -> Path | None:
         if cache_dir is None:
             return None
-        return cache_dir / f"{model_key}_sigma{sigma:g}_n{args.n}_n0{args.n0}_alpha{args.alpha:g}_seed{args.seed}.jsonl"
+        tag = "_onnx" if runtime == "onnxruntime" else ""  # torch rows keep the name they had before the option
+        return cache_dir / (f"{model_key}_sigma{sigma:g}_n{args.n}_n0{args.n0}_alpha{args.alpha:g}_seed{args.seed}"
+                            f"{tag}.jsonl")
 
-    reports = [certify_images(model.predict, images, labels, sigma=sigma, n0=args.n0, n=args.n, alpha=args.alpha,
+    reports = [certify_images(classify, images, labels, sigma=sigma, n0=args.n0, n=args.n, alpha=args.alpha,
                               num_classes=art.num_classes, batch_size=args.batch_size, seed=args.seed,
                               progress=args.progress, cache=cache(sigma)) for sigma in args.sigma]
     sigmas = " ".join(f"{s:g}" for s in args.sigma)
-    meta = {"artifact": art.name, "path": str(args.artifact), "device": str(device), "threads": torch.get_num_threads(),
+    meta = {"artifact": art.name, "path": str(args.artifact), "device": str(device), "runtime": runtime,
+            "threads": torch.get_num_threads(),
             "machine": _machine(), "load_before": load_before, "load_after": _load(),
             "wall_s": time.perf_counter() - t0, "seed": args.seed, "note": args.note,
             "command": f"satml certify {args.artifact} --sigma {sigmas} --n {args.n} --n0 {args.n0} "
-                       f"--alpha {args.alpha:g} --n-images {args.n_images} --threads {args.threads}"}
+                       f"--alpha {args.alpha:g} --n-images {args.n_images} --threads {args.threads} "
+                       f"--runtime {runtime}"}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = args.name or "certify"
@@ -372,6 +431,10 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="image i uses a generator seeded seed + i")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
+    p.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                   help="the base classifier's encoder: onnxruntime (encoder.onnx, as the server runs it; CPU) or "
+                        "torch (encoder.safetensors); auto: onnxruntime on a CPU where it is installed and the "
+                        "artifact has encoder.onnx")
     p.add_argument("--out", default="test-output/certify", help="folder for <name>.json and <name>.md")
     p.add_argument("--cache-dir", default=None, help="keep each finished image here (JSON lines per model, sigma, "
                    "n, n0, alpha and seed) and resume from it: a run of hours survives a stop")

@@ -193,11 +193,53 @@ def test_cli_certify_writes_json_and_markdown(tiny_artifact: Path, tiny_cifar: P
         main(["certify", str(tiny_artifact), "--data", str(tiny_cifar), "--alpha", "0.7"])
 
 
+def test_onnx_runtime_certifies_the_served_classifier(tiny_cifar: Path, tmp_path: Path) -> None:
+    """--runtime onnxruntime (auto on a CPU when the artifact has encoder.onnx): encoder.onnx + the bank votes as
+    the torch classifier does on noisy copies, the markdown names the runtime, and its cache rows never mix with
+    torch's."""
+    from training import knn
+    from training.artifact import load_artifact
+    from training.data import load_dataset
+    from training.evaluate import KnnModel
+    from training.export import export_artifact
+    from training.models import Encoder, EncoderConfig
+
+    torch.manual_seed(0)
+    encoder = Encoder(EncoderConfig(arch="cnn8", width=4, proj_dim=16)).eval()
+    train = load_dataset(str(tiny_cifar), "train")
+    folder = export_artifact(tmp_path / "art", encoder, knn.embed(encoder, train.images[:64]),
+                             torch.as_tensor(train.labels[:64]), name="tiny", classes=list(train.classes),
+                             dataset="cifar10", training={"method": "ssl", "hyperparameters": {}, "epochs": 0,
+                                                          "seed": 0, "code_version": "test"}, k=5)
+    art = load_artifact(folder)
+    onnx = cert.onnx_classifier(folder, art.bank, art.bank_labels, art.num_classes, art.k, art.metric, 1)
+    size = art.input_size
+    x = torch.rand(1, 3, size, size) + 0.25 * torch.randn(64, 3, size, size, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(onnx(x), KnnModel.from_artifact(art).predict(x))
+    cpu = torch.device("cpu")
+    assert cert.resolve_runtime("auto", cpu, folder) == "onnxruntime"
+    assert cert.resolve_runtime("auto", torch.device("cuda"), folder) == "torch"
+    assert cert.resolve_runtime("auto", cpu, tmp_path) == "torch"  # no encoder.onnx: what the server runs then
+    with pytest.raises(ValueError, match="CPU only"):
+        cert.resolve_runtime("onnxruntime", torch.device("cuda"), folder)
+    with pytest.raises(ValueError, match=r"no encoder\.onnx"):
+        cert.resolve_runtime("onnxruntime", cpu, tmp_path)
+    common = [str(folder), "--data", str(tiny_cifar), "--sigma", "0.25", "--n", "32", "--n0", "8", "--n-images",
+              "2", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--threads", "1"]
+    for runtime in ("torch", "onnxruntime"):
+        assert main(["certify", *common, "--runtime", runtime, "--name", runtime]) == 0
+        md = (tmp_path / "out" / f"{runtime}.md").read_text()
+        assert ("onnxruntime, as the server runs it" in md) == (runtime == "onnxruntime")
+        assert f"--runtime {runtime}" in md
+    names = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(names) == 2 and names[0].endswith("seed0.jsonl") and names[1].endswith("seed0_onnx.jsonl")
+
+
 def test_cli_help_explains_every_option(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["certify", "--help"])
     out = capsys.readouterr().out
     assert exc.value.code == 0 and out.startswith("usage: satml certify")
     for flag in ("--sigma", "--n", "--n0", "--alpha", "--n-images", "--out", "--batch-size", "--seed", "--threads",
-                 "--cache-dir"):
+                 "--cache-dir", "--runtime"):
         assert flag in out
