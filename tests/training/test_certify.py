@@ -173,6 +173,7 @@ def test_cli_certify_writes_json_and_markdown(tiny_artifact: Path, tiny_cifar: P
     assert summary["reports"][0]["images"] == report["images"] == 3 and len(report["per_image"]) == 3
     assert set(report["certified_accuracy"]) == {"0", "0.25", "0.5", "1"}
     assert 0 <= report["abstention_rate"] <= 1 and report["seconds_per_image"] > 0
+    assert report["median_seconds_per_image"] == sorted(r["seconds"] for r in report["per_image"])[1]  # of 3
     assert all(r["radius"] >= 0 and (r["smoothed"] == -1) == (r["radius"] == 0) for r in report["per_image"])
     md = (out / "certify.md").read_text()
     assert "Cohen et al. ResNet-110" in md and "1.74" in md and "| r = 0.25 |" in md
