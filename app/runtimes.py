@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from training.artifact import ENCODER_ONNX
+from training.artifact import ENCODER_ONNX, onnx_session
 
 
 def resolve_serving_device(setting: str) -> torch.device:
@@ -69,12 +69,8 @@ class OnnxEmbed:
                                "install onnxruntime-gpu or choose SATML_RUNTIME=torch")
         providers: list[Any] = [want] if want == "CPUExecutionProvider" else [
             (want, {"device_id": device.index or 0}), "CPUExecutionProvider"]
-        options = ort.SessionOptions()
-        # no busy-waiting between ops: on a CPU the event loop and the decoders need the same cores
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads is not None:  # SATML_COMPUTE_THREADS / workers: this process's share of the cores
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        # threads: SATML_COMPUTE_THREADS / workers, this process's share of the cores
+        self.session = onnx_session(path, providers, threads)
         active = self.session.get_providers()
         if not active or active[0] != want:
             raise RuntimeError(f"onnxruntime session runs on {active}, not {want}: refusing a silent fallback")

@@ -308,16 +308,10 @@ def onnx_classifier(folder: Path, bank: Tensor, bank_labels: Tensor, num_classes
     runs it) and the exact k-NN vote over the bank (`knn.TorchKnn`, the server's torch index). The encoder
     agrees with the torch one to ~1e-6; `satml certify` ran 1.2-1.3x faster per image with it (the shipped
     default, n = 4,000, two threads, an idle AVX2 VM: 3.4-3.7 s against 4.0-4.9 s)."""
-    import onnxruntime as ort
-
     from training import knn
-    from training.artifact import ENCODER_ONNX
+    from training.artifact import ENCODER_ONNX, onnx_session
 
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(folder / ENCODER_ONNX), options, providers=["CPUExecutionProvider"])
+    session = onnx_session(folder / ENCODER_ONNX, ["CPUExecutionProvider"], threads or None)
     name = session.get_inputs()[0].name
     index = knn.TorchKnn(bank.float().cpu(), bank_labels.cpu(), num_classes, k, metric)  # type: ignore[arg-type]
 

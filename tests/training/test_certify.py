@@ -199,7 +199,7 @@ def test_onnx_runtime_certifies_the_served_classifier(tiny_cifar: Path, tmp_path
     the torch classifier does on noisy copies, the markdown names the runtime, and its cache rows never mix with
     torch's."""
     from training import knn
-    from training.artifact import load_artifact
+    from training.artifact import ENCODER_ONNX, load_artifact, onnx_session
     from training.data import load_dataset
     from training.evaluate import KnnModel
     from training.export import export_artifact
@@ -213,6 +213,9 @@ def test_onnx_runtime_certifies_the_served_classifier(tiny_cifar: Path, tmp_path
                              dataset="cifar10", training={"method": "ssl", "hyperparameters": {}, "epochs": 0,
                                                           "seed": 0, "code_version": "test"}, k=5)
     art = load_artifact(folder)
+    options = onnx_session(folder / ENCODER_ONNX, ["CPUExecutionProvider"], 1).get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"  # the server's options
+    assert options.intra_op_num_threads == 1
     onnx = cert.onnx_classifier(folder, art.bank, art.bank_labels, art.num_classes, art.k, art.metric, 1)
     size = art.input_size
     x = torch.rand(1, 3, size, size) + 0.25 * torch.randn(64, 3, size, size, generator=torch.Generator().manual_seed(0))
