@@ -84,6 +84,14 @@ class TrainConfig:
         "help": "L-inf attack radius in [0,1] pixel units for sat / pgd_at (8/255 = 0.0314)"})
     alpha: float = field(default=2 / 255, metadata={"help": "attack step size in pixel units"})
     attack_steps: int = field(default=5, metadata={"help": "PGD steps per adversarial example during training"})
+    train_attack: Literal["pgd", "nfgsm"] = field(default="pgd", metadata={
+        "help": "pgd_at/pseudo_at (not TRADES): the training adversary; pgd: PGD with --attack-steps of --alpha; "
+                "nfgsm: N-FGSM (de Jorge et al. 2022), noise of 2 eps and one step of eps without projection: one "
+                "forward-backward per image instead of --attack-steps (pair it with --co-guard)"})
+    co_guard: float = field(default=0.0, metadata={
+        "help": "stop the run (resumable, not finished) when the validation PGD-10 accuracy (--eval-robust) falls "
+                "this much (0-1) below its best so far in the run: the mark of catastrophic overfitting, which "
+                "single-step training can hit (0: off)"})
     attack: Literal["guided", "embedding"] = field(default="guided", metadata={
         "help": "sat attack: guided (paper: pull the embedding toward other-class samples) or embedding (label-free)"})
     guides: int = field(default=32, metadata={
@@ -134,6 +142,12 @@ class TrainConfig:
             raise ValueError(f"method {self.method} needs --teacher (checkpoint.pt of a clean ssl run)")
         if self.trades_beta < 0:
             raise ValueError(f"trades_beta must be >= 0, got {self.trades_beta}")
+        if self.train_attack == "nfgsm" and (self.method not in ("pgd_at", "pseudo_at") or self.trades_beta > 0):
+            raise ValueError(f"train_attack nfgsm is for pgd_at / pseudo_at without TRADES, got method {self.method}, "
+                             f"trades_beta {self.trades_beta}")
+        if self.co_guard < 0 or (self.co_guard > 0 and self.eval_robust <= 0):
+            raise ValueError(f"co_guard must be >= 0 and needs --eval-robust > 0 (its signal), got {self.co_guard} "
+                             f"with eval_robust {self.eval_robust}")
         if self.awp_gamma < 0 or (self.awp_gamma > 0 and (self.method not in ("pgd_at", "pseudo_at")
                                                           or self.trades_beta > 0)):
             raise ValueError(f"awp_gamma must be >= 0 and is for pgd_at / pseudo_at without TRADES, got "

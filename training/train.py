@@ -209,8 +209,11 @@ class Step:
         if cfg.trades_beta > 0:
             return self._trades(x, y)
         objective = attacks.cross_entropy_objective(self.model, y)
-        x_adv = attacks.pgd(objective, x, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.attack_steps, model=self.model,
-                            generator=self.g)
+        if cfg.train_attack == "nfgsm":
+            x_adv = attacks.nfgsm(objective, x, eps=cfg.eps, model=self.model, generator=self.g)
+        else:
+            x_adv = attacks.pgd(objective, x, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.attack_steps, model=self.model,
+                                generator=self.g)
         if cfg.awp_gamma > 0:
             self._perturb_weights(x_adv, y)
         logits = self.net(x_adv).float()
@@ -568,17 +571,39 @@ def validate(run: Run, query: ImageDataset, progress: bool = False) -> dict[str,
     return out
 
 
-def end_epoch(run: Run, meter: EpochMeter) -> None:
-    """Log the epoch's record, with a validation check every `eval_every` completed epochs."""
+def end_epoch(run: Run, meter: EpochMeter) -> bool:
+    """Log the epoch's record, with a validation check every `eval_every` completed epochs; True when that check
+    trips `co_guard` (every rank gets the same answer)."""
     cfg, record = run.cfg, meter.record(run)
     completed = run.step % run.data.steps_per_epoch == 0
-    if completed and cfg.eval_every and (meter.epoch + 1) % cfg.eval_every == 0 and run.data.val_set is not None \
-            and run.dist.main:
+    check = bool(completed and cfg.eval_every and (meter.epoch + 1) % cfg.eval_every == 0
+                 and run.data.val_set is not None)
+    tripped = False
+    if check and run.dist.main and run.data.val_set is not None:
         record.update(validate(run, run.data.val_set.subset(slice(0, cfg.eval_size))))
         run.model.train()
+        best = overfit_best(Path(cfg.run_dir) / METRICS, record.get("val_pgd10_acc"), cfg.co_guard)
+        if best is not None:
+            record["co_guard_best"], tripped = best, True
+            log.error("catastrophic overfitting? validation PGD-10 accuracy %.3f is %.3f below the run's best %.3f "
+                      "(--co-guard %g): stopping; the checkpoint is resumable, but a PGD adversary "
+                      "(--train-attack pgd) or a smaller step is the usual cure", record["val_pgd10_acc"],
+                      best - record["val_pgd10_acc"], best, cfg.co_guard)
     if run.dist.main:
         _log_json(Path(cfg.run_dir) / METRICS, record)
     log.info("epoch %s", record)
+    return all_agree_to_stop(run, tripped) if check and cfg.co_guard else tripped
+
+
+def overfit_best(log_path: Path, acc: float | None, drop: float) -> float | None:
+    """The best earlier validation PGD-10 accuracy in the run's metrics log when `acc` is `drop` or more below
+    it, else None (also when the guard is off, drop 0, or there is no earlier figure)."""
+    if not drop or acc is None or not log_path.is_file():
+        return None
+    earlier = [r["val_pgd10_acc"] for r in map(json.loads, log_path.read_text().splitlines())
+               if "val_pgd10_acc" in r and not r.get("final")]
+    best = max(earlier, default=None)
+    return best if best is not None and acc <= best - drop else None
 
 
 def _log_json(path: Path, record: dict[str, Any]) -> None:
@@ -618,6 +643,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     bar = tqdm(total=run.total_steps, initial=run.step, desc=cfg.method,
                disable=not (cfg.progress and run.dist.main), dynamic_ncols=True)
     meter: EpochMeter | None = None
+    guarded = False
     for epoch, x, y in batches(run):
         meter = meter if meter is not None and meter.epoch == epoch else EpochMeter(epoch)
         loss, stats = optimise(run, step_fn, x, y)
@@ -629,9 +655,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         over_budget = cfg.max_minutes is not None and time.time() - t_call > cfg.max_minutes * 60
         if over_budget or run.step % run.data.steps_per_epoch == 0:  # an epoch ends, or this call does
             stop = all_agree_to_stop(run, over_budget)
-            end_epoch(run, meter)
-            if stop:
+            guarded = end_epoch(run, meter)
+            if stop or guarded:
                 break
     bar.close()
     run.save()
-    return finish(run)
+    result = finish(run)
+    if guarded:
+        result["stopped_by"] = "co_guard"
+    return result

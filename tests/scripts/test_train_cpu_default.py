@@ -64,7 +64,7 @@ def test_the_default_recipe_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     # BASELINES=1 adds the labelled references on the same encoder: PGD-AT, and cross-entropy as the transfer source
     third = run_script(tmp_path, data, TEACHER=str(ssl), WIDTH="8", REDUCE_DIM="16", RUNS=str(tmp_path / "runs2"),
                        ART=str(tmp_path / "art2"), BASELINES="1", PGD_AT_EPOCHS="1", SUPERVISED_EPOCHS="1",
-                       SOFT_TARGETS="0.1", AWP_GAMMA="0.01")
+                       SOFT_TARGETS="0.1", AWP_GAMMA="0.01", TRAIN_ATTACK="nfgsm", CO_GUARD="0.9")
     assert third.returncode == 0, third.stderr[-3000:]
     assert not (tmp_path / "runs2" / "teacher").exists() and not (tmp_path / "art2" / "ssl").exists()
     wide = verify_artifact(tmp_path / "art2" / "default")
@@ -73,9 +73,10 @@ def test_the_default_recipe_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     assert "16-d PCA of the bank" in wide.description
     assert f"the given teacher ({ssl})" in wide.description
     assert "(soft assignment at T=0.1)" in wide.description
-    assert "AWP gamma 0.01" in wide.description
+    assert "AWP gamma 0.01" in wide.description and "N-FGSM at 8/255" in wide.description
     robust_cfg = load_checkpoint(tmp_path / "runs2" / "robust" / "checkpoint.pt")["config"]
     assert robust_cfg["soft_targets"] == 0.1 and robust_cfg["awp_gamma"] == 0.01
+    assert robust_cfg["train_attack"] == "nfgsm" and robust_cfg["co_guard"] == 0.9
     assert robust_cfg["precision"] == "auto"  # PRECISION unset: bf16 only where the CPU runs it natively
     assert "widened cnn8 width 4 -> 8" in third.stderr
     for name, method in (("pgd_at", "pgd_at"), ("supervised", "supervised")):

@@ -257,3 +257,59 @@ def test_square_needs_no_gradient_and_stops_when_successful(toy: tuple[ModeRecor
     many = attacks.square(score, x, eps=0.05, queries=300, generator=torch.Generator().manual_seed(0))
     assert accuracy(model, many, y) <= accuracy(model, few, y)
     assert calls[0] == len(x) and min(calls) < len(x)  # the fooled images stopped querying
+
+
+# ---------------------------------------------------------------- N-FGSM (a training adversary)
+
+
+def test_nfgsm_leaves_the_eps_ball_by_design_but_not_noise_plus_step() -> None:
+    """Noise of 2 eps plus a step of eps, no projection: the perturbation reaches past eps, never past 3 eps,
+    and the images stay in [0, 1]."""
+    model, x, y = _toy_model_and_data()
+    eps = 0.05
+    x_adv = attacks.nfgsm(attacks.cross_entropy_objective(model, y), x, eps=eps, model=model,
+                          generator=torch.Generator().manual_seed(0))
+    gap = (x_adv - x).abs().amax()
+    assert eps < gap <= 3 * eps + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1 and not x_adv.requires_grad
+
+
+def test_nfgsm_without_noise_is_fgsm_and_keeps_model_mode_and_grads(toy: tuple[ModeRecorder, Tensor, Tensor]) -> None:
+    model, x, y = toy
+    model.train()
+    sentinel = [torch.full_like(p, 7.0) for p in model.parameters()]
+    for p, s in zip(model.parameters(), sentinel, strict=True):
+        p.grad = s.clone()
+    model.seen_training.clear()
+    try:
+        got = attacks.nfgsm(attacks.cross_entropy_objective(model, y), x, eps=0.05, noise=0.0, model=model)
+        assert model.training and model.seen_training and not any(model.seen_training)  # eval during, restored
+        assert all(torch.equal(p.grad, s) for p, s in zip(model.parameters(), sentinel, strict=True))
+    finally:
+        model.eval()
+        for p in model.parameters():
+            p.grad = None
+    want = attacks.fgsm(attacks.cross_entropy_objective(model, y), x, eps=0.05, model=model)
+    assert torch.allclose(got, want)
+
+
+def test_nfgsm_beats_noise_of_its_size(toy: tuple[ModeRecorder, Tensor, Tensor]) -> None:
+    model, x, y = toy
+    eps = 0.05
+    noisy = accuracy(model, attacks.noise(x, eps=3 * eps, generator=torch.Generator().manual_seed(0)), y)
+    adv = accuracy(model, attacks.nfgsm(attacks.cross_entropy_objective(model, y), x, eps=eps, model=model,
+                                        generator=torch.Generator().manual_seed(0)), y)
+    assert adv < noisy - 0.1, (adv, noisy)
+
+
+@pytest.mark.parametrize("kwargs", [{"eps": 0.0}, {"eps": 0.1, "noise": -1.0}, {"eps": 0.1, "step": 0.0}])
+def test_nfgsm_refuses_bad_sizes(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="eps"):
+        attacks.nfgsm(lambda z: z.sum((1, 2, 3)), torch.rand(2, 3, 4, 4), **kwargs)
+
+
+def _toy_model_and_data() -> tuple[nn.Module, Tensor, Tensor]:
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, NUM_CLASSES))
+    x, y = toy_data(64, seed=2)
+    return model, x, y

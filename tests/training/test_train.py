@@ -21,7 +21,7 @@ from training.config import TrainConfig
 from training.data import load_dataset, train_val_split
 from training.export import export_artifact
 from training.models import ContrastiveModel
-from training.train import METRICS, Step, build_model, lr_at, train
+from training.train import METRICS, Step, build_model, lr_at, overfit_best, train
 
 VAL = TINY_PER_BATCH  # held-out images; leaves 64 training images = 4 steps of 16
 STEPS = (5 * TINY_PER_BATCH - VAL) // 16
@@ -74,6 +74,10 @@ def test_lr_schedule_without_warmup_starts_at_the_base() -> None:
         ({"epochs": 0}, "epochs"),
         ({"batch_size": 1}, "batch_size"),
         ({"noise_sigma": -0.1}, "noise_sigma"),
+        ({"method": "sat", "train_attack": "nfgsm"}, "nfgsm"),
+        ({"method": "pgd_at", "train_attack": "nfgsm", "trades_beta": 6.0}, "nfgsm"),
+        ({"method": "pgd_at", "co_guard": 0.1}, "eval-robust"),
+        ({"method": "pgd_at", "co_guard": -0.1, "eval_robust": 8}, "co_guard"),
     ],
 )
 def test_config_validation(kwargs: dict[str, Any], match: str) -> None:
@@ -259,6 +263,43 @@ def test_supervised_baselines(method: str, tiny_cifar: Path, tmp_path: Path) -> 
     if method == "pgd_at":
         assert 0.0 <= _records(tmp_path / method)[0]["adv_acc"] <= 1.0
     _bank_and_export(cfg, ckpt, tmp_path / "artifact")
+
+
+def test_pgd_at_with_the_nfgsm_adversary_trains_and_differs_from_pgd(tiny_cifar: Path, tmp_path: Path) -> None:
+    runs = {}
+    for attack in ("pgd", "nfgsm"):
+        cfg = tiny_config(tiny_cifar, tmp_path / attack, method="pgd_at", eps=8 / 255, alpha=4 / 255,
+                          train_attack=attack)
+        runs[attack] = _check_run(cfg, train(cfg))
+        assert 0.0 <= _records(tmp_path / attack)[0]["adv_acc"] <= 1.0
+    # same seed, data and init: only the adversary differs, so the weights do
+    assert not torch.equal(runs["pgd"]["model"]["head.weight"], runs["nfgsm"]["model"]["head.weight"])
+
+
+def test_co_guard_stops_a_run_whose_validation_pgd_falls_below_its_best(tiny_cifar: Path, tmp_path: Path) -> None:
+    """An earlier check in the run's log read 1.01 (above any accuracy): the first real check is more than
+    co_guard below it, so the run stops there, resumable and not finished, with the best in its record."""
+    run_dir = tmp_path / "guarded"
+    run_dir.mkdir()
+    (run_dir / METRICS).write_text(json.dumps({"epoch": -1, "val_pgd10_acc": 1.01}) + "\n")
+    cfg = tiny_config(tiny_cifar, run_dir, method="pgd_at", eps=8 / 255, alpha=4 / 255, epochs=2,
+                      eval_robust=4, co_guard=0.01, train_attack="nfgsm")
+    result = train(cfg)
+    assert result["stopped_by"] == "co_guard" and not result["finished"] and result["step"] == STEPS
+    last = _records(run_dir)[-1]
+    assert last["co_guard_best"] == 1.01 and last["val_pgd10_acc"] <= 1.0
+
+
+def test_overfit_best_reads_the_runs_earlier_checks(tmp_path: Path) -> None:
+    log_path = tmp_path / METRICS
+    assert overfit_best(log_path, 0.1, 0.05) is None  # no log yet
+    log_path.write_text("\n".join(json.dumps(r) for r in [
+        {"epoch": 0, "val_pgd10_acc": 0.30}, {"epoch": 1, "loss": 1.0}, {"epoch": 2, "val_pgd10_acc": 0.36},
+        {"final": True, "val_pgd10_acc": 0.9}]) + "\n")
+    assert overfit_best(log_path, 0.30, 0.05) == 0.36  # 6 points under the best check (the final row ignored)
+    assert overfit_best(log_path, 0.33, 0.05) is None  # 3 points: within the guard
+    assert overfit_best(log_path, 0.0, 0.0) is None  # guard off
+    assert overfit_best(log_path, None, 0.05) is None  # no robust figure this check
 
 
 def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(
