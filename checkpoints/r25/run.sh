@@ -18,11 +18,7 @@ case "${STAGE:-1}" in
    python -c "import torch; from training.train import native_bf16; raise SystemExit(not native_bf16(torch.device('cpu')))" \
      || { echo "r25 needs a CPU with AVX512-BF16 or AMX (r19 trained in bf16); this one has neither" >&2; exit 3; }
    PRECISION=bf16 RUNS=runs/r25 ART=runs/r25/art TEACHER=artifacts/ssl AWP_GAMMA=0.01 NO_EXPORT=1 scripts/train_cpu_default.sh ;;
-2) satml export --checkpoint runs/r25/robust/checkpoint.pt --out runs/r25/art/default --name default --data data \
-     --trained-on "2-core CPU" --k 75 --reduce-dim 48 \
-     --description "Robust self-supervised cnn8 width 32 + k-NN (k=75), CPU-trained: the r17 SimCLR teacher (artifacts/ssl), then label-free PGD-AT (PGD-3 at 8/255, EMA, AWP gamma 0.01) on 100 k-means clusters of the teacher's embedding, 40 ep; served embedding: 48-d PCA of the bank baked into the encoder; no labels in encoder training"
-   satml calibrate runs/r25/art/default --data data
-   satml robustness artifacts/default runs/r25/art/default --data data --split validation --n-robust 1000 \
-     --headline-only --transfer-source none --out runs/r25/val_gate --cache-dir runs/val1000_cache --no-progress ;;
+2) scripts/gate_candidate.sh runs/r25 \
+     "Robust self-supervised cnn8 width 32 + k-NN (k=75), CPU-trained: the r17 SimCLR teacher (artifacts/ssl), then label-free PGD-AT (PGD-3 at 8/255, EMA, AWP gamma 0.01) on 100 k-means clusters of the teacher's embedding, 40 ep; served embedding: 48-d PCA of the bank baked into the encoder; no labels in encoder training" ;;
 *) echo "STAGE must be 1 or 2" >&2; exit 2 ;;
 esac

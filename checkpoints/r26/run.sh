@@ -14,11 +14,7 @@ export OMP_WAIT_POLICY=PASSIVE
 case "${STAGE:-1}" in
 1) RUNS=runs/r26 ART=runs/r26/art TEACHER=artifacts/ssl TRAIN_ATTACK=nfgsm CO_GUARD=0.05 NO_EXPORT=1 \
      scripts/train_cpu_default.sh ;;
-2) satml export --checkpoint runs/r26/robust/checkpoint.pt --out runs/r26/art/default --name default --data data \
-     --trained-on "2-core CPU" --k 75 --reduce-dim 48 \
-     --description "Robust self-supervised cnn8 width 32 + k-NN (k=75), CPU-trained: the r17 SimCLR teacher (artifacts/ssl), then label-free PGD-AT (N-FGSM at 8/255, EMA) on 100 k-means clusters of the teacher's embedding, 40 ep; served embedding: 48-d PCA of the bank baked into the encoder; no labels in encoder training"
-   satml calibrate runs/r26/art/default --data data
-   satml robustness artifacts/default runs/r26/art/default --data data --split validation --n-robust 1000 \
-     --headline-only --transfer-source none --out runs/r26/val_gate --cache-dir runs/val1000_cache --no-progress ;;
+2) scripts/gate_candidate.sh runs/r26 \
+     "Robust self-supervised cnn8 width 32 + k-NN (k=75), CPU-trained: the r17 SimCLR teacher (artifacts/ssl), then label-free PGD-AT (N-FGSM at 8/255, EMA) on 100 k-means clusters of the teacher's embedding, 40 ep; served embedding: 48-d PCA of the bank baked into the encoder; no labels in encoder training" ;;
 *) echo "STAGE must be 1 or 2" >&2; exit 2 ;;
 esac

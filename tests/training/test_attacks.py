@@ -93,19 +93,16 @@ ATTACKS: dict[str, AttackCall] = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(ATTACKS))
-def test_attack_contract(name: str, toy: tuple[ModeRecorder, Tensor, Tensor]) -> None:
-    """In the eps ball and [0, 1], detached, model mode restored (eval during), parameter grads untouched."""
-    model, x, y = toy
-    x, y = x[:64], y[:64]
-    eps = 0.05
+def run_watched(model: ModeRecorder, attack: Callable[[], Tensor]) -> Tensor:
+    """Run `attack` on a model in training mode with sentinel parameter grads; assert that it ran the model in
+    eval mode, restored training mode and left the grads alone. Returns the attack's output."""
     model.train()
     sentinel = [torch.full_like(p, 7.0) for p in model.parameters()]
     for p, s in zip(model.parameters(), sentinel, strict=True):
         p.grad = s.clone()
     model.seen_training.clear()
     try:
-        x_adv = ATTACKS[name](model, x, y, eps, torch.Generator().manual_seed(0))
+        x_adv = attack()
     finally:
         was_training = model.training
         model.eval()
@@ -113,6 +110,17 @@ def test_attack_contract(name: str, toy: tuple[ModeRecorder, Tensor, Tensor]) ->
     assert not any(model.seen_training), "attacks must run the model in eval mode"
     for p, s in zip(model.parameters(), sentinel, strict=True):
         assert torch.equal(p.grad, s), "parameter .grad must not be touched"
+        p.grad = None
+    return x_adv
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_attack_contract(name: str, toy: tuple[ModeRecorder, Tensor, Tensor]) -> None:
+    """In the eps ball and [0, 1], detached, model mode restored (eval during), parameter grads untouched."""
+    model, x, y = toy
+    x, y = x[:64], y[:64]
+    eps = 0.05
+    x_adv = run_watched(model, lambda: ATTACKS[name](model, x, y, eps, torch.Generator().manual_seed(0)))
     assert x_adv.shape == x.shape and not x_adv.requires_grad and x_adv.grad_fn is None
     assert x_adv.min() >= 0 and x_adv.max() <= 1
     delta = (x_adv - x).flatten(1)
@@ -276,19 +284,9 @@ def test_nfgsm_leaves_the_eps_ball_by_design_but_not_noise_plus_step() -> None:
 
 def test_nfgsm_without_noise_is_fgsm_and_keeps_model_mode_and_grads(toy: tuple[ModeRecorder, Tensor, Tensor]) -> None:
     model, x, y = toy
-    model.train()
-    sentinel = [torch.full_like(p, 7.0) for p in model.parameters()]
-    for p, s in zip(model.parameters(), sentinel, strict=True):
-        p.grad = s.clone()
-    model.seen_training.clear()
-    try:
-        got = attacks.nfgsm(attacks.cross_entropy_objective(model, y), x, eps=0.05, noise=0.0, model=model)
-        assert model.training and model.seen_training and not any(model.seen_training)  # eval during, restored
-        assert all(torch.equal(p.grad, s) for p, s in zip(model.parameters(), sentinel, strict=True))
-    finally:
-        model.eval()
-        for p in model.parameters():
-            p.grad = None
+    got = run_watched(model, lambda: attacks.nfgsm(attacks.cross_entropy_objective(model, y), x, eps=0.05, noise=0.0,
+                                                   model=model))
+    assert model.seen_training  # it ran the model (in eval mode: run_watched)
     want = attacks.fgsm(attacks.cross_entropy_objective(model, y), x, eps=0.05, model=model)
     assert torch.allclose(got, want)
 

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Issue 10's validation gate for a candidate default (benchmarks/results/recipes.md): export a robust stage's
+# checkpoint as RUN/art/default (k = 75, the 48-d PCA of the bank baked into the encoder, as the shipped default),
+# calibrate it, then run the headline-only suite on the validation split, 1,000 attacked images, beside the shipped
+# default (whose side is cached in runs/val1000_cache, so only the candidate is attacked when the cache is kept).
+# From the repository root after `make install-dev data`:
+#   scripts/gate_candidate.sh RUN DESCRIPTION     e.g. scripts/gate_candidate.sh runs/r26 "Robust self-supervised ..."
+# Writes RUN/art/default and RUN/val_gate/robustness.{md,json}.
+set -euo pipefail
+[ $# -eq 2 ] || { echo "usage: $0 RUN DESCRIPTION" >&2; exit 2; }
+command -v satml > /dev/null || { [ -x .venv/bin/satml ] && export PATH="$PWD/.venv/bin:$PATH"; }
+RUN=$1
+satml export --checkpoint "$RUN/robust/checkpoint.pt" --out "$RUN/art/default" --name default --data data \
+  --trained-on "2-core CPU" --k 75 --reduce-dim 48 --description "$2"
+satml calibrate "$RUN/art/default" --data data
+satml robustness artifacts/default "$RUN/art/default" --data data --split validation --n-robust 1000 \
+  --headline-only --transfer-source none --out "$RUN/val_gate" --cache-dir runs/val1000_cache --no-progress
