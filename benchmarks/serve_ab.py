@@ -107,20 +107,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               "artifacts": str(args.artifacts), "model": args.model, "rounds": args.rounds,
                               "duration_s": args.duration,
                               "variants": [{"name": v.name, "env": v.env, "rev": v.rev} for v in variants],
-                              "points": [f"{n}x{c}" for n, c in args.points], "runs": []}
+                              "points": [f"{n}x{c}" for n, c in args.points], "runs": [],
+                              "paired": args.paired}
     with tempfile.TemporaryDirectory(prefix="serve_ab_") as tmp_, checkouts(variants, Path(tmp_)) as roots:
         tmp = Path(tmp_)
         bodies = {}
         for n in sorted({n for n, _ in args.points}):
             bodies[n] = tmp / f"body_{n}.bin"
             bodies[n].write_bytes(multipart_body([images[i % len(images)] for i in range(n)]))
-        for r in range(args.rounds):
+        if args.paired:
+            paired_rounds(args, variants, roots, bodies, tmp, result)
+        for r in range(0 if args.paired else args.rounds):
             for v in variants:
                 port = free_port()
                 base = f"http://127.0.0.1:{port}"
-                env = {"SATML_ARTIFACTS_DIR": str(args.artifacts), "SATML_DEFAULT_MODEL": args.model,
-                       "SATML_HOST": "127.0.0.1", "SATML_PORT": str(port), "SATML_LOG_LEVEL": "warning", **v.env}
-                with server(server_cmd(roots[v.name]), env, f"{base}/health/ready", tmp / f"{v.name}.log") as pid:
+                with server(server_cmd(roots[v.name]), server_env(args, v, port), f"{base}/health/ready",
+                            tmp / f"{v.name}.log") as pid:
                     run_wrk(f"{base}/classify", bodies[1 if 1 in bodies else min(bodies)], 8, 2, pid)  # warm-up
                     for n, conns in args.points:
                         out = run_wrk(f"{base}/classify", bodies[n], conns, args.duration, pid)
@@ -135,22 +137,58 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def server_env(args: argparse.Namespace, v: Variant, port: int) -> dict[str, str]:
+    return {"SATML_ARTIFACTS_DIR": str(args.artifacts), "SATML_DEFAULT_MODEL": args.model, "SATML_HOST": "127.0.0.1",
+            "SATML_PORT": str(port), "SATML_LOG_LEVEL": "warning", **v.env}
+
+
+def paired_rounds(args: argparse.Namespace, variants: list[Variant], roots: dict[str, Path], bodies: dict[int, Path],
+                  tmp: Path, result: dict[str, Any]) -> None:
+    """`--paired`: every variant's server up at once (an idle one waits without spinning), and per round and
+    point the variants measured back to back, their order rotated round by round: a drift of the machine
+    reaches both arms of a pair within seconds, and no variant always goes first."""
+    with contextlib.ExitStack() as stack:
+        bases, pids = {}, {}
+        for v in variants:
+            port = free_port()
+            bases[v.name] = f"http://127.0.0.1:{port}"
+            pids[v.name] = stack.enter_context(server(server_cmd(roots[v.name]), server_env(args, v, port),
+                                                      f"{bases[v.name]}/health/ready", tmp / f"{v.name}.log"))
+            run_wrk(f"{bases[v.name]}/classify", bodies[1 if 1 in bodies else min(bodies)], 8, 2, pids[v.name])
+        for r in range(args.rounds):
+            order = variants[r % len(variants):] + variants[:r % len(variants)]
+            for n, conns in args.points:
+                for v in order:
+                    out = run_wrk(f"{bases[v.name]}/classify", bodies[n], conns, args.duration, pids[v.name])
+                    row = {"round": r, "variant": v.name, "point": f"{n}x{conns}", "images_per_s": out["rps"] * n,
+                           **out}
+                    result["runs"].append(row)
+                    print(f"round {r} {v.name:>12} {n}x{conns}: {row['images_per_s']:.0f} img/s, "
+                          f"p50 {out['p50_ms']:.1f} ms, p99 {out['p99_ms']:.1f} ms, errors {out['errors']}", flush=True)
+
+
 def summarise(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per point and variant: the rounds' images/s and p99, their medians, and the ratio to the first variant."""
+    """Per point and variant: the rounds' images/s and p99, their medians, the ratio of the medians to the first
+    variant's, and the paired ratios: round by round, this variant's images/s over the first variant's in the same
+    round (runs minutes apart in the default mode, seconds apart with --paired), with their median."""
     rows = []
     names = [v["name"] for v in result["variants"]]
     for point in result["points"]:
-        medians = {}
+        medians, by_round = {}, {}
         for name in names:
             runs = [x for x in result["runs"] if x["point"] == point and x["variant"] == name]
+            by_round[name] = {x["round"]: x["images_per_s"] for x in runs if "round" in x}
             ips = [x["images_per_s"] for x in runs]
             p99 = [x["p99_ms"] for x in runs]
             medians[name] = statistics.median(ips)
+            paired = [by_round[name][r] / first for r, first in by_round[names[0]].items()
+                      if first and r in by_round[name]]
             rows.append({"point": point, "variant": name, "images_per_s": ips, "median": medians[name],
                          "p50_median": statistics.median(x["p50_ms"] for x in runs),
                          "p99_ms": p99, "p99_median": statistics.median(p99),
                          "errors": sum(x["errors"] for x in runs),
-                         "ratio": medians[name] / medians[names[0]] if medians[names[0]] else None})
+                         "ratio": medians[name] / medians[names[0]] if medians[names[0]] else None,
+                         "paired_ratios": paired, "paired_median": statistics.median(paired) if paired else None})
     return rows
 
 
@@ -159,22 +197,27 @@ def markdown(result: dict[str, Any], command: str) -> str:
     own = [v["name"] for v in result["variants"] if "SATML_ARTIFACTS_DIR" in v["env"]]
     where = (f"`{result['artifacts']}/{result['model']}`" if not own else
              f"model `{result['model']}` from each variant's `SATML_ARTIFACTS_DIR` (else `{result['artifacts']}`)")
+    mode = (f"{result['rounds']} rounds, every variant's server up throughout, the variants back to back per point "
+            "and their order rotated each round (--paired)." if result.get("paired") else
+            f"{result['rounds']} rounds, the variants alternating, a fresh server per variant per round.")
     lines = [f"# Serving A/B (`benchmarks/serve_ab.py`): {', '.join(v['name'] for v in result['variants'])}", "",
              f"Run {result['started']}; `{command}`.",
              f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')}; load average "
              f"at start {m['loadavg_at_start']}, at end {m['loadavg_at_end']}. Artifact {where}; "
-             f"wrk 1 thread, closed loop, loopback, {result['duration_s']:g} s per point; "
-             f"{result['rounds']} rounds, the variants alternating, a fresh server per variant per round.", "",
+             f"wrk 1 thread, closed loop, loopback, {result['duration_s']:g} s per point; {mode}", "",
              "| variant | settings | revision |", "|---|---|---|"]
     for v in result["variants"]:
         env = ", ".join(f"`{k}={val}`" for k, val in v["env"].items()) or "defaults"
         lines.append(f"| {v['name']} | {env} | {v['rev'] or 'working tree'} |")
     lines += ["", "| point (images x connections) | variant | img/s per round | median img/s | ratio to first | "
-              "p99 ms per round | p50 ms (median) | errors |", "|---|---|---|---:|---:|---|---:|---:|"]
+              "paired ratios per round (median) | p99 ms per round | p50 ms (median) | errors |",
+              "|---|---|---|---:|---:|---|---|---:|---:|"]
     for row in result["summary"]:
+        paired = row.get("paired_ratios") or []
+        paired_text = (f"{', '.join(f'{x:.2f}' for x in paired)} ({row['paired_median']:.2f})" if paired else "-")
         lines.append(f"| {row['point']} | {row['variant']} | {', '.join(f'{x:.0f}' for x in row['images_per_s'])} | "
                      f"{row['median']:.0f} | {'-' if row['ratio'] is None else format(row['ratio'], '.2f')} | "
-                     f"{', '.join(f'{x:.1f}' for x in row['p99_ms'])} | "
+                     f"{paired_text} | {', '.join(f'{x:.1f}' for x in row['p99_ms'])} | "
                      f"{row['p50_median']:.1f} | {row['errors']} |")
     lines += ["", "A point with errors (shed 429/503, timeouts) is not a valid throughput figure (img/s counts "
               "answered requests only)."]
@@ -187,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="NAME[@GITREV]:SATML_KEY=VALUE,... (repeat; the first is the reference)")
     p.add_argument("--points", type=parse_point, nargs="+", default=[(1, 1), (1, 32), (8, 32)])
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--paired", action="store_true",
+                   help="all servers up at once; per round and point the variants back to back, order rotated")
     p.add_argument("--duration", type=float, default=5.0, help="seconds per point")
     p.add_argument("--artifacts", type=Path, default=ROOT / "artifacts")
     p.add_argument("--model", default="default")

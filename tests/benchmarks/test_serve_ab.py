@@ -57,3 +57,30 @@ def test_markdown_shows_no_ratio_when_the_first_variant_answered_nothing() -> No
     assert "Artifact `x/default`" in text
     result["variants"][1]["env"] = {"SATML_ARTIFACTS_DIR": "/tmp/b"}  # a variant with its own models folder
     assert "from each variant's `SATML_ARTIFACTS_DIR` (else `x`)" in serve_ab.markdown(result, "cmd")
+
+
+def test_paired_ratios_compare_each_round_with_the_first_variants_same_round() -> None:
+    """A drift between rounds (round 1 all twice as fast) cancels in the paired ratios, not in the medians'."""
+    def run(variant: str, r: int, ips: float) -> dict[str, object]:
+        return {"round": r, "point": "1x32", "variant": variant, "images_per_s": ips, "p50_ms": 1.0,
+                "p99_ms": 2.0, "errors": 0}
+
+    result = {"variants": [{"name": "a", "env": {}, "rev": None}, {"name": "b", "env": {}, "rev": None}],
+              "points": ["1x32"], "runs": [run("a", 0, 100), run("b", 0, 110), run("b", 1, 220), run("a", 1, 200),
+                                           run("a", 2, 100), run("b", 2, 110)], "started": "now", "artifacts": "x",
+              "model": "default", "paired": True, "rounds": 3, "duration_s": 1.0,
+              "machine": {"cpu": "c", "cores": 2, "torch": "t", "loadavg_at_start": [0], "loadavg_at_end": [0]}}
+    result["summary"] = rows = serve_ab.summarise(result)
+    assert rows[0]["paired_ratios"] == [1.0, 1.0, 1.0]
+    assert rows[1]["paired_ratios"] == pytest.approx([1.1, 1.1, 1.1]) and rows[1]["paired_median"] == pytest.approx(1.1)
+    text = serve_ab.markdown(result, "cmd")
+    assert "| 1x32 | b | 110, 220, 110 | 110 | 1.10 | 1.10, 1.10, 1.10 (1.10) |" in text
+    assert "order rotated each round (--paired)" in text
+
+
+def test_runs_without_rounds_have_no_paired_ratios() -> None:
+    result = {"variants": [{"name": "a"}], "points": ["1x1"],
+              "runs": [{"point": "1x1", "variant": "a", "images_per_s": 5.0, "p50_ms": 1.0, "p99_ms": 1.0,
+                        "errors": 0}]}
+    (row,) = serve_ab.summarise(result)
+    assert row["paired_ratios"] == [] and row["paired_median"] is None
