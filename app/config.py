@@ -52,6 +52,13 @@ class Settings(BaseSettings):
     # Light load never wakes it. Idle 2-core A/B, 3 rounds (benchmarks/results/serve_ab_lanes.md): 8 images x 32
     # connections 1.09x, 8 x 8 1.06x, 1 x 32 1.01x, 1 x 1 unchanged; a threshold of 17 cost 1 x 32 4 % and its p99
     second_lane: bool = True
+    # CPU with onnxruntime and the torch index: the exact k-NN majority vote appended to the encoder's graph
+    # (app.fused), one call per batch instead of the encoder then ~10 torch ops, for the bank as shipped (added
+    # examples or another vote go through app.index). Same predictions on the default's first 2,000 test images, 3 of
+    # 4,480 count rows differing by the product's float rounding. Paired A/B on a 2-core AVX2 VM, 6 rounds
+    # (benchmarks/results/serve_ab_fused_paired.md): 1 image x 32 connections 1.12x (6 of 6 pairs above 1),
+    # 1 x 1 1.07x, 8 x 32 1.07x
+    fused_vote: bool = True
     second_lane_min_images: Annotated[int, Field(ge=1, le=4096)] = 32
     # the interpreter's GIL switch interval in ms for the server's lifetime (sys.setswitchinterval; None: Python's
     # 5 ms). The event loop, decode threads and the batch worker hand the GIL to each other many times per

@@ -6,6 +6,8 @@ POST .../examples embeds through the same worker and batches as /classify.
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,10 +19,13 @@ from torch import Tensor
 
 from app.bank import LiveBank
 from app.batching import PredictFn, Votes
+from app.fused import FusedOnnx, fused_model
 from app.index import build_index
 from app.runtimes import OnnxEmbed, TorchEmbed
 from training import knn
 from training.artifact import ENCODER_ONNX, Artifact
+
+log = logging.getLogger("app.predictor")
 
 if TYPE_CHECKING:
     from app.registry import ServedModel
@@ -40,14 +45,27 @@ class Predictor:
     index_spec: knn.IndexSpec | None = None  # the faiss index type (settings); None: flat
     threads: int | None = None  # onnxruntime intra-op threads (settings.threads_per_process)
     small_batch_max: int = 0  # CPU: batches of at most this many images run on one thread (settings)
+    fused_vote: bool = False  # CPU onnxruntime: the vote in the encoder's graph for the shipped bank (settings)
     runtime_name: str = ""  # set by `setup`: "torch" or "onnxruntime (<provider>)"
     # set by `setup`: a one-thread embed the second lane can share (`setup_helper`); None: it builds its own
     _embed_one: Callable[[Tensor], Tensor] | None = None
+    _fused_one: FusedOnnx | None = None  # set by `setup` with `fused_vote`: the one-thread fused session
     _helper_busy: threading.Event = field(default_factory=threading.Event)  # the second lane is running a batch
 
     def two_lanes(self) -> bool:
         """Whether a second batch lane can run here: a CPU with more than one intra-op thread."""
         return self.device.type == "cpu" and (self.threads or torch.get_num_threads()) > 1
+
+    def fuses(self) -> bool:
+        """Whether the vote runs in the encoder's onnxruntime graph (`fused_vote`): on a CPU, where the exact torch
+        index is the one configured (an approximate faiss index is a choice the fused exact search would undo)."""
+        wanted = (self.fused_vote and self.runtime == "onnxruntime" and self.device.type == "cpu"
+                  and self.index_kind == "torch")
+        if wanted and importlib.util.find_spec("onnx") is None:
+            log.warning("SATML_FUSED_VOTE: the onnx package is not installed (it comes with the cpu extra), so the "
+                        "k-NN vote runs in torch, one call per op instead of one per batch")
+            return False
+        return wanted
 
     def setup(self) -> PredictFn:
         """Build the runtime and the index, warm up once (a broken runtime fails now, not on a request)."""
@@ -55,7 +73,18 @@ class Predictor:
         embed_small: Callable[[Tensor], Tensor]
         threads = self.threads or torch.get_num_threads()
         small_max = self.small_batch_max if self.two_lanes() else 0
-        if self.runtime == "onnxruntime":
+        fused: FusedOnnx | None = None
+        fused_small: FusedOnnx | None = None
+        if self.fuses():
+            model = fused_model(self.folder / ENCODER_ONNX, self.art.bank, self.art.bank_labels, self.art.num_classes,
+                                self.art.k, self.art.metric)
+            fused = FusedOnnx(model, self.threads)
+            fused_small = FusedOnnx(model, 1) if small_max else fused
+            self._fused_one = fused_small if small_max else None
+            embed, embed_small = fused.embed, fused_small.embed  # a bank with added examples votes in app.index
+            self.runtime_name = "onnxruntime (CPUExecutionProvider)"
+            log.info("k-NN vote in the onnxruntime graph (SATML_FUSED_VOTE) for the shipped bank of %s", self.folder)
+        elif self.runtime == "onnxruntime":
             onnx = OnnxEmbed(self.folder / ENCODER_ONNX, self.device, self.threads)
             embed, self.runtime_name = onnx, onnx.name
             # onnxruntime fixes its threads per session: a second, one-thread session of the same model
@@ -77,6 +106,9 @@ class Predictor:
             small = x.shape[0] <= small_max or helper_busy.is_set()
             if small_max:  # torch's count is process-wide (a /attack running meanwhile follows it): set per batch
                 torch.set_num_threads(1 if small else threads)
+            one_call = fused_small if small else fused
+            if one_call is not None and shipped_bank(live):  # one call
+                return fused_votes(one_call(x))
             return packed_votes(live, (embed_small if small else embed)(x))
 
         size = self.art.input_size
@@ -88,7 +120,12 @@ class Predictor:
         bank; lane 0 keeps to one thread while it runs."""
         if not self.runtime_name:
             raise RuntimeError("setup_helper needs setup to have run first")
-        embed_one = self._embed_one or OnnxEmbed(self.folder / ENCODER_ONNX, self.device, 1)
+        fused = self._fused_one
+        if fused is None and self.fuses():
+            fused = FusedOnnx(fused_model(self.folder / ENCODER_ONNX, self.art.bank, self.art.bank_labels,
+                                          self.art.num_classes, self.art.k, self.art.metric), 1)
+        embed_one = fused.embed if fused is not None else (
+            self._embed_one or OnnxEmbed(self.folder / ENCODER_ONNX, self.device, 1))
         live, busy = self.live, self._helper_busy
         # torch's count: set per batch only where lane 0 sets it per batch too (small_batch_max), so that a
         # process-wide 1 never outlives the batch
@@ -99,6 +136,8 @@ class Predictor:
             if per_batch:
                 torch.set_num_threads(1)
             try:
+                if fused is not None and shipped_bank(live):
+                    return fused_votes(fused(x))
                 return packed_votes(live, embed_one(x))
             finally:
                 busy.clear()
@@ -110,6 +149,18 @@ def packed_votes(live: LiveBank, z: Tensor) -> Votes:
     """The live bank's vote for embeddings z, packed with them (one bank state per batch: app.bank's updates
     swap one reference; the embeddings ride along for POST .../examples)."""
     pred, counts = live.index()(z)
+    return pred, pack_output(counts, z)
+
+
+def shipped_bank(live: LiveBank) -> bool:
+    """The bank the fused graph holds: the shipped one (no added examples) under the majority vote."""
+    state = live.state
+    return not state.examples and state.rule.majority
+
+
+def fused_votes(out: tuple[Tensor, Tensor, Tensor]) -> Votes:
+    """`FusedOnnx`'s (pred, counts, z) as the worker returns them (`pack_output`)."""
+    pred, counts, z = out
     return pred, pack_output(counts, z)
 
 

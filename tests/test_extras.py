@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-TRAIN_ONLY = {"onnx", "onnxscript", "matplotlib", "sklearn"}
+TRAIN_ONLY = {"onnxscript", "matplotlib", "sklearn"}  # onnx is the cpu / gpu extras' too (app.fused), loaded lazily
 SERVE_ONLY = {"fastapi", "starlette", "uvicorn", "pydantic", "pydantic_settings", "prometheus_client", "multipart"}
 
 
@@ -45,6 +45,7 @@ def test_extras_hold_what_each_side_needs() -> None:
     # uvloop + httptools (uvicorn picks them when installed): what benchmarks/serve_bench.py measured
     assert any(r.startswith("uvicorn[standard]") for r in PROJECT["optional-dependencies"]["serve"])
     assert {"onnx", "onnxscript", "matplotlib"} <= extras["train"]
+    assert {"onnxruntime", "onnx"} <= extras["cpu"] and {"onnxruntime-gpu", "onnx"} <= extras["gpu"]  # app.fused
     assert any(r.startswith("ray[serve]") for r in PROJECT["optional-dependencies"]["ray"])  # satml-ray-serve
     assert not core & (extras["serve"] | extras["train"]), "a split package must not stay in the core list"
     dockerfile = (ROOT / "docker" / "Dockerfile").read_text()

@@ -38,17 +38,18 @@ class ArtifactError(ValueError):
     """An artifact folder that must not be served: missing files, bad hashes, unknown format."""
 
 
-def onnx_session(path: str | Path, providers: list[Any], threads: int | None = None) -> Any:
+def onnx_session(path: str | Path | bytes, providers: list[Any], threads: int | None = None) -> Any:
     """An onnxruntime session of an `encoder.onnx` as the server runs it: no busy-waiting between ops (on a CPU the
     event loop and the decoders need the same cores), `threads` intra-op threads when given (None: onnxruntime's
-    choice). One place for these options: the server's `OnnxEmbed` and `satml certify --runtime onnxruntime`."""
+    choice). One place for these options: the server's `OnnxEmbed` and `FusedOnnx`, and `satml certify --runtime
+    onnxruntime`. `path` may be the serialised model itself (bytes)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads is not None:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=providers)
+    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), options, providers=providers)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

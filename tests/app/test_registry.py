@@ -171,18 +171,19 @@ def test_vote_order_puts_prediction_first(good_root: Path) -> None:
         reg.close()
 
 
-@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
-def test_small_batches_run_on_one_thread_with_the_same_answers(good_root: Path, runtime: str,
+@pytest.mark.parametrize("runtime, fused", [("torch", False), ("onnxruntime", False), ("onnxruntime", True)])
+def test_small_batches_run_on_one_thread_with_the_same_answers(good_root: Path, runtime: str, fused: bool,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """SATML_SMALL_BATCH_MAX (issue 17): a batch of at most that many images runs on one intra-op thread (a
     one-thread onnxruntime session, torch's count set on the worker thread), a larger one on all of them; the
-    answers are the training library's either way."""
+    answers are the training library's either way, with the vote in the onnxruntime graph (SATML_FUSED_VOTE) too."""
     import onnxruntime as ort
 
     import app.predictor
+    from app.fused import FusedOnnx
     from app.runtimes import OnnxEmbed
 
-    sessions: list[tuple[int, int]] = []  # (batch, onnxruntime session threads) per encoder run
+    sessions: list[tuple[str, int, int]] = []  # (session kind, batch, onnxruntime session threads) per encoder run
     torch_threads: list[tuple[int, int]] = []  # (batch, torch threads on the worker thread) per k-NN vote
     real_session, real_call, real_pack = ort.InferenceSession, OnnxEmbed.__call__, app.predictor.pack_output
 
@@ -191,9 +192,15 @@ def test_small_batches_run_on_one_thread_with_the_same_answers(good_root: Path, 
         s.threads = options.intra_op_num_threads  # type: ignore[attr-defined]
         return s
 
+    real_fused = FusedOnnx.__call__
+
     def call(self: OnnxEmbed, x: torch.Tensor) -> torch.Tensor:
-        sessions.append((len(x), self.session.threads))  # type: ignore[attr-defined]
+        sessions.append(("encoder", len(x), self.session.threads))  # type: ignore[attr-defined]
         return real_call(self, x)
+
+    def call_fused(self: FusedOnnx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        sessions.append(("fused", len(x), self.session.threads))  # type: ignore[attr-defined]
+        return real_fused(self, x)
 
     def pack(counts: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         torch_threads.append((len(z), torch.get_num_threads()))
@@ -201,9 +208,10 @@ def test_small_batches_run_on_one_thread_with_the_same_answers(good_root: Path, 
 
     monkeypatch.setattr(ort, "InferenceSession", session)
     monkeypatch.setattr(OnnxEmbed, "__call__", call)
+    monkeypatch.setattr(FusedOnnx, "__call__", call_fused)
     monkeypatch.setattr(app.predictor, "pack_output", pack)
     reg = load_registry(make_settings(good_root, runtime=runtime, index="torch", device="cpu", compute_threads=2,
-                                      small_batch_max=4), Metrics())
+                                      small_batch_max=4, fused_vote=fused), Metrics())
     try:
         m = reg.get("default")
         images, _ = toy_images(4, seed=13)  # 12 images
@@ -215,7 +223,8 @@ def test_small_batches_run_on_one_thread_with_the_same_answers(good_root: Path, 
         assert torch.equal(small, reference(good_root, "default", x[:3]))
         assert torch.equal(large, reference(good_root, "default", x))
         assert torch_threads == [(3, 1), (12, 2)]
-        assert sessions == ([(3, 1), (12, 2)] if runtime == "onnxruntime" else [])
+        kind = "fused" if fused else "encoder"
+        assert sessions == ([(kind, 3, 1), (kind, 12, 2)] if runtime == "onnxruntime" else [])
     finally:
         reg.close()
 
@@ -229,5 +238,33 @@ def test_small_batch_max_zero_never_changes_the_thread_count(good_root: Path, mo
     try:
         pred, _ = reg.get("default").worker.submit(torch.rand(1, 3, 32, 32)).result(30)
         assert pred.shape == (1,) and calls == []
+    finally:
+        reg.close()
+
+
+def test_without_the_onnx_package_the_vote_runs_in_torch(good_root: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """A server install without `onnx` (SATML_FUSED_VOTE on, the default) serves through the separate encoder
+    session and the torch vote, says so in the log, and answers the same."""
+    import importlib.util
+
+    import app.predictor
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
+
+    def no_fused(*args: object) -> None:
+        raise AssertionError("the fused session must not be built without onnx")
+
+    monkeypatch.setattr(app.predictor, "FusedOnnx", no_fused)
+    with caplog.at_level(logging.WARNING, logger="app.predictor"):
+        reg = load_registry(make_settings(good_root, runtime="onnxruntime", index="torch", device="cpu"), Metrics())
+    try:
+        m = reg.get("default")
+        assert m.runtime == "onnxruntime (CPUExecutionProvider)"
+        assert any("onnx package is not installed" in r.getMessage() for r in caplog.records)
+        images, _ = toy_images(2, seed=17)
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+        assert torch.equal(m.worker.submit(x).result(30)[0], reference(good_root, "default", x))
     finally:
         reg.close()
