@@ -43,7 +43,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,7 +146,7 @@ def make_synthetic_artifacts(folder: Path, width: int, bank_size: int) -> Path:
 
 class RawBench:
     """The app's predict path (embed + k-NN + vote) in-process: `app.runtimes.TorchEmbed` (or `OnnxEmbed`) +
-    `app.index.build_index`."""
+    `app.index.build_index`, or (`fused`) `app.fused.FusedOnnx`, the vote inside the onnxruntime graph."""
 
     def __init__(self, folder: Path, runtime: str = "torch") -> None:
         from app.config import Settings
@@ -158,9 +158,17 @@ class RawBench:
         device = resolve_serving_device(settings.device)
         index_kind = resolve_index(settings.index, device)
         art = load_artifact(folder, device)
-        self.embed = (OnnxEmbed(folder / ENCODER_ONNX, device) if runtime == "onnxruntime"
-                      else TorchEmbed(art.encoder, device))
-        self.index = build_index(index_kind, art)
+        if runtime == "fused":
+            from app.fused import FusedOnnx, fused_model
+
+            fused = FusedOnnx(fused_model(folder / ENCODER_ONNX, art.bank, art.bank_labels, art.num_classes, art.k,
+                                          art.metric))
+            self.run: Callable[[Any], object] = fused
+        else:
+            embed = (OnnxEmbed(folder / ENCODER_ONNX, device) if runtime == "onnxruntime"
+                     else TorchEmbed(art.encoder, device))
+            index = build_index(index_kind, art)
+            self.run = lambda x: index(embed(x))
         self.size = art.input_size
         self.info = {"device": str(device), "runtime": runtime, "index": index_kind,
                      "bank_size": int(art.bank.shape[0]), "k": art.k, "arch": art.manifest["encoder"]["arch"],
@@ -171,12 +179,12 @@ class RawBench:
         import torch
 
         x = torch.rand(batch, 3, self.size, self.size, generator=torch.Generator().manual_seed(batch))
-        self.index(self.embed(x))
+        self.run(x)
         out: list[float] = []
         start = time.perf_counter()
         while time.perf_counter() - start < min_s or len(out) < 3:
             t0 = time.perf_counter()
-            self.index(self.embed(x))
+            self.run(x)
             out.append(time.perf_counter() - t0)
         return out
 
@@ -550,6 +558,9 @@ def main(argv: list[str] | None = None) -> int:
         if (folder / "encoder.onnx").is_file():  # the reference is the best runtime, not the one served
             with contextlib.suppress(ImportError, RuntimeError):
                 raws.append(RawBench(folder, "onnxruntime"))
+            if not cfg.gpu:  # the server's CPU path: the vote inside the onnxruntime graph (app.fused)
+                with contextlib.suppress(ImportError, RuntimeError):
+                    raws.append(RawBench(folder, "fused"))
         raw_passes = [raw_pass(raw, cfg.raw_batches, cfg.raw_min_s) for raw in raws]
 
         images = sample_images()

@@ -58,3 +58,18 @@ def test_a_shedding_point_is_not_valid_and_misses_its_target(bench: ModuleType) 
     row_8x32 = next(line for line in md.splitlines() if line.startswith("| 8 | 32 |"))
     assert "not valid" in row_8x32 and "not valid" not in md.split("| 1 | 32 |")[1].splitlines()[0]
     assert "answered requests only" in md
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime", "fused"])
+def test_the_raw_reference_times_each_runtime_of_the_app(bench: ModuleType, runtime: str,
+                                                         tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The raw reference is the best in-process path, so each of the server's CPU paths is timed (the fused one,
+    the vote inside the onnxruntime graph, included) on a real artifact folder."""
+    from tests.app.toy import export_toy
+
+    folder = tmp_path_factory.mktemp("raw") / "default"
+    export_toy(folder, seed=0, name="default")
+    raw = bench.RawBench(folder, runtime)
+    times = bench.raw_pass(raw, (1, 4), 0.01)
+    assert set(times) == {1, 4} and all(len(t) >= 3 and min(t) > 0 for t in times.values())
+    assert raw.info["runtime"] == runtime
