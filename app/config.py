@@ -41,7 +41,8 @@ class Settings(BaseSettings):
     # intra-op threads of torch and onnxruntime in each process; None: torch's default (one per core) with one
     # worker, cores / workers with several (so N processes do not oversubscribe the cores)
     compute_threads: Annotated[int, Field(ge=1, le=256)] | None = None
-    # on a CPU, a batch of at most this many images runs the model on ONE intra-op thread (0: always all of them):
+    # on a CPU, while other requests are in progress (app.middleware.InFlight; a lone request gets every thread),
+    # a batch of at most this many images runs the model on ONE intra-op thread (0: always all of them):
     # with many small requests the event loop needs a core for the next requests' parsing and decoding while the
     # model runs, and a small batch gains little from a second thread; large batches (many images per request)
     # keep every thread. Idle 2-core A/B at 32 connections: 1 image/request +5 % over the hand-read form alone

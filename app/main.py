@@ -29,7 +29,13 @@ from app.config import Settings
 from app.errors import install_error_handlers
 from app.logs import fields
 from app.metrics import Metrics
-from app.middleware import REQUEST_ID_HEADER, AdmissionMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from app.middleware import (
+    REQUEST_ID_HEADER,
+    AdmissionMiddleware,
+    BodyLimitMiddleware,
+    InFlight,
+    RequestContextMiddleware,
+)
 from app.registry import load_registry
 from app.routes import ROUTERS
 from app.routes.pages import STATIC_DIR
@@ -72,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app for `settings` (default: from `SATML_*` environment variables)."""
     settings = settings or Settings()
     metrics = Metrics()
+    inflight = InFlight()  # the admission middleware counts, the batch workers read (thread count per batch)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -85,7 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         switch_interval = sys.getswitchinterval()  # restored at shutdown: the setting lives with the app
         if settings.switch_interval_ms is not None:
             sys.setswitchinterval(settings.switch_interval_ms / 1000)
-        registry = await run_in_threadpool(load_registry, settings, metrics)
+        registry = await run_in_threadpool(load_registry, settings, metrics, inflight.others)
         # only when nothing is frozen yet: an app started inside another's lifetime (tests) leaves the outer one's
         # freeze alone, and does not unfreeze it at its own shutdown
         froze = settings.gc_freeze and gc.get_freeze_count() == 0
@@ -127,7 +134,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     # added last = outermost: request context sees every response, including 413s and CORS preflights
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
-    app.add_middleware(AdmissionMiddleware, max_requests=settings.max_concurrent_requests)  # before any body is read
+    app.add_middleware(AdmissionMiddleware, max_requests=settings.max_concurrent_requests,  # before any body is read
+                       inflight=inflight)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Content-Type", "X-API-Key", REQUEST_ID_HEADER],

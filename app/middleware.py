@@ -158,23 +158,38 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class InFlight:
+    """POST requests in progress: counted by `AdmissionMiddleware` on the event loop, read by the batch workers
+    (app.predictor: one intra-op thread for a small batch only while other requests need the loop's core). An
+    int's read is atomic under the GIL; a stale read only picks the other thread count for one batch."""
+
+    def __init__(self) -> None:
+        self.active = 0
+
+    def others(self) -> bool:
+        """Whether another request than the one being computed is in progress."""
+        return self.active > 1
+
+
 class AdmissionMiddleware:
     """At most `max_requests` POST requests (the routes that decode and infer) in progress; more get 503
     with Retry-After at once, before their body is read. GETs (probes, metrics, pages) always pass."""
 
-    def __init__(self, app: ASGIApp, max_requests: int) -> None:
-        self.app, self.max_requests, self.active = app, max_requests, 0  # one event loop: no lock needed
+    def __init__(self, app: ASGIApp, max_requests: int, inflight: InFlight | None = None) -> None:
+        self.app, self.max_requests = app, max_requests
+        self.inflight = inflight or InFlight()  # one event loop: no lock needed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        if self.active >= self.max_requests:
-            message = f"{self.active} requests in progress (limit {self.max_requests}); retry later"
+        inflight = self.inflight
+        if inflight.active >= self.max_requests:
+            message = f"{inflight.active} requests in progress (limit {self.max_requests}); retry later"
             await error_response(503, "overloaded", message, headers={"Retry-After": "1"})(scope, receive, send)
             return
-        self.active += 1
+        inflight.active += 1
         try:
             await self.app(scope, receive, send)
         finally:
-            self.active -= 1
+            inflight.active -= 1

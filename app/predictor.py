@@ -46,6 +46,9 @@ class Predictor:
     threads: int | None = None  # onnxruntime intra-op threads (settings.threads_per_process)
     small_batch_max: int = 0  # CPU: batches of at most this many images run on one thread (settings)
     fused_vote: bool = False  # CPU onnxruntime: the vote in the encoder's graph for the shipped bank (settings)
+    # whether requests other than the one computed are in progress (app.middleware.InFlight.others): a small batch
+    # takes one thread only then, leaving a core to the loop; an idle server's lone request gets every thread
+    others_busy: Callable[[], bool] = lambda: True
     runtime_name: str = ""  # set by `setup`: "torch" or "onnxruntime (<provider>)"
     # set by `setup`: a one-thread embed the second lane can share (`setup_helper`); None: it builds its own
     _embed_one: Callable[[Tensor], Tensor] | None = None
@@ -94,7 +97,7 @@ class Predictor:
         else:
             embed = embed_small = self._embed_one = TorchEmbed(self.art.encoder, self.device)
             self.runtime_name = "torch"
-        helper_busy = self._helper_busy
+        helper_busy, others_busy = self._helper_busy, self.others_busy
         live = self.live
         shipped = live.state
         if not shipped.examples and shipped.rule.majority:  # the bank as shipped: the index the artifact describes
@@ -103,7 +106,7 @@ class Predictor:
 
         def predict(x: Tensor) -> Votes:
             # beside a busy second lane each lane keeps to one thread (two batches on two cores, not three threads)
-            small = x.shape[0] <= small_max or helper_busy.is_set()
+            small = (x.shape[0] <= small_max and others_busy()) or helper_busy.is_set()
             if small_max:  # torch's count is process-wide (a /attack running meanwhile follows it): set per batch
                 torch.set_num_threads(1 if small else threads)
             one_call = fused_small if small else fused

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -109,7 +110,8 @@ def check_served_fields(art: Artifact) -> None:
         raise ArtifactError(f"{where}: classes must be a list of distinct non-empty names")
 
 
-def load_served_model(folder: Path, settings: Settings, device: torch.device, metrics: Metrics) -> ServedModel:
+def load_served_model(folder: Path, settings: Settings, device: torch.device, metrics: Metrics,
+                      others_busy: Callable[[], bool] = lambda: True) -> ServedModel:
     """Verify + load one artifact and start its batching worker; ArtifactError/RuntimeError when it cannot serve.
 
     Named apart from `training.robustness.load_model`, which loads an artifact as a model under test."""
@@ -128,7 +130,7 @@ def load_served_model(folder: Path, settings: Settings, device: torch.device, me
                     settings.state_dir)
     live.replay()  # the overlay of added examples, if any and sound (else logged, shipped bank only)
     predictor = Predictor(art, folder, runtime, device, index_kind, live, spec, settings.threads_per_process(),
-                          settings.small_batch_max, fused_vote=settings.fused_vote)
+                          settings.small_batch_max, fused_vote=settings.fused_vote, others_busy=others_busy)
 
     batch_size = metrics.batch_size.labels(name)
     batch_latency = metrics.batch_latency.labels(name)
@@ -205,8 +207,10 @@ def public_reason(reason: str, folder: Path) -> str:
     return reason if len(reason) <= 200 else f"{reason[:200]}..."
 
 
-def load_registry(settings: Settings, metrics: Metrics) -> Registry:
-    """Load every artifact folder; a bad one is logged and skipped, the others serve."""
+def load_registry(settings: Settings, metrics: Metrics, others_busy: Callable[[], bool] = lambda: True) -> Registry:
+    """Load every artifact folder; a bad one is logged and skipped, the others serve. `others_busy`: whether
+    requests other than the one computed are in progress (`InFlight.others`; a small batch runs on one thread
+    only then); default: always, as without a server."""
     device = resolve_serving_device(settings.device)
     # a setting no bank can satisfy (SATML_INDEX=torch with an approximate type, faiss missing) fails start-up
     resolve_index(settings.index, device, "flat" if settings.index_type == "auto" else settings.index_type)
@@ -222,7 +226,7 @@ def load_registry(settings: Settings, metrics: Metrics) -> Registry:
                                                          path=str(folder), reason=f"no {MANIFEST}"))
             continue
         try:
-            model = load_served_model(folder, settings, device, metrics)
+            model = load_served_model(folder, settings, device, metrics, others_busy)
         except Exception as e:  # any fault of one artifact (corrupt safetensors, odd manifest) skips only it
             reason = str(e) if isinstance(e, ArtifactError) else f"{type(e).__name__}: {e}"
             reg.skipped[folder.name] = public_reason(reason, folder)

@@ -7,6 +7,7 @@ that blocks. Each scenario bounds its own run time; every request must be answer
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -82,6 +83,8 @@ def hanging_index(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
         return predict
 
     monkeypatch.setattr(app.predictor, "build_index", build)
+    # the fault lives in the torch index: keep the vote there (not in the onnxruntime graph, app.fused)
+    monkeypatch.setattr(app.predictor.Predictor, "fuses", lambda self: False)
     yield hang
     hang.clear()
 
@@ -171,3 +174,29 @@ def test_decode_slot_wait_has_a_deadline(good_root: Path, monkeypatch: pytest.Mo
     assert first.status_code == 200, first.text
     assert_shed(second, 503, "overloaded")
     assert 0.25 < waited < 2.0
+
+
+def test_inflight_counts_the_posts_in_progress_for_the_batch_workers() -> None:
+    """AdmissionMiddleware's count is the one the batch workers read (`InFlight.others`): POSTs only, while they
+    run, and back to zero after, an error included."""
+    from app.middleware import AdmissionMiddleware, InFlight
+
+    inflight, seen = InFlight(), []
+
+    async def inner(scope: dict, receive: object, send: object) -> None:
+        seen.append((scope["method"], inflight.active, inflight.others()))
+        if scope["path"] == "/boom":
+            raise RuntimeError("boom")
+
+    mw = AdmissionMiddleware(inner, max_requests=4, inflight=inflight)
+
+    async def main() -> None:
+        for method, path in (("POST", "/classify"), ("GET", "/health"), ("POST", "/boom")):
+            with contextlib.suppress(RuntimeError):
+                await mw({"type": "http", "method": method, "path": path}, None, None)  # type: ignore[arg-type]
+        inflight.active = 1  # another request in progress: the next POST is not alone
+        await mw({"type": "http", "method": "POST", "path": "/classify"}, None, None)  # type: ignore[arg-type]
+
+    asyncio.run(main())
+    assert seen == [("POST", 1, False), ("GET", 0, False), ("POST", 1, False), ("POST", 2, True)]
+    assert inflight.active == 1

@@ -229,6 +229,34 @@ def test_small_batches_run_on_one_thread_with_the_same_answers(good_root: Path, 
         reg.close()
 
 
+def test_a_lone_request_takes_every_thread(good_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no other request in progress (`others_busy` false: an idle server's one request), a small batch runs on
+    all intra-op threads: the core the one-thread rule keeps for the event loop has nothing to do then."""
+    from app.fused import FusedOnnx
+
+    seen: list[tuple[int, int]] = []
+    real = FusedOnnx.__call__
+
+    def call(self: FusedOnnx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        seen.append((len(x), self.session.get_session_options().intra_op_num_threads))
+        return real(self, x)
+
+    monkeypatch.setattr(FusedOnnx, "__call__", call)
+    busy = [False]
+    reg = load_registry(make_settings(good_root, runtime="onnxruntime", index="torch", device="cpu",
+                                      compute_threads=2, small_batch_max=4), Metrics(), lambda: busy[0])
+    try:
+        worker = reg.get("default").worker
+        seen.clear()
+        x = torch.rand(3, 3, 32, 32)
+        idle = worker.submit(x).result(30)[0]
+        busy[0] = True
+        loaded = worker.submit(x).result(30)[0]
+        assert seen == [(3, 2), (3, 1)] and torch.equal(idle, loaded)
+    finally:
+        reg.close()
+
+
 def test_small_batch_max_zero_never_changes_the_thread_count(good_root: Path, monkeypatch: pytest.MonkeyPatch
                                                              ) -> None:
     calls: list[int] = []
