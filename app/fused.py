@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from training.artifact import onnx_session
+from training.artifact import ENCODER_ONNX, Artifact, onnx_session
 
 if TYPE_CHECKING:
     import onnx
@@ -83,15 +83,15 @@ def vote_graph(bank: Tensor, labels: Tensor, num_classes: int, k: int, metric: s
     return model
 
 
-def fused_model(encoder_onnx: Path, bank: Tensor, labels: Tensor, num_classes: int, k: int,
-                metric: str) -> onnx.ModelProto:
-    """encoder.onnx (its external data read) with the vote appended: images -> embeddings, pred, counts."""
+def fused_model(folder: Path, art: Artifact) -> onnx.ModelProto:
+    """The artifact folder's encoder.onnx (its external data read) with the vote over the artifact's shipped bank
+    (its k and metric) appended: images -> embeddings, pred, counts."""
     import onnx
     from onnx import compose
 
-    encoder = onnx.load(str(encoder_onnx))
+    encoder = onnx.load(str(folder / ENCODER_ONNX))
     (out,) = [o.name for o in encoder.graph.output]
-    vote = vote_graph(bank, labels, num_classes, k, metric, out, encoder)
+    vote = vote_graph(art.bank, art.bank_labels, art.num_classes, art.k, art.metric, out, encoder)
     return compose.merge_models(encoder, vote, io_map=[(out, out)], outputs=[out, PRED, COUNTS])
 
 

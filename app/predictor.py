@@ -28,6 +28,8 @@ from training.artifact import ENCODER_ONNX, Artifact
 log = logging.getLogger("app.predictor")
 
 if TYPE_CHECKING:
+    import onnx
+
     from app.registry import ServedModel
 
 
@@ -53,6 +55,7 @@ class Predictor:
     # set by `setup`: a one-thread embed the second lane can share (`setup_helper`); None: it builds its own
     _embed_one: Callable[[Tensor], Tensor] | None = None
     _fused_one: FusedOnnx | None = None  # set by `setup` with `fused_vote`: the one-thread fused session
+    _fused_model: onnx.ModelProto | None = None  # set by `setup` with `fused_vote`: the graph, built once
     _helper_busy: threading.Event = field(default_factory=threading.Event)  # the second lane is running a batch
 
     def two_lanes(self) -> bool:
@@ -79,8 +82,7 @@ class Predictor:
         fused: FusedOnnx | None = None
         fused_small: FusedOnnx | None = None
         if self.fuses():
-            model = fused_model(self.folder / ENCODER_ONNX, self.art.bank, self.art.bank_labels, self.art.num_classes,
-                                self.art.k, self.art.metric)
+            self._fused_model = model = fused_model(self.folder, self.art)  # the helper lane's session reuses it
             fused = FusedOnnx(model, self.threads)
             fused_small = FusedOnnx(model, 1) if small_max else fused
             self._fused_one = fused_small if small_max else None
@@ -124,9 +126,8 @@ class Predictor:
         if not self.runtime_name:
             raise RuntimeError("setup_helper needs setup to have run first")
         fused = self._fused_one
-        if fused is None and self.fuses():
-            fused = FusedOnnx(fused_model(self.folder / ENCODER_ONNX, self.art.bank, self.art.bank_labels,
-                                          self.art.num_classes, self.art.k, self.art.metric), 1)
+        if fused is None and self._fused_model is not None:
+            fused = FusedOnnx(self._fused_model, 1)
         embed_one = fused.embed if fused is not None else (
             self._embed_one or OnnxEmbed(self.folder / ENCODER_ONNX, self.device, 1))
         live, busy = self.live, self._helper_busy

@@ -117,21 +117,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             bodies[n].write_bytes(multipart_body([images[i % len(images)] for i in range(n)]))
         if args.paired:
             paired_rounds(args, variants, roots, bodies, tmp, result)
-        for r in range(0 if args.paired else args.rounds):
-            for v in variants:
-                port = free_port()
-                base = f"http://127.0.0.1:{port}"
-                with server(server_cmd(roots[v.name]), server_env(args, v, port), f"{base}/health/ready",
-                            tmp / f"{v.name}.log") as pid:
-                    run_wrk(f"{base}/classify", bodies[1 if 1 in bodies else min(bodies)], 8, 2, pid)  # warm-up
-                    for n, conns in args.points:
-                        out = run_wrk(f"{base}/classify", bodies[n], conns, args.duration, pid)
-                        row = {"round": r, "variant": v.name, "point": f"{n}x{conns}", "images_per_s":
-                               out["rps"] * n, **out}
-                        result["runs"].append(row)
-                        print(f"round {r} {v.name:>12} {n}x{conns}: {row['images_per_s']:.0f} img/s, "
-                              f"p50 {out['p50_ms']:.1f} ms, p99 {out['p99_ms']:.1f} ms, "
-                              f"errors {out['errors']}", flush=True)
+        else:
+            for r in range(args.rounds):
+                for v in variants:
+                    with variant_server(args, v, roots[v.name], bodies, tmp) as (base, pid):
+                        for n, conns in args.points:
+                            measure(result, r, v, base, pid, bodies[n], n, conns, args.duration)
     result["machine"]["loadavg_at_end"] = list(os.getloadavg())
     result["summary"] = summarise(result)
     return result
@@ -142,29 +133,39 @@ def server_env(args: argparse.Namespace, v: Variant, port: int) -> dict[str, str
             "SATML_PORT": str(port), "SATML_LOG_LEVEL": "warning", **v.env}
 
 
+@contextlib.contextmanager
+def variant_server(args: argparse.Namespace, v: Variant, root: Path, bodies: dict[int, Path],
+                   tmp: Path) -> Iterator[tuple[str, int]]:
+    """A variant's server on a free port, warmed up (8 connections, 2 s): (base URL, pid) until the block ends."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with server(server_cmd(root), server_env(args, v, port), f"{base}/health/ready", tmp / f"{v.name}.log") as pid:
+        run_wrk(f"{base}/classify", bodies[1 if 1 in bodies else min(bodies)], 8, 2, pid)
+        yield base, pid
+
+
+def measure(result: dict[str, Any], r: int, v: Variant, base: str, pid: int, body: Path, n: int, conns: int,
+            duration: float) -> None:
+    """One wrk run of a variant at one point, recorded in `result["runs"]` and printed."""
+    out = run_wrk(f"{base}/classify", body, conns, duration, pid)
+    row = {"round": r, "variant": v.name, "point": f"{n}x{conns}", "images_per_s": out["rps"] * n, **out}
+    result["runs"].append(row)
+    print(f"round {r} {v.name:>12} {n}x{conns}: {row['images_per_s']:.0f} img/s, p50 {out['p50_ms']:.1f} ms, "
+          f"p99 {out['p99_ms']:.1f} ms, errors {out['errors']}", flush=True)
+
+
 def paired_rounds(args: argparse.Namespace, variants: list[Variant], roots: dict[str, Path], bodies: dict[int, Path],
                   tmp: Path, result: dict[str, Any]) -> None:
     """`--paired`: every variant's server up at once (an idle one waits without spinning), and per round and
     point the variants measured back to back, their order rotated round by round: a drift of the machine
     reaches both arms of a pair within seconds, and no variant always goes first."""
     with contextlib.ExitStack() as stack:
-        bases, pids = {}, {}
-        for v in variants:
-            port = free_port()
-            bases[v.name] = f"http://127.0.0.1:{port}"
-            pids[v.name] = stack.enter_context(server(server_cmd(roots[v.name]), server_env(args, v, port),
-                                                      f"{bases[v.name]}/health/ready", tmp / f"{v.name}.log"))
-            run_wrk(f"{bases[v.name]}/classify", bodies[1 if 1 in bodies else min(bodies)], 8, 2, pids[v.name])
+        up = {v.name: stack.enter_context(variant_server(args, v, roots[v.name], bodies, tmp)) for v in variants}
         for r in range(args.rounds):
             order = variants[r % len(variants):] + variants[:r % len(variants)]
             for n, conns in args.points:
                 for v in order:
-                    out = run_wrk(f"{bases[v.name]}/classify", bodies[n], conns, args.duration, pids[v.name])
-                    row = {"round": r, "variant": v.name, "point": f"{n}x{conns}", "images_per_s": out["rps"] * n,
-                           **out}
-                    result["runs"].append(row)
-                    print(f"round {r} {v.name:>12} {n}x{conns}: {row['images_per_s']:.0f} img/s, "
-                          f"p50 {out['p50_ms']:.1f} ms, p99 {out['p99_ms']:.1f} ms, errors {out['errors']}", flush=True)
+                    measure(result, r, v, *up[v.name], bodies[n], n, conns, args.duration)
 
 
 def summarise(result: dict[str, Any]) -> list[dict[str, Any]]:

@@ -161,9 +161,7 @@ class RawBench:
         if runtime == "fused":
             from app.fused import FusedOnnx, fused_model
 
-            fused = FusedOnnx(fused_model(folder / ENCODER_ONNX, art.bank, art.bank_labels, art.num_classes, art.k,
-                                          art.metric))
-            self.run: Callable[[Any], object] = fused
+            self.run: Callable[[Any], object] = FusedOnnx(fused_model(folder, art))
         else:
             embed = (OnnxEmbed(folder / ENCODER_ONNX, device) if runtime == "onnxruntime"
                      else TorchEmbed(art.encoder, device))

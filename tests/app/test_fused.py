@@ -50,8 +50,7 @@ def test_the_vote_graph_refuses_what_it_cannot_do() -> None:
 def test_the_fused_model_runs_the_encoder_and_the_vote_in_one_call(good_root: Path) -> None:
     folder = good_root / "default"
     art = load_artifact(folder, "cpu")
-    fused = FusedOnnx(fused_model(folder / ENCODER_ONNX, art.bank, art.bank_labels, art.num_classes, art.k,
-                                  art.metric), 1)
+    fused = FusedOnnx(fused_model(folder, art), 1)
     images, labels = toy_images(5, seed=21)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     pred, counts, z = fused(x)
