@@ -223,7 +223,9 @@ class LiveBank:
         self.store = OverlayStore(state_dir / model, model, artifact_identity(art)) if state_dir else None
         self.lock = asyncio.Lock()  # serialises updates of this model (bound to the serving loop at first use)
         knn.vote_rule(vote, art.bank_labels, art.num_classes, art.k)  # ValueError on an unknown vote
-        self.state = self._make(0, self.shipped_classes, (), torch.zeros(0, self.dim))
+        # the shipped bank's index is built by the serving predictor on its worker thread (app.predictor), or not
+        # at all where the fused onnxruntime graph votes over the shipped bank (app.fused)
+        self.state = self._make(0, self.shipped_classes, (), torch.zeros(0, self.dim), eager=False)
         self.on_swap: list[Callable[[BankState], None]] = []
 
     @property

@@ -102,9 +102,12 @@ class Predictor:
         helper_busy, others_busy = self._helper_busy, self.others_busy
         live = self.live
         shipped = live.state
-        if not shipped.examples and shipped.rule.majority:  # the bank as shipped: the index the artifact describes
-            shipped.index = build_index(self.index_kind, self.art, self.index_spec)
-        live.index()  # built here, on the worker thread, if not yet (faiss GPU state lives on this thread)
+        if fused is None or not shipped_bank(live):
+            if shipped_bank(live):  # the bank as shipped: the index the artifact describes
+                shipped.index = build_index(self.index_kind, self.art, self.index_spec)
+            live.index()  # built here, on the worker thread, if not yet (faiss GPU state lives on this thread)
+        # else the fused graph votes over the shipped bank, and the torch index (a transposed copy of the bank,
+        # 8.6 MB for the default) is built by `live.index()` on this thread only once an added example needs it
 
         def predict(x: Tensor) -> Votes:
             # beside a busy second lane each lane keeps to one thread (two batches on two cores, not three threads)

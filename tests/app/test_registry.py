@@ -296,3 +296,26 @@ def test_without_the_onnx_package_the_vote_runs_in_torch(good_root: Path, monkey
         assert torch.equal(m.worker.submit(x).result(30)[0], reference(good_root, "default", x))
     finally:
         reg.close()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_torch_index_waits_for_an_added_example_when_the_graph_votes(good_root: Path, tmp_path: Path,
+                                                                         fused: bool) -> None:
+    """With the vote in the onnxruntime graph (SATML_FUSED_VOTE) the torch index over the shipped bank (a transposed
+    copy of it) is not built at load or by /classify; the first added example's bank gets one and votes with it."""
+    reg = load_registry(make_settings(good_root, runtime="onnxruntime", index="torch", device="cpu",
+                                      fused_vote=fused, state_dir=tmp_path), Metrics())
+    try:
+        m = reg.get("default")
+        assert m.live is not None
+        images, _ = toy_images(2, seed=3)
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+        assert torch.equal(m.worker.submit(x).result(30)[0], reference(good_root, "default", x))
+        assert (m.live.state.index is None) is fused
+        z = unpack_output(m, m.worker.submit(x[:1]).result(30)[1])[1]
+        state, _ = m.live.add("extra", z, ["x.png"], ["0" * 64])
+        assert state.index is not None and len(m.classes) == len(CLASSES) + 1
+        pred, _ = m.worker.submit(x).result(30)
+        assert pred.shape == (len(x),) and int(pred.max()) < len(m.classes)
+    finally:
+        reg.close()
