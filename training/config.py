@@ -31,7 +31,8 @@ class TrainConfig:
         "help": "dataset path: CIFAR-10 python folder or .tar.gz, STL-10 binary folder, or image folder "
                 "root/<class>/"})
     run_dir: str = field(default="runs/ssl", metadata={
-        "help": "folder for checkpoint.pt, config.json and metrics.jsonl; an existing checkpoint there is resumed"})
+        "help": "folder for checkpoint.pt, config.json and metrics.jsonl; an existing checkpoint there is resumed "
+                "(without one, an earlier metrics.jsonl is renamed metrics.jsonl.before-<time>)"})
     arch: str = field(default="resnet18", metadata={
         "help": "encoder: resnet10 | resnet18 | resnet34 (CIFAR stem) | cnn8 (plain VGG-style, fastest on CPU)"})
     width: int = field(default=64, metadata={

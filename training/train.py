@@ -447,6 +447,7 @@ def resume(run: Run) -> None:
     """Continue from run_dir/checkpoint.pt when there is one: weights, optimizer, average, step, generator."""
     path = run.checkpoint_path
     if not path.exists():
+        set_aside_old_metrics(Path(run.cfg.run_dir) / METRICS, run.dist.main)
         return
     state = load_checkpoint(path, run.device)
     if state["config"]["method"] != run.cfg.method:
@@ -459,6 +460,21 @@ def resume(run: Run) -> None:
     if run.dist.world == 1:  # only rank 0's stream is saved: restored on every rank, all would draw alike
         run.g.set_state(state["generator"].cpu())
     log.info("resumed %s at step %d/%d", path, run.step, run.total_steps)
+
+
+def set_aside_old_metrics(log_path: Path, main: bool) -> Path | None:
+    """A fresh start in a folder with an earlier run's metrics log (no checkpoint to resume) renames that log to
+    `metrics.jsonl.before-<UTC time>` instead of appending to it: its rows are another run's, and `--co-guard` would
+    read their best as this run's. Only the main rank renames; returns the new name, or None."""
+    if not main or not log_path.is_file():
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    moved, n = log_path.with_name(f"{log_path.name}.before-{stamp}"), 1
+    while moved.exists():  # two fresh starts in one second: never overwrite the first one's log
+        moved, n = log_path.with_name(f"{log_path.name}.before-{stamp}-{n}"), n + 1
+    log_path.rename(moved)
+    log.warning("fresh start in %s: its earlier metrics log moved to %s", log_path.parent, moved.name)
+    return moved
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -582,7 +598,7 @@ def end_epoch(run: Run, meter: EpochMeter) -> bool:
     if check and run.dist.main and run.data.val_set is not None:
         record.update(validate(run, run.data.val_set.subset(slice(0, cfg.eval_size))))
         run.model.train()
-        best = overfit_best(Path(cfg.run_dir) / METRICS, record.get("val_pgd10_acc"), cfg.co_guard)
+        best = overfit_best(Path(cfg.run_dir) / METRICS, record.get("val_pgd10_acc"), cfg.co_guard, run.step)
         if best is not None:
             record["co_guard_best"], tripped = best, True
             log.error("catastrophic overfitting? validation PGD-10 accuracy %.3f is %.3f below the run's best %.3f "
@@ -595,13 +611,14 @@ def end_epoch(run: Run, meter: EpochMeter) -> bool:
     return all_agree_to_stop(run, tripped) if check and cfg.co_guard else tripped
 
 
-def overfit_best(log_path: Path, acc: float | None, drop: float) -> float | None:
+def overfit_best(log_path: Path, acc: float | None, drop: float, step: int | None = None) -> float | None:
     """The best earlier validation PGD-10 accuracy in the run's metrics log when `acc` is `drop` or more below
-    it, else None (also when the guard is off, drop 0, or there is no earlier figure)."""
+    it, else None (also when the guard is off, drop 0, or there is no earlier figure). With `step`, only rows
+    logged before it count (a run resumed from an older checkpoint logged later rows before it stopped)."""
     if not drop or acc is None or not log_path.is_file():
         return None
     earlier = [r["val_pgd10_acc"] for r in map(json.loads, log_path.read_text().splitlines())
-               if "val_pgd10_acc" in r and not r.get("final")]
+               if "val_pgd10_acc" in r and not r.get("final") and (step is None or r.get("step", 0) < step)]
     best = max(earlier, default=None)
     return best if best is not None and acc <= best - drop else None
 

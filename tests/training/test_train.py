@@ -280,10 +280,12 @@ def test_co_guard_stops_a_run_whose_validation_pgd_falls_below_its_best(tiny_cif
     """An earlier check in the run's log read 1.01 (above any accuracy): the first real check is more than
     co_guard below it, so the run stops there, resumable and not finished, with the best in its record."""
     run_dir = tmp_path / "guarded"
-    run_dir.mkdir()
-    (run_dir / METRICS).write_text(json.dumps({"epoch": -1, "val_pgd10_acc": 1.01}) + "\n")
-    cfg = tiny_config(tiny_cifar, run_dir, method="pgd_at", eps=8 / 255, alpha=4 / 255, epochs=2,
-                      eval_robust=4, co_guard=0.01, train_attack="nfgsm")
+    kw: dict[str, Any] = dict(method="pgd_at", eps=8 / 255, alpha=4 / 255, epochs=2, eval_robust=4, co_guard=0.01,
+                              train_attack="nfgsm")
+    assert train(tiny_config(tiny_cifar, run_dir, max_minutes=0.0, **kw))["step"] == 1  # a step and its checkpoint
+    cfg = tiny_config(tiny_cifar, run_dir, **kw)
+    with (run_dir / METRICS).open("a") as f:  # the planted check, as if logged at step 1 of this run
+        f.write(json.dumps({"epoch": -1, "step": 1, "val_pgd10_acc": 1.01}) + "\n")
     result = train(cfg)
     assert result["stopped_by"] == "co_guard" and not result["finished"] and result["step"] == STEPS
     last = _records(run_dir)[-1]
@@ -300,6 +302,22 @@ def test_overfit_best_reads_the_runs_earlier_checks(tmp_path: Path) -> None:
     assert overfit_best(log_path, 0.33, 0.05) is None  # 3 points: within the guard
     assert overfit_best(log_path, 0.0, 0.0) is None  # guard off
     assert overfit_best(log_path, None, 0.05) is None  # no robust figure this check
+    log_path.write_text("\n".join(json.dumps(r) for r in [
+        {"step": 10, "val_pgd10_acc": 0.30}, {"step": 20, "val_pgd10_acc": 0.36}]) + "\n")
+    # resumed at step 15 from an older checkpoint: the row of step 20 is of the abandoned stretch
+    assert overfit_best(log_path, 0.30, 0.05, step=15) is None
+    assert overfit_best(log_path, 0.30, 0.05, step=25) == 0.36
+
+
+def test_a_fresh_start_sets_an_earlier_runs_metrics_aside(tiny_cifar: Path, tmp_path: Path) -> None:
+    """No checkpoint to resume but an old metrics log: the old log is renamed, not appended to (nothing lost)."""
+    for _ in range(3):
+        train(tiny_config(tiny_cifar, tmp_path, method="ssl", max_minutes=0.0))  # one step, then a checkpoint
+        (tmp_path / CHECKPOINT).unlink()
+    aside = sorted(tmp_path.glob(METRICS + ".before-*"))
+    assert len(aside) == 2  # the first two runs' logs, under distinct names even within one second
+    assert all([json.loads(ln)["step"] for ln in p.read_text().splitlines()] == [1] for p in aside)
+    assert [r["step"] for r in _records(tmp_path)] == [1]  # the last run's own log
 
 
 def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(
