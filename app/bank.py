@@ -32,7 +32,6 @@ import logging
 import os
 import re
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -48,6 +47,7 @@ from torch import Tensor
 from app.logs import fields
 from training import knn
 from training.artifact import Artifact
+from training.files import set_aside
 
 log = logging.getLogger("app.bank")
 
@@ -205,9 +205,7 @@ class OverlayStore:
 
     def move_aside(self) -> Path:
         """Keep a refused overlay for inspection, out of the way of the next save."""
-        dest = self.path.with_name(f"{OVERLAY}.refused-{int(time.time())}")
-        os.replace(self.path, dest)
-        return dest
+        return set_aside(self.path, "refused")
 
 
 class LiveBank:

@@ -53,6 +53,7 @@ from training.checkpoint import (
 from training.config import TrainConfig, resolve_device
 from training.data import ImageDataset, load_split
 from training.evaluate import KnnModel, clean_accuracy, pgd_accuracy
+from training.files import set_aside
 from training.models import ContrastiveModel, Encoder, SupervisedModel, encoder_of
 from training.widen import widen_encoder
 
@@ -468,11 +469,7 @@ def set_aside_old_metrics(log_path: Path, main: bool) -> Path | None:
     read their best as this run's. Only the main rank renames; returns the new name, or None."""
     if not main or not log_path.is_file():
         return None
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    moved, n = log_path.with_name(f"{log_path.name}.before-{stamp}"), 1
-    while moved.exists():  # two fresh starts in one second: never overwrite the first one's log
-        moved, n = log_path.with_name(f"{log_path.name}.before-{stamp}-{n}"), n + 1
-    log_path.rename(moved)
+    moved = set_aside(log_path, "before")
     log.warning("fresh start in %s: its earlier metrics log moved to %s", log_path.parent, moved.name)
     return moved
 
