@@ -3,8 +3,8 @@
 # teacher, artifacts/ssl; 100 hard clusters; 40 pseudo_at epochs, EMA) with the N-FGSM adversary instead of PGD-3
 # (one forward-backward per image for the attack instead of three) and the catastrophic-overfitting guard at 0.05.
 # From the repository root after `make install-dev data`:
-#   checkpoints/r26/run.sh            train (resumable: rerun after a stop). The tenth session ran it as a screen in
-#                                     float32 on an AVX2 CPU and stopped it after epoch 7's validation check
+#   checkpoints/r26/run.sh            train (resumable: rerun after a stop). The tenth session screened it to epoch 7,
+#                                     the eleventh trained the 40 epochs (float32, AVX2 CPU); the twelfth gated it
 #   STAGE=2 checkpoints/r26/run.sh    export + calibrate, then the headline-only validation gate at 1,000 attacked
 #                                     images beside the shipped default (the default's side cached in runs/val1000_cache)
 set -euo pipefail
