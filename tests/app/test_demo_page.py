@@ -137,7 +137,7 @@ def _samples() -> list[dict]:
 def test_page_loads_models_samples_and_is_labelled(browser: Browser) -> None:
     page = browser.page
     expect = sync_api.expect
-    expect(page).to_have_title("Robust image classification - SAT + k-NN demo")
+    expect(page).to_have_title("Robust image classification - robust self-supervised k-NN demo")
     expect(page.locator("#attack-model option")).to_have_count(2)
     expect(page.locator("#classify-model")).to_have_value("default")
     expect(page.locator("#samples .sample")).to_have_count(len(_samples()))
