@@ -502,3 +502,13 @@ def test_cli_robustness_report(toy_result: dict, tmp_path: Path) -> None:
                  "--out", str(out), "--stem", "shipped"]) == 0
     report = json.loads((out / "shipped.json").read_text())
     assert [m["name"] for m in report["models"]] == ["colour", "pattern"] and (out / "shipped.md").is_file()
+
+
+def test_distinct_names_tell_a_candidate_from_the_shipped_model() -> None:
+    """Rows keep their names unless two collide; then the folder, or the whole path where folders collide too."""
+    assert rb.distinct_names([("default", Path("artifacts/default")), ("ssl", Path("artifacts/ssl"))]) == [
+        "default", "ssl"]
+    assert rb.distinct_names([("default", Path("artifacts/default")), ("default", Path("runs/r26/art/default"))]) == [
+        "default (artifacts/default)", "default (runs/r26/art/default)"]
+    assert rb.distinct_names([("m", Path("a/one")), ("m", Path("b/two")), ("x", Path("c/two"))]) == [
+        "m (one)", "m (two)", "x"]

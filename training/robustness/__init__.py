@@ -43,6 +43,7 @@ from training.robustness.suite import (
     Suite,
     abstention_attack,
     credibility,
+    distinct_names,
     load_model,
     run_suite,
     validation_images,
@@ -51,6 +52,6 @@ from training.robustness.suite import (
 __all__ = [
     "EPS_SWEEP", "EXACT_TEST", "PAPER_EPS", "SPLITS", "AttackSpec", "Cache", "ModelUnderTest", "Suite", "SuiteConfig",
     "abstention_attack", "add_cli", "attack_specs", "budget", "config_from_args", "credibility", "describe",
-    "load_model", "markdown_report", "parse_eps", "plot_eps", "plot_temperature", "run_suite",
+    "distinct_names", "load_model", "markdown_report", "parse_eps", "plot_eps", "plot_temperature", "run_suite",
     "torchattacks_agreement", "update_card", "validation_images", "write_reports", "zero_gradient_share",
 ]

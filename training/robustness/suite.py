@@ -97,6 +97,22 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> ModelUnd
                           calibration=art.calibration)
 
 
+
+def distinct_names(models: list[tuple[str, Path]]) -> list[str]:
+    """Row names for the report: a model's own name, with its folder's name where two models share a name, or its
+    whole path where their folders are named alike too (a candidate `runs/r26/art/default` gated beside the shipped
+    `artifacts/default` would otherwise read as two rows named "default (default)")."""
+    names = [n for n, _ in models]
+    out = []
+    for name, path in models:
+        if names.count(name) == 1:
+            out.append(name)
+            continue
+        alike = sum(1 for n, p in models if n == name and p.name == path.name) > 1
+        out.append(f"{name} ({path if alike else path.name})")
+    return out
+
+
 class Suite:
     """Runs the protocol over several models; `run()` returns the JSON-ready result.
 
@@ -118,10 +134,8 @@ class Suite:
         self.cache = Cache(Path(cfg.cache_dir or Path(cfg.out) / "cache"), cfg.resume)
         self.models, self.source, self.test, self._train = list(models), source, test, train
         self.held_out = held_out
-        names = [m.name for m in self.models]
-        for m in self.models:  # distinct names in tables and plots
-            if names.count(m.name) > 1:
-                m.name = f"{m.name} ({m.path.name})"
+        for m, name in zip(self.models, distinct_names([(m.name, m.path) for m in self.models]), strict=True):
+            m.name = name  # distinct names in tables and plots
         self.images = test.images[:cfg.n_robust]
         self.labels = test.labels[:cfg.n_robust]
         if len(self.labels) < cfg.n_robust:
