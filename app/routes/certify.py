@@ -1,8 +1,9 @@
 """POST /certify: randomized-smoothing prediction with a certified L2 radius (Cohen et al. 2019; issue 14).
 
 The base classifier is the model exactly as /classify serves it (runtime, index, vote, live bank): the
-n0 + n noisy copies go through the model's batching worker in chunks of `max_batch`, one chunk in
-flight per certification, so /classify batches interleave with them instead of waiting behind n images.
+n0 + n noisy copies go through the model's batching worker in chunks of `certify_chunk` (at most `max_batch`),
+one chunk in flight per certification, so /classify batches interleave with them instead of waiting behind n
+images (`benchmarks/certify_interplay.py` measures the delay a chunk adds).
 The job runs on a pool of its own (`certify_concurrency` at once, `certify_queue` waiting, 429 beyond,
 504 after `certify_timeout_s`), the admission control of /attack (`app.attack.AttackService`).
 """
@@ -64,8 +65,9 @@ class CertifyJob:
     """CERTIFY one decoded image against `model`'s batching worker, within a deadline (runs on a pool thread)."""
 
     def __init__(self, model: ServedModel, image: Decoded, *, sigma: float, n: int, n0: int, alpha: float,
-                 request_timeout_s: float) -> None:
+                 request_timeout_s: float, chunk: int | None) -> None:
         self.model, self.image, self.request_timeout_s = model, image, request_timeout_s
+        self.chunk = model.worker.max_batch if chunk is None else min(chunk, model.worker.max_batch)
         self.sigma, self.n, self.n0, self.alpha = sigma, n, n0, alpha
 
     def _classifier(self, deadline: float) -> Classifier:
@@ -95,7 +97,7 @@ class CertifyJob:
         x = batch_tensor([self.image.pixels[self.model.input_size]])[0]
         return certify(self._classifier(deadline), x, sigma=self.sigma, n0=self.n0, n=self.n, alpha=self.alpha,
                        generator=torch.Generator().manual_seed(SEED), num_classes=len(self.model.classes),
-                       batch_size=self.model.worker.max_batch)
+                       batch_size=self.chunk)
 
 
 def check_bounds(sigma: float, n: int, n0: int, settings: Settings) -> None:
@@ -147,7 +149,8 @@ async def certify_image(
     except BaseException:
         slot.release()
         raise
-    job = CertifyJob(served, image, sigma=sigma, n=n, n0=n0, alpha=alpha, request_timeout_s=settings.request_timeout_s)
+    job = CertifyJob(served, image, sigma=sigma, n=n, n0=n0, alpha=alpha, request_timeout_s=settings.request_timeout_s,
+                     chunk=settings.certify_chunk)
     try:
         c = await certifier.run(job, slot)
     except ApiError as e:

@@ -87,6 +87,23 @@ def test_settings_bound_the_parameters(good_root: Path) -> None:
         assert post(c, n=100, n0=10, sigma=0.5).status_code == 200
 
 
+def test_certify_chunk_bounds_the_batches_it_sends(good_root: Path) -> None:
+    """The noisy copies reach the worker in chunks of certify_chunk (a /classify arriving mid-chunk waits at most
+    one chunk), never above max_batch: 20 + 200 copies in chunks of 8 are 3 + 25 batches of <= 8 images."""
+    with TestClient(create_app(make_settings(good_root, certify_chunk=8))) as c:
+        assert post(c, **FAST).status_code == 200
+        text = c.get("/metrics").text
+    assert 'satml_inference_batch_size_count{model="default"} 28.0' in text
+    assert 'satml_inference_batch_size_sum{model="default"} 220.0' in text
+    assert 'satml_inference_batch_size_bucket{le="8.0",model="default"} 28.0' in text
+    assert 'satml_inference_batch_size_bucket{le="4.0",model="default"} 1.0' in text  # 20 = 8 + 8 + 4
+    for chunk in (4096, None):  # larger than max_batch, or unset: max_batch
+        with TestClient(create_app(make_settings(good_root, certify_chunk=chunk, max_batch=64))) as c:
+            assert post(c, **FAST).status_code == 200
+            text = c.get("/metrics").text
+        assert 'satml_inference_batch_size_count{model="default"} 5.0' in text  # 20, then 64 + 64 + 64 + 8
+
+
 def test_api_key_guards_it(good_root: Path) -> None:
     with TestClient(create_app(make_settings(good_root, api_key="s3cret")), raise_server_exceptions=False) as c:
         assert post(c, **FAST).status_code == 401

@@ -1,0 +1,167 @@
+"""/classify while /certify runs (issue 14): does a certification starve the requests beside it?
+
+`POST /certify` pushes n0 + n noisy copies of one image (10,100 at the paper's n) through the same batching
+worker as `/classify`, one chunk of `max_batch` at a time, so that /classify batches interleave with the chunks
+instead of queueing behind thousands of images. This measures it on the real server (`satml-serve` on
+127.0.0.1): wrk drives `/classify` (one image per request) for `--duration` seconds with the server otherwise idle,
+then for the same time while a client thread sends `/certify` requests back to back; the phases alternate for
+`--rounds` rounds. Reported per phase: /classify requests/s and p50 / p99 latency, and the certifications'
+noisy images/s meanwhile. Load and soak rules: loopback only, bounded in count and time.
+
+    python benchmarks/certify_interplay.py --connections 1 8 --rounds 3 --duration 10 --out certify_interplay
+
+Writes benchmarks/results/<--out>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_bench import (  # a sibling script: the one wrk driver, server runner and result writer
+    ROOT,
+    emit_result,
+    free_port,
+    machine_description,
+    multipart_body,
+    post_multipart,
+    run_wrk,
+    sample_images,
+    server,
+)
+
+
+class CertifyLoop:
+    """Sends /certify requests back to back on a thread until stopped; records each one's latency and status."""
+
+    def __init__(self, url: str, body: bytes) -> None:
+        self.url, self.body = url, body
+        self.latencies_ms: list[float] = []
+        self.statuses: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="certify-loop", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            status, _, ms = post_multipart(self.url, self.body, timeout_s=300)
+            self.statuses.append(status)
+            self.latencies_ms.append(ms)
+
+    def __enter__(self) -> CertifyLoop:
+        self.t0 = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.wall_s = time.perf_counter() - self.t0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--connections", type=int, nargs="+", default=[1, 8], help="wrk connections for /classify")
+    p.add_argument("--rounds", type=int, default=3, help="idle / with-certify pairs per connection count")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds of wrk per phase")
+    p.add_argument("--n", type=int, default=10_000, help="/certify estimation samples (the paper's 10,000)")
+    p.add_argument("--n0", type=int, default=100, help="/certify selection samples")
+    p.add_argument("--sigma", type=float, default=0.25, help="/certify noise std")
+    p.add_argument("--model", default="default", help="model both routes use")
+    p.add_argument("--env", action="append", default=[], metavar="SATML_KEY=VALUE",
+                   help="server setting, repeatable (e.g. SATML_CERTIFY_CHUNK=16)")
+    p.add_argument("--out", default=None, help="results name under benchmarks/results (none: print only)")
+    args = p.parse_args(argv)
+    if any(not e.startswith("SATML_") or "=" not in e for e in args.env):
+        p.error("--env takes SATML_KEY=VALUE")
+    if args.rounds < 1 or args.duration <= 0 or min(args.connections) < 1 or args.n < 1 or args.n0 < 1:
+        p.error("rounds, connections, n and n0 must be >= 1 and duration > 0")
+    return args
+
+
+def phase_row(runs: list[dict[str, Any]], key: str) -> float:
+    return round(float(statistics.median(float(r[key]) for r in runs)), 2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    machine = machine_description()
+    image = sample_images()[0]
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {"SATML_PORT": str(port), "SATML_HOST": "127.0.0.1", "SATML_LOG_LEVEL": "warning",
+           "SATML_CERTIFY_TIMEOUT_S": "300", **dict(e.split("=", 1) for e in args.env)}
+    classify_body = multipart_body([image], extra={"model": args.model})
+    certify_body = multipart_body([image], field="file", extra={
+        "model": args.model, "sigma": str(args.sigma), "n": str(args.n), "n0": str(args.n0)})
+    serve = str(Path(sys.executable).parent / "satml-serve")
+    rows: dict[int, dict[str, list[dict[str, Any]]]] = {}
+    certs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp, \
+            server([serve], env, f"{base}/health/ready", Path(tmp) / "server.log") as pid:
+        body_file = Path(tmp) / "classify.body"
+        body_file.write_bytes(classify_body)
+        status, payload, _ = post_multipart(f"{base}/classify", classify_body)
+        if status != 200:
+            raise RuntimeError(f"/classify answered {status}: {payload}")
+        status, payload, _ = post_multipart(f"{base}/certify", certify_body, timeout_s=300)
+        if status != 200:
+            raise RuntimeError(f"/certify answered {status}: {payload}")
+        run_wrk(f"{base}/classify", body_file, 8, 2)  # warm-up
+        for conns in args.connections:
+            rows[conns] = {"idle": [], "certify": []}
+            for _ in range(args.rounds):
+                rows[conns]["idle"].append(run_wrk(f"{base}/classify", body_file, conns, args.duration, pid))
+                with CertifyLoop(f"{base}/certify", certify_body) as loop:
+                    time.sleep(0.5)  # the first chunk is in flight before wrk starts
+                    rows[conns]["certify"].append(run_wrk(f"{base}/classify", body_file, conns, args.duration, pid))
+                done = [ms for ms, st in zip(loop.latencies_ms, loop.statuses, strict=True) if st == 200]
+                certs.append({"connections": conns, "requests": len(loop.statuses), "ok": len(done),
+                              "statuses": sorted(set(loop.statuses)), "wall_s": round(loop.wall_s, 2),
+                              "median_ms": round(statistics.median(done), 1) if done else None,
+                              "noisy_images_per_s": round(len(done) * (args.n + args.n0) / loop.wall_s, 1)})
+    machine_end = machine_description()
+    result = {"args": vars(args), "machine": machine, "loadavg_at_end": machine_end["loadavg_at_start"],
+              "classify": rows, "certify": certs}
+    lines = [
+        "# /classify while /certify runs (`benchmarks/certify_interplay.py`, issue 14)",
+        "",
+        f"Run {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; `python benchmarks/certify_interplay.py "
+        + " ".join(sys.argv[1:] if argv is None else argv) + "`.",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}; load average "
+        f"at start {machine['loadavg_at_start']}, at end {machine_end['loadavg_at_start']}. Server: `satml-serve` "
+        f"({', '.join(args.env) or 'defaults'}), model `{args.model}`; /classify one image per request under wrk "
+        f"(1 thread, closed loop, loopback), {args.duration:g} s per phase, {args.rounds} rounds of idle then with "
+        f"/certify (n = {args.n}, n0 = {args.n0}, sigma {args.sigma:g}) sent back to back by one client.",
+        "",
+        "| /classify connections | phase | req/s per round | median req/s | p50 ms (median) | p99 ms per round "
+        "| p99 ms (median) | errors |",
+        "|---:|---|---|---:|---:|---|---:|---:|",
+    ]
+    for conns, phases in rows.items():
+        for phase, runs in phases.items():
+            rps = ", ".join(f"{r['rps']:.0f}" for r in runs)
+            p99 = ", ".join(f"{r['p99_ms']:.1f}" for r in runs)
+            lines.append(
+                f"| {conns} | {'server idle' if phase == 'idle' else 'with /certify'} | {rps} | "
+                f"{phase_row(runs, 'rps'):.0f} | {phase_row(runs, 'p50_ms')} | {p99} | {phase_row(runs, 'p99_ms')} | "
+                f"{sum(r['errors'] for r in runs)} |")
+    lines += ["", "Certifications during the /certify phases (per round):", "",
+              "| /classify connections | /certify requests (ok) | statuses | median s per certificate "
+              "| noisy images/s (over the loop's wall time) |", "|---:|---:|---|---:|---:|"]
+    for c in certs:
+        med = "-" if c["median_ms"] is None else f"{c['median_ms'] / 1000:.1f}"
+        lines.append(f"| {c['connections']} | {c['requests']} ({c['ok']}) | {c['statuses']} | {med} "
+                     f"| {c['noisy_images_per_s']:.0f} |")
+    emit_result(None if args.out is None else str(ROOT / "benchmarks" / "results" / args.out), result, lines)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
