@@ -9,6 +9,7 @@ then for the same time while a client thread sends `/certify` requests back to b
 noisy images/s meanwhile. Load and soak rules: loopback only, bounded in count and time.
 
     python benchmarks/certify_interplay.py --connections 1 8 --rounds 3 --duration 10 --out certify_interplay
+    python benchmarks/certify_interplay.py --variant c64:SATML_CERTIFY_CHUNK=64 --variant c32:SATML_CERTIFY_CHUNK=32
 
 Writes benchmarks/results/<--out>.{json,md}.
 """
@@ -65,6 +66,15 @@ class CertifyLoop:
         self.wall_s = time.perf_counter() - self.t0
 
 
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    """'NAME:SATML_KEY=VALUE,...' (the part after ':' may be empty)."""
+    name, sep, rest = text.partition(":")
+    pairs = [kv.partition("=") for kv in filter(None, rest.split(","))]
+    if not sep or not name or any(not eq or not key.startswith("SATML_") for key, eq, _ in pairs):
+        raise argparse.ArgumentTypeError(f"variant {text!r}: expected NAME:SATML_KEY=VALUE,...")
+    return name, {key: value for key, _, value in pairs}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--connections", type=int, nargs="+", default=[1, 8], help="wrk connections for /classify")
@@ -75,13 +85,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sigma", type=float, default=0.25, help="/certify noise std")
     p.add_argument("--model", default="default", help="model both routes use")
     p.add_argument("--env", action="append", default=[], metavar="SATML_KEY=VALUE",
-                   help="server setting, repeatable (e.g. SATML_CERTIFY_CHUNK=16)")
+                   help="server setting for every variant, repeatable (e.g. SATML_CERTIFY_CHUNK=16)")
+    p.add_argument("--variant", action="append", type=parse_variant, default=[], metavar="NAME:SATML_KEY=VALUE,...",
+                   help="server settings of one variant, repeatable: the variants take turns in every round (a "
+                        "fresh server each), so a drift of the machine spreads over all of them; none: one variant")
     p.add_argument("--out", default=None, help="results name under benchmarks/results (none: print only)")
     args = p.parse_args(argv)
     if any(not e.startswith("SATML_") or "=" not in e for e in args.env):
         p.error("--env takes SATML_KEY=VALUE")
     if args.rounds < 1 or args.duration <= 0 or min(args.connections) < 1 or args.n < 1 or args.n0 < 1:
         p.error("rounds, connections, n and n0 must be >= 1 and duration > 0")
+    args.variant = args.variant or [("server", {})]
+    if len({name for name, _ in args.variant}) < len(args.variant):
+        p.error("variant names must differ")
     return args
 
 
@@ -89,46 +105,56 @@ def phase_row(runs: list[dict[str, Any]], key: str) -> float:
     return round(float(statistics.median(float(r[key]) for r in runs)), 2)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    machine = machine_description()
-    image = sample_images()[0]
+def one_round(serve: str, env: dict[str, str], args: argparse.Namespace, bodies: tuple[bytes, bytes],
+              rows: dict[int, dict[str, list[dict[str, Any]]]], certs: list[dict[str, Any]]) -> None:
+    """A fresh server with `env`: for each connection count, /classify idle, then beside back-to-back /certify."""
+    classify_body, certify_body = bodies
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = {"SATML_PORT": str(port), "SATML_HOST": "127.0.0.1", "SATML_LOG_LEVEL": "warning",
-           "SATML_CERTIFY_TIMEOUT_S": "300", **dict(e.split("=", 1) for e in args.env)}
-    classify_body = multipart_body([image], extra={"model": args.model})
-    certify_body = multipart_body([image], field="file", extra={
-        "model": args.model, "sigma": str(args.sigma), "n": str(args.n), "n0": str(args.n0)})
-    serve = str(Path(sys.executable).parent / "satml-serve")
-    rows: dict[int, dict[str, list[dict[str, Any]]]] = {}
-    certs: list[dict[str, Any]] = []
+    env = {**env, "SATML_PORT": str(port), "SATML_HOST": "127.0.0.1"}
     with tempfile.TemporaryDirectory() as tmp, \
             server([serve], env, f"{base}/health/ready", Path(tmp) / "server.log") as pid:
         body_file = Path(tmp) / "classify.body"
         body_file.write_bytes(classify_body)
-        status, payload, _ = post_multipart(f"{base}/classify", classify_body)
-        if status != 200:
-            raise RuntimeError(f"/classify answered {status}: {payload}")
-        status, payload, _ = post_multipart(f"{base}/certify", certify_body, timeout_s=300)
-        if status != 200:
-            raise RuntimeError(f"/certify answered {status}: {payload}")
+        for url, body in ((f"{base}/classify", classify_body), (f"{base}/certify", certify_body)):
+            status, payload, _ = post_multipart(url, body, timeout_s=300)
+            if status != 200:
+                raise RuntimeError(f"{url} answered {status}: {payload}")
         run_wrk(f"{base}/classify", body_file, 8, 2)  # warm-up
         for conns in args.connections:
-            rows[conns] = {"idle": [], "certify": []}
-            for _ in range(args.rounds):
-                rows[conns]["idle"].append(run_wrk(f"{base}/classify", body_file, conns, args.duration, pid))
-                with CertifyLoop(f"{base}/certify", certify_body) as loop:
-                    time.sleep(0.5)  # the first chunk is in flight before wrk starts
-                    rows[conns]["certify"].append(run_wrk(f"{base}/classify", body_file, conns, args.duration, pid))
-                done = [ms for ms, st in zip(loop.latencies_ms, loop.statuses, strict=True) if st == 200]
-                certs.append({"connections": conns, "requests": len(loop.statuses), "ok": len(done),
-                              "statuses": sorted(set(loop.statuses)), "wall_s": round(loop.wall_s, 2),
-                              "median_ms": round(statistics.median(done), 1) if done else None,
-                              "noisy_images_per_s": round(len(done) * (args.n + args.n0) / loop.wall_s, 1)})
+            phases = rows.setdefault(conns, {"idle": [], "certify": []})
+            phases["idle"].append(run_wrk(f"{base}/classify", body_file, conns, args.duration, pid))
+            with CertifyLoop(f"{base}/certify", certify_body) as loop:
+                time.sleep(0.5)  # the first chunk is in flight before wrk starts
+                phases["certify"].append(run_wrk(f"{base}/classify", body_file, conns, args.duration, pid))
+            done = [ms for ms, st in zip(loop.latencies_ms, loop.statuses, strict=True) if st == 200]
+            certs.append({"connections": conns, "requests": len(loop.statuses), "ok": len(done),
+                          "statuses": sorted(set(loop.statuses)), "wall_s": round(loop.wall_s, 2),
+                          "median_ms": round(statistics.median(done), 1) if done else None,
+                          "noisy_images_per_s": round(len(done) * (args.n + args.n0) / loop.wall_s, 1)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    machine = machine_description()
+    image = sample_images()[0]
+    common = {"SATML_LOG_LEVEL": "warning", "SATML_CERTIFY_TIMEOUT_S": "300",
+              **dict(e.split("=", 1) for e in args.env)}
+    bodies = (multipart_body([image], extra={"model": args.model}),
+              multipart_body([image], field="file", extra={"model": args.model, "sigma": str(args.sigma),
+                                                           "n": str(args.n), "n0": str(args.n0)}))
+    serve = str(Path(sys.executable).parent / "satml-serve")
+    rows: dict[str, dict[int, dict[str, list[dict[str, Any]]]]] = {name: {} for name, _ in args.variant}
+    certs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in args.variant}
+    for _ in range(args.rounds):
+        for name, env in args.variant:
+            one_round(serve, {**common, **env}, args, bodies, rows[name], certs[name])
     machine_end = machine_description()
-    result = {"args": vars(args), "machine": machine, "loadavg_at_end": machine_end["loadavg_at_start"],
+    result = {"args": {**vars(args), "variant": [{"name": n, "env": e} for n, e in args.variant]},
+              "machine": machine, "loadavg_at_end": machine_end["loadavg_at_start"],
               "classify": rows, "certify": certs}
+    variants = "; ".join(f"`{n}`: {', '.join(f'{k}={v}' for k, v in e.items()) or 'defaults'}"
+                         for n, e in args.variant)
     lines = [
         "# /classify while /certify runs (`benchmarks/certify_interplay.py`, issue 14)",
         "",
@@ -136,29 +162,32 @@ def main(argv: list[str] | None = None) -> int:
         + " ".join(sys.argv[1:] if argv is None else argv) + "`.",
         f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}; load average "
         f"at start {machine['loadavg_at_start']}, at end {machine_end['loadavg_at_start']}. Server: `satml-serve` "
-        f"({', '.join(args.env) or 'defaults'}), model `{args.model}`; /classify one image per request under wrk "
-        f"(1 thread, closed loop, loopback), {args.duration:g} s per phase, {args.rounds} rounds of idle then with "
-        f"/certify (n = {args.n}, n0 = {args.n0}, sigma {args.sigma:g}) sent back to back by one client.",
+        f"({', '.join(args.env) or 'defaults'}); variants {variants}, taking turns in each round, a fresh server "
+        f"each; model `{args.model}`; /classify one image per request under wrk (1 thread, closed loop, loopback), "
+        f"{args.duration:g} s per phase, {args.rounds} rounds of idle then with /certify (n = {args.n}, "
+        f"n0 = {args.n0}, sigma {args.sigma:g}) sent back to back by one client.",
         "",
-        "| /classify connections | phase | req/s per round | median req/s | p50 ms (median) | p99 ms per round "
-        "| p99 ms (median) | errors |",
-        "|---:|---|---|---:|---:|---|---:|---:|",
+        "| /classify connections | variant | phase | req/s per round | median req/s | p50 ms (median) "
+        "| p99 ms per round | p99 ms (median) | errors |",
+        "|---:|---|---|---|---:|---:|---|---:|---:|",
     ]
-    for conns, phases in rows.items():
-        for phase, runs in phases.items():
-            rps = ", ".join(f"{r['rps']:.0f}" for r in runs)
-            p99 = ", ".join(f"{r['p99_ms']:.1f}" for r in runs)
-            lines.append(
-                f"| {conns} | {'server idle' if phase == 'idle' else 'with /certify'} | {rps} | "
-                f"{phase_row(runs, 'rps'):.0f} | {phase_row(runs, 'p50_ms')} | {p99} | {phase_row(runs, 'p99_ms')} | "
-                f"{sum(r['errors'] for r in runs)} |")
+    for conns in args.connections:
+        for name, _ in args.variant:
+            for phase, runs in rows[name][conns].items():
+                rps = ", ".join(f"{r['rps']:.0f}" for r in runs)
+                p99 = ", ".join(f"{r['p99_ms']:.1f}" for r in runs)
+                lines.append(
+                    f"| {conns} | {name} | {'server idle' if phase == 'idle' else 'with /certify'} | {rps} | "
+                    f"{phase_row(runs, 'rps'):.0f} | {phase_row(runs, 'p50_ms')} | {p99} | "
+                    f"{phase_row(runs, 'p99_ms')} | {sum(r['errors'] for r in runs)} |")
     lines += ["", "Certifications during the /certify phases (per round):", "",
-              "| /classify connections | /certify requests (ok) | statuses | median s per certificate "
-              "| noisy images/s (over the loop's wall time) |", "|---:|---:|---|---:|---:|"]
-    for c in certs:
-        med = "-" if c["median_ms"] is None else f"{c['median_ms'] / 1000:.1f}"
-        lines.append(f"| {c['connections']} | {c['requests']} ({c['ok']}) | {c['statuses']} | {med} "
-                     f"| {c['noisy_images_per_s']:.0f} |")
+              "| /classify connections | variant | /certify requests (ok) | statuses | median s per certificate "
+              "| noisy images/s (over the loop's wall time) |", "|---:|---|---:|---|---:|---:|"]
+    for name, _ in args.variant:
+        for c in sorted(certs[name], key=lambda c: c["connections"]):
+            med = "-" if c["median_ms"] is None else f"{c['median_ms'] / 1000:.1f}"
+            lines.append(f"| {c['connections']} | {name} | {c['requests']} ({c['ok']}) | {c['statuses']} | {med} "
+                         f"| {c['noisy_images_per_s']:.0f} |")
     emit_result(None if args.out is None else str(ROOT / "benchmarks" / "results" / args.out), result, lines)
     return 0
 
