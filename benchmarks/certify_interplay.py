@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import serve_ab  # a sibling script: its --variant syntax
 from serve_bench import (  # a sibling script: the one wrk driver, server runner and result writer
     ROOT,
     emit_result,
@@ -67,12 +68,11 @@ class CertifyLoop:
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
-    """'NAME:SATML_KEY=VALUE,...' (the part after ':' may be empty)."""
-    name, sep, rest = text.partition(":")
-    pairs = [kv.partition("=") for kv in filter(None, rest.split(","))]
-    if not sep or not name or any(not eq or not key.startswith("SATML_") for key, eq, _ in pairs):
-        raise argparse.ArgumentTypeError(f"variant {text!r}: expected NAME:SATML_KEY=VALUE,...")
-    return name, {key: value for key, _, value in pairs}
+    """'NAME:SATML_KEY=VALUE,...': serve_ab's variant syntax, without a git revision (this tree's server only)."""
+    v = serve_ab.parse_variant(text)
+    if v.rev is not None:
+        raise argparse.ArgumentTypeError(f"variant {text!r}: no @REV here (this tree's server only)")
+    return v.name, v.env
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
