@@ -97,7 +97,6 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> ModelUnd
                           calibration=art.calibration)
 
 
-
 def distinct_names(models: list[tuple[str, Path]]) -> list[str]:
     """Row names for the report: a model's own name, with its folder's name where two models share a name, or its
     whole path where their folders are named alike too (a candidate `runs/r26/art/default` gated beside the shipped
