@@ -1,8 +1,8 @@
 """/classify while /certify runs (issue 14): does a certification starve the requests beside it?
 
 `POST /certify` pushes n0 + n noisy copies of one image (10,100 at the paper's n) through the same batching worker
-as `/classify`, one chunk (`SATML_CERTIFY_CHUNK`, default `max_batch`) at a time, so that /classify batches
-interleave with the chunks instead of queueing behind thousands of images. This measures it on the real server
+as `/classify`, one chunk (`SATML_CERTIFY_CHUNK`, default 32, capped at `max_batch`) at a time, so that /classify
+batches interleave with the chunks instead of queueing behind thousands of images. This measures it on the real server
 (`satml-serve` on 127.0.0.1): wrk drives `/classify` (one image per request) for `--duration` seconds with the
 server otherwise idle, then for the same time while a client thread sends `/certify` requests back to back; the
 phases alternate for `--rounds` rounds. Reported per phase: /classify requests/s and p50 / p99 latency, and the

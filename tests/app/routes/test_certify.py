@@ -102,6 +102,11 @@ def test_certify_chunk_bounds_the_batches_it_sends(good_root: Path) -> None:
             assert post(c, **FAST).status_code == 200
             text = c.get("/metrics").text
         assert 'satml_inference_batch_size_count{model="default"} 5.0' in text  # 20, then 64 + 64 + 64 + 8
+    with TestClient(create_app(make_settings(good_root, max_batch=64))) as c:  # the default: chunks of 32
+        assert post(c, **FAST).status_code == 200
+        text = c.get("/metrics").text
+    assert 'satml_inference_batch_size_count{model="default"} 8.0' in text  # 20, then 6 x 32 + 8
+    assert 'satml_inference_batch_size_bucket{le="32.0",model="default"} 8.0' in text
 
 
 def test_api_key_guards_it(good_root: Path) -> None:
