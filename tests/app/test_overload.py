@@ -23,6 +23,7 @@ import app.predictor
 from app.batching import BatchWorker, QueueFull
 from app.main import create_app
 from tests.app.conftest import make_settings
+from tests.app.faults import inject_index_fault
 from tests.app.toy import png, toy_images
 
 GOOD = png(toy_images(1, 3)[0][0])
@@ -70,21 +71,8 @@ def test_batch_queue_is_bounded() -> None:
 @pytest.fixture
 def hanging_index(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
     """Models built now get a k-NN index that blocks while the returned event is set (fault injection)."""
-    hang, real = threading.Event(), app.predictor.build_index
-
-    def build(kind, art, spec=None):
-        index = real(kind, art, spec)
-
-        def predict(z):
-            deadline = time.monotonic() + 10
-            while hang.is_set() and time.monotonic() < deadline:
-                time.sleep(0.01)
-            return index(z)
-        return predict
-
-    monkeypatch.setattr(app.predictor, "build_index", build)
-    # the fault lives in the torch index: keep the vote there (not in the onnxruntime graph, app.fused)
-    monkeypatch.setattr(app.predictor.Predictor, "fuses", lambda self: False)
+    hang = threading.Event()
+    inject_index_fault(monkeypatch, hang)
     yield hang
     hang.clear()
 

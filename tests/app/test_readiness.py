@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-import app.predictor
 from app.main import create_app
 from tests.app.conftest import make_settings
+from tests.app.faults import inject_index_fault
 from tests.app.toy import png, toy_images
 
 GOOD = png(toy_images(1, 3)[0][0])
@@ -42,23 +42,7 @@ def fault(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, threading.Event
     """Models built now get a k-NN index that hangs while `hang` is set, or raises SystemExit
     (kills the worker thread) once `die` is set."""
     events = {"hang": threading.Event(), "die": threading.Event()}
-    real = app.predictor.build_index
-
-    def build(kind, art, spec=None):
-        index = real(kind, art, spec)
-
-        def predict(z):
-            if events["die"].is_set():
-                raise SystemExit("injected worker death")
-            deadline = time.monotonic() + 10
-            while events["hang"].is_set() and time.monotonic() < deadline:
-                time.sleep(0.01)
-            return index(z)
-        return predict
-
-    monkeypatch.setattr(app.predictor, "build_index", build)
-    # the fault lives in the torch index: keep the vote there (not in the onnxruntime graph, app.fused)
-    monkeypatch.setattr(app.predictor.Predictor, "fuses", lambda self: False)
+    inject_index_fault(monkeypatch, events["hang"], events["die"])
     yield events
     events["hang"].clear()
 

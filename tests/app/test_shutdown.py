@@ -18,6 +18,7 @@ import app.serve
 from app.config import Settings
 from app.main import create_app
 from tests.app.conftest import make_settings
+from tests.app.faults import inject_index_fault
 from tests.app.servers import wait_ready
 from tests.app.toy import png, toy_images
 
@@ -29,21 +30,7 @@ def test_exit_within_grace_with_a_stuck_batch(good_root: Path, monkeypatch: pyte
     import uvicorn
 
     hang = threading.Event()
-    real = app.predictor.build_index
-
-    def build(kind, art, spec=None):
-        index = real(kind, art, spec)
-
-        def predict(z):
-            deadline = time.monotonic() + 15  # stuck far past the grace period
-            while hang.is_set() and time.monotonic() < deadline:
-                time.sleep(0.01)
-            return index(z)
-        return predict
-
-    monkeypatch.setattr(app.predictor, "build_index", build)
-    # the fault lives in the torch index: keep the vote there (not in the onnxruntime graph, app.fused)
-    monkeypatch.setattr(app.predictor.Predictor, "fuses", lambda self: False)
+    inject_index_fault(monkeypatch, hang, stuck_s=15)  # stuck far past the grace period
     settings = make_settings(good_root, log_level="warning", shutdown_grace_s=GRACE_S)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
