@@ -60,6 +60,12 @@ class Settings(BaseSettings):
     # (benchmarks/results/serve_ab_fused_paired.md): 1 image x 32 connections 1.12x (6 of 6 pairs above 1),
     # 1 x 1 1.07x, 8 x 32 1.07x
     fused_vote: bool = True
+    # with fused_vote: a small batch (<= small_batch_max) with no other request in progress runs on every thread of
+    # its own session whose threads busy-wait between ops while it runs and stop when it returns (onnxruntime's
+    # force_spinning_stop); a sleeping thread's wake-up per op cost a batch of one 1.27 -> 0.90 ms in process. Under
+    # load nothing changes (small batches take the one-thread session, large ones the non-spinning one): spinning
+    # there cost 1 x 32 and 8 x 32 ~5 % in a paired A/B, hence only here (benchmarks/README.md)
+    lone_spin: bool = True
     second_lane_min_images: Annotated[int, Field(ge=1, le=4096)] = 32
     # the interpreter's GIL switch interval in ms for the server's lifetime (sys.setswitchinterval; None: Python's
     # 5 ms). The event loop, decode threads and the batch worker hand the GIL to each other many times per

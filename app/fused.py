@@ -98,8 +98,8 @@ def fused_model(folder: Path, art: Artifact) -> onnx.ModelProto:
 class FusedOnnx:
     """One onnxruntime session of the fused model (CPU): images [n, 3, S, S] -> (pred [n], counts [n, C], z [n, D])."""
 
-    def __init__(self, model: onnx.ModelProto, threads: int | None = None) -> None:
-        self.session = onnx_session(model.SerializeToString(), ["CPUExecutionProvider"], threads)
+    def __init__(self, model: onnx.ModelProto, threads: int | None = None, spin: bool = False) -> None:
+        self.session = onnx_session(model.SerializeToString(), ["CPUExecutionProvider"], threads, spin)
         self.input_name = self.session.get_inputs()[0].name
         self.outputs = [o.name for o in model.graph.output]
 

@@ -48,6 +48,7 @@ class Predictor:
     threads: int | None = None  # onnxruntime intra-op threads (settings.threads_per_process)
     small_batch_max: int = 0  # CPU: batches of at most this many images run on one thread (settings)
     fused_vote: bool = False  # CPU onnxruntime: the vote in the encoder's graph for the shipped bank (settings)
+    lone_spin: bool = False  # with fused_vote and small_batch_max: a lone request's run spins between ops (settings)
     # whether requests other than the one computed are in progress (app.middleware.InFlight.others): a small batch
     # takes one thread only then, leaving a core to the loop; an idle server's lone request gets every thread
     others_busy: Callable[[], bool] = lambda: True
@@ -81,10 +82,14 @@ class Predictor:
         small_max = self.small_batch_max if self.two_lanes() else 0
         fused: FusedOnnx | None = None
         fused_small: FusedOnnx | None = None
+        fused_lone: FusedOnnx | None = None
         if self.fuses():
             self._fused_model = model = fused_model(self.folder, self.art)  # the helper lane's session reuses it
             fused = FusedOnnx(model, self.threads)
             fused_small = FusedOnnx(model, 1) if small_max else fused
+            # a small batch with nothing else in progress: every thread, spinning between ops while it runs (one
+            # more session of the graph, ~10 MB for the default; none when small batches never go one-thread)
+            fused_lone = FusedOnnx(model, self.threads, spin=True) if small_max and self.lone_spin else fused
             self._fused_one = fused_small if small_max else None
             embed, embed_small = fused.embed, fused_small.embed  # a bank with added examples votes in app.index
             self.runtime_name = "onnxruntime (CPUExecutionProvider)"
@@ -114,7 +119,7 @@ class Predictor:
             small = (x.shape[0] <= small_max and others_busy()) or helper_busy.is_set()
             if small_max:  # torch's count is process-wide (a /attack running meanwhile follows it): set per batch
                 torch.set_num_threads(1 if small else threads)
-            one_call = fused_small if small else fused
+            one_call = fused_small if small else fused_lone if x.shape[0] <= small_max else fused
             if one_call is not None and shipped_bank(live):  # one call
                 return fused_votes(one_call(x))
             return packed_votes(live, (embed_small if small else embed)(x))

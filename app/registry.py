@@ -130,7 +130,8 @@ def load_served_model(folder: Path, settings: Settings, device: torch.device, me
                     settings.state_dir)
     live.replay()  # the overlay of added examples, if any and sound (else logged, shipped bank only)
     predictor = Predictor(art, folder, runtime, device, index_kind, live, spec, settings.threads_per_process(),
-                          settings.small_batch_max, fused_vote=settings.fused_vote, others_busy=others_busy)
+                          settings.small_batch_max, fused_vote=settings.fused_vote, lone_spin=settings.lone_spin,
+                          others_busy=others_busy)
 
     batch_size = metrics.batch_size.labels(name)
     batch_latency = metrics.batch_latency.labels(name)

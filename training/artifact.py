@@ -38,15 +38,20 @@ class ArtifactError(ValueError):
     """An artifact folder that must not be served: missing files, bad hashes, unknown format."""
 
 
-def onnx_session(path: str | Path | bytes, providers: list[Any], threads: int | None = None) -> Any:
+def onnx_session(path: str | Path | bytes, providers: list[Any], threads: int | None = None,
+                 spin: bool = False) -> Any:
     """An onnxruntime session of an `encoder.onnx` as the server runs it: no busy-waiting between ops (on a CPU the
     event loop and the decoders need the same cores), `threads` intra-op threads when given (None: onnxruntime's
-    choice). One place for these options: the server's `OnnxEmbed` and `FusedOnnx`, and `satml certify --runtime
+    choice). With `spin` the intra-op threads busy-wait between the ops of a run and stop when it returns (for a
+    run nothing else wants the cores for: a sleeping thread's wake-up per op costs a batch of one ~0.35 ms here).
+    One place for these options: the server's `OnnxEmbed` and `FusedOnnx`, and `satml certify --runtime
     onnxruntime`. `path` may be the serialised model itself (bytes)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    if spin:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     if threads is not None:
         options.intra_op_num_threads = threads
     return ort.InferenceSession(path if isinstance(path, bytes) else str(path), options, providers=providers)

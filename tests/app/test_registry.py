@@ -229,30 +229,36 @@ def test_small_batches_run_on_one_thread_with_the_same_answers(good_root: Path, 
         reg.close()
 
 
-def test_a_lone_request_takes_every_thread(good_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("lone_spin", [True, False])
+def test_a_lone_request_takes_every_thread(good_root: Path, monkeypatch: pytest.MonkeyPatch, lone_spin: bool) -> None:
     """With no other request in progress (`others_busy` false: an idle server's one request), a small batch runs on
-    all intra-op threads: the core the one-thread rule keeps for the event loop has nothing to do then."""
+    all intra-op threads: the core the one-thread rule keeps for the event loop has nothing to do then. With
+    `lone_spin` it runs on a session of its own whose threads spin between ops; a large batch never spins."""
     from app.fused import FusedOnnx
 
-    seen: list[tuple[int, int]] = []
+    seen: list[tuple[int, int, str]] = []
     real = FusedOnnx.__call__
 
     def call(self: FusedOnnx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        seen.append((len(x), self.session.get_session_options().intra_op_num_threads))
+        options = self.session.get_session_options()
+        seen.append((len(x), options.intra_op_num_threads,
+                     options.get_session_config_entry("session.intra_op.allow_spinning")))
         return real(self, x)
 
     monkeypatch.setattr(FusedOnnx, "__call__", call)
     busy = [False]
     reg = load_registry(make_settings(good_root, runtime="onnxruntime", index="torch", device="cpu",
-                                      compute_threads=2, small_batch_max=4), Metrics(), lambda: busy[0])
+                                      compute_threads=2, small_batch_max=4, lone_spin=lone_spin), Metrics(),
+                        lambda: busy[0])
     try:
         worker = reg.get("default").worker
         seen.clear()
         x = torch.rand(3, 3, 32, 32)
         idle = worker.submit(x).result(30)[0]
+        worker.submit(torch.rand(5, 3, 32, 32)).result(30)
         busy[0] = True
         loaded = worker.submit(x).result(30)[0]
-        assert seen == [(3, 2), (3, 1)] and torch.equal(idle, loaded)
+        assert seen == [(3, 2, "1" if lone_spin else "0"), (5, 2, "0"), (3, 1, "0")] and torch.equal(idle, loaded)
     finally:
         reg.close()
 
