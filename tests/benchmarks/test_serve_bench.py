@@ -36,25 +36,31 @@ def _point(ipr: int, conns: int, rps: float, errors: int = 0) -> dict[str, Any]:
             "errors": errors, "p50_ms": 5.0, "p99_ms": 20.0, "server_cores": 1.5, "wrk_cores": 0.02}
 
 
+RAW = {"per_batch": {"1": {"ms_per_batch": 1.0, "images_per_s": 1000.0, "median_ms_per_pass": [1.1]},
+                     "32": {"ms_per_batch": 8.0, "images_per_s": 4000.0, "median_ms_per_pass": [8.5]}},
+       "arch": "cnn8", "width": 16, "bank_size": 100, "k": 5, "index": "torch", "device": "cpu", "runtime": "torch"}
+CEILING = {"1x32": _point(1, 32, 6000), "8x32": _point(8, 32, 3000)}
+CLASSIFY = {"1x32": _point(1, 32, 1900), "8x32": _point(8, 32, 390, errors=1600)}
+
+
+def _result(bench: ModuleType, attack: list[dict[str, Any]]) -> dict[str, Any]:
+    """A whole benchmark result of RAW, CEILING and CLASSIFY, as `markdown` reads it."""
+    return {"machine": {"cpu": "x", "cores": 2, "memory_gib": 1, "platform": "p", "torch": "t", "torch_threads": 2,
+                        "cuda": False, "wrk": "wrk", "loadavg_at_start": [0.1, 0.2, 0.3]},
+            "raw": RAW, "summary": bench.summarise(RAW, CEILING, CLASSIFY, max_batch=64), "started": "now",
+            "artifact": "a", "classify": CLASSIFY, "ceiling": CEILING,
+            "config": {"quick": True, "duration_s": 1.0, "env": {}}, "server": {"max_batch": 64, "max_wait_ms": 0},
+            "attack": attack}
+
+
 def test_a_shedding_point_is_not_valid_and_misses_its_target(bench: ModuleType) -> None:
-    raw = {"per_batch": {"1": {"ms_per_batch": 1.0, "images_per_s": 1000.0, "median_ms_per_pass": [1.1]},
-                         "32": {"ms_per_batch": 8.0, "images_per_s": 4000.0, "median_ms_per_pass": [8.5]}},
-           "arch": "cnn8", "width": 16, "bank_size": 100, "k": 5, "index": "torch", "device": "cpu",
-           "runtime": "torch"}
-    ceiling = {"1x32": _point(1, 32, 6000), "8x32": _point(8, 32, 3000)}
-    classify = {"1x32": _point(1, 32, 1900), "8x32": _point(8, 32, 390, errors=1600)}
-    s = bench.summarise(raw, ceiling, classify, max_batch=64)
+    s = bench.summarise(RAW, CEILING, CLASSIFY, max_batch=64)
     # bound for 1 image: 1 / (1/4000 + 1/6000) = 2400 img/s; 1900 is 79 %
     assert s["ratios"]["1x32"]["bound_images_per_s"] == pytest.approx(2400, abs=0.1)
     assert s["ratios"]["1x32"]["valid"] and not s["ratios"]["8x32"]["valid"]
     assert s["ratios"]["8x32"]["ratio"] > 0.8  # above the target in numbers, and still not met: it shed load
     assert not s["checks"]["throughput_8x32"]["ok"] and not s["checks"]["throughput_1x32"]["ok"]
-    result = {"machine": {"cpu": "x", "cores": 2, "memory_gib": 1, "platform": "p", "torch": "t", "torch_threads": 2,
-                          "cuda": False, "wrk": "wrk", "loadavg_at_start": [0.1, 0.2, 0.3]},
-              "raw": raw, "summary": s, "started": "now", "artifact": "a", "classify": classify, "ceiling": ceiling,
-              "config": {"quick": True, "duration_s": 1.0, "env": {}}, "server": {"max_batch": 64, "max_wait_ms": 0},
-              "attack": []}
-    md = bench.markdown(result)
+    md = bench.markdown(_result(bench, []))
     row_8x32 = next(line for line in md.splitlines() if line.startswith("| 8 | 32 |"))
     assert "not valid" in row_8x32 and "not valid" not in md.split("| 1 | 32 |")[1].splitlines()[0]
     assert "answered requests only" in md
@@ -73,3 +79,27 @@ def test_the_raw_reference_times_each_runtime_of_the_app(bench: ModuleType, runt
     times = bench.raw_pass(raw, (1, 4), 0.01)
     assert set(times) == {1, 4} and all(len(t) >= 3 and min(t) > 0 for t in times.values())
     assert raw.info["runtime"] == runtime
+
+
+def test_attack_latency_waits_out_shedding_and_times_answered_requests_only(bench: ModuleType) -> None:
+    """Right after an overload point the queue may still be full: 503s answered in milliseconds once read as a
+    PGD-10 p50 of 8 ms. The warm-up is retried until answered, and a refusal among the timed requests is counted
+    but not timed."""
+    answers = iter([(503, {}, 2.0)] * 3 + [(200, {"latency_ms": 150}, 160.0)]  # warm-up: shed three times
+                   + [(200, {"latency_ms": 150}, 150.0 + i) for i in range(4)] + [(503, {}, 1.0)])
+    sent: list[str] = []
+
+    def post(url: str, body: bytes) -> tuple[int, dict[str, Any], float]:
+        sent.append(url)
+        return next(answers)
+
+    a = bench.attack_latency("http://127.0.0.1:1", b"png", "default", 5, post=post, retry_s=0.0)
+    assert len(sent) == 4 + 5 and a["n"] == 5 and a["ok"] == 4
+    assert a["p50_ms"] in (151.0, 152.0) and a["p99_ms"] == 153.0 and a["server_latency_ms_mean"] == 150.0
+    assert a["mean_ms"] == 151.5
+    shed = bench.attack_latency("http://127.0.0.1:1", b"png", "default", 2, post=lambda u, b: (503, {}, 1.0),
+                                settle_s=0.0, retry_s=0.0)
+    assert shed["ok"] == 0 and shed["p50_ms"] is None and shed["mean_ms"] is None
+    md = bench.markdown(_result(bench, [a, shed]))
+    assert "| 5 (4) | 151 |" in md or "| 5 (4) | 152 |" in md
+    assert "| 2 (0) | - | - | None |" in md
