@@ -98,10 +98,12 @@ def fused_model(folder: Path, art: Artifact) -> onnx.ModelProto:
 class FusedOnnx:
     """One onnxruntime session of the fused model (CPU): images [n, 3, S, S] -> (pred [n], counts [n, C], z [n, D])."""
 
-    def __init__(self, model: onnx.ModelProto, threads: int | None = None, spin: bool = False) -> None:
-        self.session = onnx_session(model.SerializeToString(), ["CPUExecutionProvider"], threads, spin)
+    def __init__(self, model: onnx.ModelProto | bytes, threads: int | None = None, spin: bool = False) -> None:
+        # bytes: a graph serialised once for several sessions (~10 MB for the default, three sessions per model)
+        data = model if isinstance(model, bytes) else model.SerializeToString()
+        self.session = onnx_session(data, ["CPUExecutionProvider"], threads, spin)
         self.input_name = self.session.get_inputs()[0].name
-        self.outputs = [o.name for o in model.graph.output]
+        self.outputs = [o.name for o in self.session.get_outputs()]
 
     def embed(self, x: Tensor) -> Tensor:
         """The embeddings alone (the vote computed and dropped: for a bank that is no longer the shipped one)."""

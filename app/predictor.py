@@ -28,8 +28,6 @@ from training.artifact import ENCODER_ONNX, Artifact
 log = logging.getLogger("app.predictor")
 
 if TYPE_CHECKING:
-    import onnx
-
     from app.registry import ServedModel
 
 
@@ -56,7 +54,7 @@ class Predictor:
     # set by `setup`: a one-thread embed the second lane can share (`setup_helper`); None: it builds its own
     _embed_one: Callable[[Tensor], Tensor] | None = None
     _fused_one: FusedOnnx | None = None  # set by `setup` with `fused_vote`: the one-thread fused session
-    _fused_model: onnx.ModelProto | None = None  # set by `setup` with `fused_vote`: the graph, built once
+    _fused_model: bytes | None = None  # set by `setup` with `fused_vote`: the graph, built and serialised once
     _helper_busy: threading.Event = field(default_factory=threading.Event)  # the second lane is running a batch
 
     def two_lanes(self) -> bool:
@@ -84,7 +82,8 @@ class Predictor:
         fused_small: FusedOnnx | None = None
         fused_lone: FusedOnnx | None = None
         if self.fuses():
-            self._fused_model = model = fused_model(self.folder, self.art)  # the helper lane's session reuses it
+            # serialised once: every session below and the helper lane's are built from the same bytes
+            self._fused_model = model = fused_model(self.folder, self.art).SerializeToString()
             fused = FusedOnnx(model, self.threads)
             fused_small = FusedOnnx(model, 1) if small_max else fused
             # a small batch with nothing else in progress: every thread, spinning between ops while it runs (one
