@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               "duration_s": args.duration,
                               "variants": [{"name": v.name, "env": v.env, "rev": v.rev} for v in variants],
                               "points": [f"{n}x{c}" for n, c in args.points], "runs": [],
-                              "paired": args.paired}
+                              "paired": args.paired, "warmup_s": args.warmup if args.paired else 0}
     with tempfile.TemporaryDirectory(prefix="serve_ab_") as tmp_, checkouts(variants, Path(tmp_)) as roots:
         tmp = Path(tmp_)
         bodies = {}
@@ -158,14 +158,20 @@ def paired_rounds(args: argparse.Namespace, variants: list[Variant], roots: dict
                   tmp: Path, result: dict[str, Any]) -> None:
     """`--paired`: every variant's server up at once (an idle one waits without spinning), and per round and
     point the variants measured back to back, their order rotated round by round: a drift of the machine
-    reaches both arms of a pair within seconds, and no variant always goes first."""
+    reaches both arms of a pair within seconds, and no variant always goes first. Each measurement follows an
+    untimed `--warmup` run of the same variant at the same point: a server that sat idle while the others ran
+    answered its first requests slowly (the p99 of 1 x 1 read 70-150 ms in some paired rounds, 5-14 ms in
+    single-server runs)."""
     with contextlib.ExitStack() as stack:
         up = {v.name: stack.enter_context(variant_server(args, v, roots[v.name], bodies, tmp)) for v in variants}
         for r in range(args.rounds):
             order = variants[r % len(variants):] + variants[:r % len(variants)]
             for n, conns in args.points:
                 for v in order:
-                    measure(result, r, v, *up[v.name], bodies[n], n, conns, args.duration)
+                    base, pid = up[v.name]
+                    if args.warmup > 0:
+                        run_wrk(f"{base}/classify", bodies[n], conns, args.warmup, pid)
+                    measure(result, r, v, base, pid, bodies[n], n, conns, args.duration)
 
 
 def summarise(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -199,7 +205,8 @@ def markdown(result: dict[str, Any], command: str) -> str:
     where = (f"`{result['artifacts']}/{result['model']}`" if not own else
              f"model `{result['model']}` from each variant's `SATML_ARTIFACTS_DIR` (else `{result['artifacts']}`)")
     mode = (f"{result['rounds']} rounds, every variant's server up throughout, the variants back to back per point "
-            "and their order rotated each round (--paired)." if result.get("paired") else
+            f"and their order rotated each round (--paired), each measurement after {result.get('warmup_s', 0):g} s of "
+            "untimed load at its point." if result.get("paired") else
             f"{result['rounds']} rounds, the variants alternating, a fresh server per variant per round.")
     lines = [f"# Serving A/B (`benchmarks/serve_ab.py`): {', '.join(v['name'] for v in result['variants'])}", "",
              f"Run {result['started']}; `{command}`.",
@@ -234,14 +241,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paired", action="store_true",
                    help="all servers up at once; per round and point the variants back to back, order rotated")
     p.add_argument("--duration", type=float, default=5.0, help="seconds per point")
+    p.add_argument("--warmup", type=float, default=1.0,
+                   help="with --paired: seconds of untimed load at the same point before each measurement (0: none; "
+                        "wrk runs whole seconds)")
     p.add_argument("--artifacts", type=Path, default=ROOT / "artifacts")
     p.add_argument("--model", default="default")
     p.add_argument("--out", default="serve_ab", help="results name under benchmarks/results/")
     args = p.parse_args(argv)
     if len({v.name for v in args.variant}) != len(args.variant):
         p.error("variant names must differ")
-    if args.rounds < 1 or args.duration <= 0:
-        p.error("--rounds must be >= 1 and --duration > 0")
+    if args.rounds < 1 or args.duration <= 0 or args.warmup < 0:
+        p.error("--rounds must be >= 1, --duration > 0 and --warmup >= 0")
     result = run(args)
     command = "python benchmarks/serve_ab.py " + " ".join(sys.argv[1:] if argv is None else argv)
     write_result(ROOT / "benchmarks" / "results" / args.out, result, markdown(result, command))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -84,3 +86,35 @@ def test_runs_without_rounds_have_no_paired_ratios() -> None:
                         "errors": 0}]}
     (row,) = serve_ab.summarise(result)
     assert row["paired_ratios"] == [] and row["paired_median"] is None
+
+
+def test_paired_rounds_warm_each_variant_at_the_point_it_is_about_to_measure(monkeypatch: pytest.MonkeyPatch,
+                                                                               tmp_path: Path) -> None:
+    """--paired: before every timed run an untimed run of the same server, body and connections (--warmup s);
+    --warmup 0 runs none. wrk and the servers are recorders here: this checks the order, not a server."""
+    import contextlib
+
+    calls: list[tuple[str, str, int, float]] = []
+
+    @contextlib.contextmanager
+    def fake_server(args: object, v: object, root: object, bodies: object, tmp: object) -> Iterator[tuple[str, int]]:
+        yield f"http://{v.name}", 1  # type: ignore[attr-defined]
+
+    def fake_wrk(url: str, body: Path, conns: int, duration: float, pid: int | None = None) -> dict[str, object]:
+        calls.append((url.split("/")[2], body.name, conns, duration))
+        return {"rps": 1.0, "p50_ms": 1.0, "p99_ms": 1.0, "errors": 0}
+
+    monkeypatch.setattr(serve_ab, "variant_server", fake_server)
+    monkeypatch.setattr(serve_ab, "run_wrk", fake_wrk)
+    a, b = serve_ab.Variant("a", {}), serve_ab.Variant("b", {})
+    bodies = {1: tmp_path / "b1", 8: tmp_path / "b8"}
+    args = argparse.Namespace(rounds=2, points=[(1, 1), (8, 32)], duration=3.0, warmup=1.0)
+    result: dict[str, object] = {"runs": []}
+    serve_ab.paired_rounds(args, [a, b], {"a": tmp_path, "b": tmp_path}, bodies, tmp_path, result)
+    assert calls[:4] == [("a", "b1", 1, 1.0), ("a", "b1", 1, 3.0), ("b", "b1", 1, 1.0), ("b", "b1", 1, 3.0)]
+    assert calls[8:10] == [("b", "b1", 1, 1.0), ("b", "b1", 1, 3.0)]  # round 2 starts with b (rotated)
+    assert [c[3] for c in calls] == [1.0, 3.0] * 8
+    calls.clear()
+    serve_ab.paired_rounds(argparse.Namespace(**{**vars(args), "warmup": 0.0}), [a, b], {"a": tmp_path, "b": tmp_path},
+                           bodies, tmp_path, {"runs": []})
+    assert [c[3] for c in calls] == [3.0] * 8
