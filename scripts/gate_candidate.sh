@@ -3,6 +3,9 @@
 # checkpoint as RUN/art/default (k = 75, the 48-d PCA of the bank baked into the encoder, as the shipped default),
 # calibrate it, then run the headline-only suite on the validation split, 1,000 attacked images, beside the shipped
 # default (whose side is cached in runs/val1000_cache, so only the candidate is attacked when the cache is kept).
+# GATE_BESIDE= (empty) attacks the candidate alone: a gate whose rule is absolute thresholds does not need the
+# default's row, which costs as much again on a machine without the cache (the default's own figures are in
+# benchmarks/results/robustness_default_val1000_headline.md).
 # From the repository root after `make install-dev data`:
 #   scripts/gate_candidate.sh RUN DESCRIPTION     e.g. scripts/gate_candidate.sh runs/r26 "Robust self-supervised ..."
 # Writes RUN/art/default and RUN/val_gate/robustness.{md,json}.
@@ -13,5 +16,6 @@ RUN=$1
 satml export --checkpoint "$RUN/robust/checkpoint.pt" --out "$RUN/art/default" --name default --data data \
   --trained-on "2-core CPU" --k 75 --reduce-dim 48 --description "$2"
 satml calibrate "$RUN/art/default" --data data
-satml robustness artifacts/default "$RUN/art/default" --data data --split validation --n-robust 1000 \
+BESIDE=${GATE_BESIDE-artifacts/default}
+satml robustness $BESIDE "$RUN/art/default" --data data --split validation --n-robust 1000 \
   --headline-only --transfer-source none --out "$RUN/val_gate" --cache-dir runs/val1000_cache --no-progress
