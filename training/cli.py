@@ -57,9 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(p)
     p.set_defaults(func=cmd_train)
     from training import calibrate, certify, export, robustness  # subcommands that live with their implementation
+    from training.robustness import verdict
 
     export.add_cli(sub)
     robustness.add_cli(sub)
+    verdict.add_cli(sub)
     calibrate.add_cli(sub)
     certify.add_cli(sub)
     return parser
@@ -70,8 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from training.robustness.verdict import VerdictFailed
+
     try:
         result = args.func(args)
+    except VerdictFailed:
+        return 1  # `satml robustness-verdict`: the rule failed (printed); 2 stays for broken inputs
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         logging.getLogger("satml").error("%s", e)
         return 2
