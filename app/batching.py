@@ -82,6 +82,8 @@ class BatchWorker:
         self._ready = threading.Event()
         self._closed = False
         self._setup_error: BaseException | None = None
+        # the predict `setup` built, once started: `app.loop_batching` runs it on the event loop (CPU only)
+        self.predict: PredictFn | None = None
         self._thread = threading.Thread(target=self._run, name=f"batch-{name}", daemon=True)
         self._helper_setup = helper
         self._helper = threading.Thread(target=self._run_helper, name=f"batch-{name}-2", daemon=True)
@@ -120,8 +122,7 @@ class BatchWorker:
 
     def retry_after(self) -> int:
         """Seconds until the images waiting now are likely through: batches ahead times the mean batch time."""
-        batches = self._waiting / self.max_batch + 1
-        return int(min(max(math.ceil(batches * self._batch_s), 1), 30))
+        return retry_after_s(self._waiting, self.max_batch, self._batch_s)
 
     def stop(self) -> None:
         """Refuse new jobs; the thread finishes those already queued, then ends (does not wait)."""
@@ -179,6 +180,7 @@ class BatchWorker:
             self._setup_error = e
             self._ready.set()
             return
+        self.predict = predict
         if self._helper_setup is not None:
             self._helper.start()
         self._ready.set()
@@ -292,10 +294,7 @@ class BatchWorker:
             if lane == 0 and self._waiting >= self.helper_min_images:
                 self._cond.notify_all()  # enough is waiting behind this batch for the helper lane
         try:
-            x = torch.cat([j.images for j in jobs])  # N x 3 x H x W
-            parts = [predict(chunk) for chunk in x.split(self.max_batch)]  # a lone oversized job is chunked
-            pred = torch.cat([p for p, _ in parts])
-            counts = torch.cat([c for _, c in parts])
+            answers = run_batch(predict, [j.images for j in jobs], self.max_batch)
         except Exception as e:
             log.exception("batch failed", extra=fields(event="batch_failed", model=self.name, jobs=len(jobs)))
             for j in jobs:
@@ -312,13 +311,32 @@ class BatchWorker:
         seconds = time.perf_counter() - t0
         self._batch_s = seconds if self._batch_s == 0 else 0.8 * self._batch_s + 0.2 * seconds
         if self._on_batch is not None:
-            self._on_batch(x.shape[0], seconds)
-        i = 0
-        for j in jobs:
-            n = j.images.shape[0]
+            self._on_batch(sum(j.images.shape[0] for j in jobs), seconds)
+        for j, answer in zip(jobs, answers, strict=True):
             if not j.future.done():  # close() may have failed it already
-                j.future.set_result((pred[i:i + n], counts[i:i + n]))
-            i += n
+                j.future.set_result(answer)
+
+
+def retry_after_s(waiting: int, max_batch: int, batch_s: float) -> int:
+    """Seconds until `waiting` images are likely through: batches ahead (and the one running) times the mean
+    batch time `batch_s`, within 1..30 (the Retry-After of a 429)."""
+    return int(min(max(math.ceil((waiting / max_batch + 1) * batch_s), 1), 30))
+
+
+def run_batch(predict: PredictFn, images: list[Tensor], max_batch: int) -> list[Votes]:
+    """One batch of several requests' images [n_i, 3, H, W]: `predict` over their concatenation (in chunks of at
+    most `max_batch`: a lone oversized request), each request's slice of the answer in order. Shared by the batch
+    worker's thread and `app.loop_batching`."""
+    x = torch.cat(images) if len(images) > 1 else images[0]
+    parts = [predict(chunk) for chunk in x.split(max_batch)]
+    pred = torch.cat([p for p, _ in parts]) if len(parts) > 1 else parts[0][0]
+    counts = torch.cat([c for _, c in parts]) if len(parts) > 1 else parts[0][1]
+    answers, i = [], 0
+    for im in images:
+        n = im.shape[0]
+        answers.append((pred[i:i + n], counts[i:i + n]))
+        i += n
+    return answers
 
 
 def _fail(job: _Job, error: BaseException) -> None:

@@ -39,8 +39,14 @@ class Settings(BaseSettings):
     # measures what a second process buys on 2 cores); the OS spreads connections over them
     workers: Annotated[int, Field(ge=1, le=64)] = 1
     # intra-op threads of torch and onnxruntime in each process; None: torch's default (one per core) with one
-    # worker, cores / workers with several (so N processes do not oversubscribe the cores)
+    # worker or with loop batching (a lone request gets them all, loaded batches one: `small_batch_limit`), cores /
+    # workers with several worker-thread processes (so N processes do not oversubscribe the cores)
     compute_threads: Annotated[int, Field(ge=1, le=256)] | None = None
+    # CPU: /classify's batches gathered and run on the event loop itself (app.loop_batching), no thread hop per
+    # request; the loop is blocked while a batch runs, so it is for several processes, where the other process
+    # keeps the other core busy. auto: on with workers > 1. Paired A/B, 2-core AVX2 VM, 2 processes against the
+    # same 2 processes through the batch worker and against 1 process (benchmarks/README.md)
+    loop_batching: Literal["auto", "on", "off"] = "auto"
     # on a CPU, while other requests are in progress (app.middleware.InFlight; a lone request gets every thread),
     # a batch of at most this many images runs the model on ONE intra-op thread (0: always all of them):
     # with many small requests the event loop needs a core for the next requests' parsing and decoding while the
@@ -156,11 +162,22 @@ class Settings(BaseSettings):
     # orchestrator's kill timeout (compose stop_grace_period: 20 s)
     shutdown_grace_s: Annotated[float, Field(gt=0, le=300)] = 15.0
 
+    def batches_on_loop(self) -> bool:
+        """Whether CPU models batch on the event loop (`loop_batching`; auto: with several worker processes)."""
+        return self.loop_batching == "on" or (self.loop_batching == "auto" and self.workers > 1)
+
     def threads_per_process(self) -> int | None:
         """The intra-op thread count to set in each serving process (None: leave torch's default)."""
         if self.compute_threads is not None:
             return self.compute_threads
+        if self.batches_on_loop():
+            return None  # every core for a lone request; loaded batches take one (small_batch_limit)
         return max(1, (os.cpu_count() or 1) // self.workers) if self.workers > 1 else None
+
+    def small_batch_limit(self) -> int:
+        """Batches up to this size run on one intra-op thread while other requests are in progress: with loop
+        batching every batch (the loop, or another process, needs the other core), else `small_batch_max`."""
+        return max(self.small_batch_max, self.max_batch) if self.batches_on_loop() else self.small_batch_max
 
     def index_spec(self, bank_size: int, dim: int) -> knn.IndexSpec:
         """The index for a bank of `bank_size` vectors of `dim` dimensions (auto type and IVF sizes resolved)."""
@@ -204,4 +221,10 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.index == "faiss-gpu" and self.device == "cpu":
             raise ValueError("index 'faiss-gpu' needs device 'cuda' or 'auto', not 'cpu'")
+        if self.workers > 1 and self.state_dir is not None:
+            # each process would keep its own live bank and rewrite the same overlay: one process's update would
+            # silently drop the examples another had acknowledged
+            raise ValueError("state_dir (added examples) needs one process: with workers > 1 each would keep its own "
+                             "bank and overwrite the others' acknowledged examples; set SATML_WORKERS=1, or run "
+                             "replicas with a state folder each")
         return self

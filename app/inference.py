@@ -40,11 +40,13 @@ async def embed(model: ServedModel, x: Tensor, timeout_s: float) -> Tensor:
 async def predict_embed(model: ServedModel, x: Tensor, timeout_s: float) -> Votes:
     """(pred [n], packed votes + embeddings [n, C + D]) from the worker; errors as `predict`."""
     try:
-        future = model.worker.submit(x)
+        # batched on this event loop (SATML_LOOP_BATCHING) or handed to the model's batch worker thread
+        answer = (model.loop_batcher.submit(x) if model.loop_batcher is not None
+                  else asyncio.wrap_future(model.worker.submit(x)))
     except QueueFull as e:
         raise ApiError(429, "queue_full", f"{e}; retry later", headers={"Retry-After": str(e.retry_after_s)}) from e
     try:
-        return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+        return await asyncio.wait_for(answer, timeout_s)
     except TimeoutError as e:
         raise ApiError(503, "inference_timeout", f"no answer from model {model.name!r} within {timeout_s:g} s",
                        headers={"Retry-After": "1"}) from e

@@ -114,6 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             attacks.close()
             certifier.close()
+            registry.close_loop_batchers()
             # within the grace period uvicorn already spent on in-flight requests: a stuck batch cannot hold exit
             await run_in_threadpool(registry.close, min(5.0, settings.shutdown_grace_s / 3))
             sys.setswitchinterval(switch_interval)

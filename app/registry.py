@@ -21,6 +21,7 @@ from app.config import Settings
 from app.errors import ApiError
 from app.index import build_index_over, resolve_index
 from app.logs import fields
+from app.loop_batching import LoopBatcher
 from app.metrics import Metrics
 from app.predictor import Predictor
 from app.runtimes import resolve_runtime, resolve_serving_device
@@ -47,6 +48,8 @@ class ServedModel:
     index: str
     p_table: list[float] | None = None  # conformal p-value per nonconformity 0..k (None: no calibration)
     live: LiveBank | None = None  # the bank as served now: shipped + added examples (app.bank)
+    # /classify and example embeddings batched on the event loop (SATML_LOOP_BATCHING, CPU); None: the worker
+    loop_batcher: LoopBatcher | None = None
 
     def __post_init__(self) -> None:
         if self.p_table is None and self.artifact.calibration is not None:
@@ -130,7 +133,7 @@ def load_served_model(folder: Path, settings: Settings, device: torch.device, me
                     settings.state_dir)
     live.replay()  # the overlay of added examples, if any and sound (else logged, shipped bank only)
     predictor = Predictor(art, folder, runtime, device, index_kind, live, spec, settings.threads_per_process(),
-                          settings.small_batch_max, fused_vote=settings.fused_vote, lone_spin=settings.lone_spin,
+                          settings.small_batch_limit(), fused_vote=settings.fused_vote, lone_spin=settings.lone_spin,
                           others_busy=others_busy)
 
     batch_size = metrics.batch_size.labels(name)
@@ -154,7 +157,12 @@ def load_served_model(folder: Path, settings: Settings, device: torch.device, me
         raise
     st = live.state
     knn_model = KnnModel(art.encoder, st.bank, st.labels, len(st.classes), art.k, metric)
-    served = ServedModel(name, art, knn_model, worker, str(device), predictor.runtime_name, index_kind, live=live)
+    loop_batcher = None
+    if settings.batches_on_loop() and device.type == "cpu" and worker.predict is not None:
+        loop_batcher = LoopBatcher(name, worker.predict, max_batch=settings.max_batch,
+                                   max_queue=settings.max_queue_images, on_batch=on_batch, on_queue=depth.set)
+    served = ServedModel(name, art, knn_model, worker, str(device), predictor.runtime_name, index_kind, live=live,
+                         loop_batcher=loop_batcher)
 
     def attack_bank(new: BankState) -> None:  # /attack differentiates the bank as served
         served.knn_model = KnnModel(art.encoder, new.bank, new.labels, len(new.classes), art.k, metric)
@@ -181,6 +189,12 @@ class Registry:
             raise ApiError(404, "model_not_found",
                            f"unknown model {shown!r}; available: {', '.join(sorted(self.models))}")
         return self.models[key]
+
+    def close_loop_batchers(self) -> None:
+        """Fail what waits for a batch on the event loop (call it on the loop, before `close`)."""
+        for m in self.models.values():
+            if m.loop_batcher is not None:
+                m.loop_batcher.close()
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop every worker at once, then wait for them all within one `timeout` (not one per model)."""

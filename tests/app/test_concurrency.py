@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 import httpx
+import pytest
 import torch
 
 from app.main import create_app
@@ -28,15 +29,18 @@ def unbatched(root: Path, images: torch.Tensor) -> list[tuple[str, list[float]]]
     return out
 
 
-def test_parallel_requests_get_their_own_answers(good_root: Path) -> None:
+@pytest.mark.parametrize("loop_batching", ["off", "on"])
+def test_parallel_requests_get_their_own_answers(good_root: Path, loop_batching: str) -> None:
+    """Through the batch worker's thread and batched on the event loop (SATML_LOOP_BATCHING) alike."""
     images, labels = toy_images(N // 3 + 1, seed=41)
     images, labels = images[:N], labels[:N]
     expected = unbatched(good_root, torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
     assert [e[0] for e in expected] == [CLASSES[c] for c in labels]
-    app = create_app(make_settings(good_root, max_wait_ms=20, max_batch=32))
+    app = create_app(make_settings(good_root, max_wait_ms=20, max_batch=32, loop_batching=loop_batching))
 
     async def scenario() -> list[httpx.Response]:
         async with app.router.lifespan_context(app):
+            assert (app.state.registry.models["default"].loop_batcher is not None) == (loop_batching == "on")
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:
                 return await asyncio.gather(*[

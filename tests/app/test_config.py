@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -56,6 +58,25 @@ def test_eps_limit_is_design_bound() -> None:
 def test_threads_per_process_shares_the_cores_between_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("os.cpu_count", lambda: 4)
     assert Settings(workers=1).threads_per_process() is None, "one process: torch's own default"
-    assert Settings(workers=2).threads_per_process() == 2
-    assert Settings(workers=8).threads_per_process() == 1
+    assert Settings(workers=2, loop_batching="off").threads_per_process() == 2
+    assert Settings(workers=8, loop_batching="off").threads_per_process() == 1
     assert Settings(workers=2, compute_threads=3).threads_per_process() == 3
+    # batching on the loop (auto with several processes): every core for a lone request, one for loaded batches
+    assert Settings(workers=2).threads_per_process() is None
+
+
+def test_loop_batching_is_on_with_several_processes_unless_set() -> None:
+    assert not Settings().batches_on_loop() and Settings(workers=2).batches_on_loop()
+    assert not Settings(workers=2, loop_batching="off").batches_on_loop()
+    assert Settings(loop_batching="on").batches_on_loop()
+    # on the loop every batch is "small" (one thread while other requests are in progress)
+    assert Settings(workers=2, max_batch=64, small_batch_max=16).small_batch_limit() == 64
+    assert Settings(max_batch=64, small_batch_max=16).small_batch_limit() == 16
+
+
+def test_added_examples_need_one_process(tmp_path: Path) -> None:
+    """Several processes would each rewrite the same overlay and lose each other's acknowledged examples."""
+    with pytest.raises(ValueError, match="needs one process"):
+        Settings(workers=2, state_dir=tmp_path)
+    assert Settings(workers=1, state_dir=tmp_path).state_dir == tmp_path
+    assert Settings(workers=2).state_dir is None
