@@ -10,6 +10,8 @@ boundaries.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -77,3 +79,31 @@ def purity(assign: Tensor, labels: Tensor) -> float:
     table = torch.zeros(k, c, dtype=torch.long).index_put_((assign.cpu(), labels.cpu()), torch.ones(len(assign),
                                                             dtype=torch.long), accumulate=True)
     return float(table.max(1).values.sum()) / max(1, len(assign))
+
+
+RECORD = "pseudo_labels.npy"  # in the run folder: the cluster ids the run started with
+MIN_AGREEMENT = 0.999  # a resumed run's ids may differ on a handful of boundary images (another CPU's float sums)
+
+
+def check_or_record(path: Path, ids: Tensor, *, resuming: bool, write: bool = True,
+                    min_agreement: float = MIN_AGREEMENT) -> float:
+    """A run's cluster ids [N] against those it started with (`path`, a .npy array). A fresh start (or a resumed
+    run without a record: one started before records existed) records them (when `write`); a resumed run must agree
+    on at least `min_agreement` of the images, else ValueError: its targets would change under its weights mid-run
+    (another teacher, seed, data, or a k-means that drifted on another machine). Returns the agreement (1.0 when
+    recorded)."""
+    ids = ids.detach().cpu().long()
+    if not resuming or not path.is_file():
+        if write:
+            np.save(path, ids.numpy().astype(np.int32))
+        return 1.0
+    first = torch.from_numpy(np.load(path, allow_pickle=False)).long()
+    if first.shape != ids.shape:
+        raise ValueError(f"{path}: the run started with cluster ids for {tuple(first.shape)} images, now "
+                         f"{tuple(ids.shape)}: not the same data")
+    agreement = float((first == ids).float().mean()) if len(ids) else 1.0
+    if agreement < min_agreement:
+        raise ValueError(f"{path}: the recomputed clusters agree with those the run started with on only "
+                         f"{agreement:.2%} of the images (needs {min_agreement:.1%}): resuming would change the "
+                         "targets under the trained weights; start a new run folder instead")
+    return agreement

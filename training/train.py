@@ -392,6 +392,13 @@ def setup(cfg: TrainConfig) -> Run:
     num_classes = len(data.train_set.classes)
     if cfg.method == "pseudo_at":  # the labels the steps see become the teacher's clusters
         data.labels, num_classes = cluster_labels(cfg, data, device), cfg.clusters
+        # a resumed run (perhaps on another machine) must have recomputed the clusters it started with
+        agreement = pseudo_labels.check_or_record(Path(cfg.run_dir) / pseudo_labels.RECORD,
+                                                  pseudo_labels.hard_ids(data.labels),
+                                                  resuming=(Path(cfg.run_dir) / CHECKPOINT).exists(),
+                                                  write=dist.rank == 0)
+        log.info("pseudo_at: cluster ids agree with the run's record (%s) on %.4f of the images",
+                 pseudo_labels.RECORD, agreement)
     model = build_model(cfg, num_classes).to(device)
     if cfg.init:
         init_from(model, cfg.init, cfg.seed)

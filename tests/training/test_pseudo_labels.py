@@ -14,7 +14,7 @@ from tests.training.test_data import CLASSES, _py2_pickle, _to_rows
 from tests.training.test_train import STEPS, _check_run, tiny_config
 from training.checkpoint import load_checkpoint
 from training.config import TrainConfig
-from training.pseudo_labels import purity, spherical_kmeans
+from training.pseudo_labels import RECORD, check_or_record, purity, spherical_kmeans
 from training.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -128,3 +128,33 @@ def test_soft_targets_reach_the_loss(teacher: str, tiny_cifar: Path, tmp_path: P
         weights.append(load_checkpoint(Path(cfg.run_dir) / "checkpoint.pt")["model"]["head.weight"])
     assert not torch.equal(weights[0], weights[1])
     assert "soft targets at T=0.1, mean top share" in caplog.text
+
+
+def test_cluster_record_is_kept_by_a_resumed_run_and_refuses_other_clusters(tmp_path: Path) -> None:
+    path, ids = tmp_path / RECORD, torch.arange(2000) % 7
+    assert check_or_record(path, ids, resuming=False) == 1.0 and path.is_file()
+    assert check_or_record(path, ids, resuming=True) == 1.0
+    flipped = ids.clone()
+    flipped[:2] = 6 - flipped[:2]  # a boundary image or two (another CPU's float sums): 0.1 % allowed
+    assert check_or_record(path, flipped, resuming=True) == pytest.approx(1 - 2 / 2000)
+    with pytest.raises(ValueError, match="agree with those the run started with on only"):
+        check_or_record(path, (ids + 1) % 7, resuming=True)  # the same clusters, numbered otherwise
+    with pytest.raises(ValueError, match="not the same data"):
+        check_or_record(path, ids[:1000], resuming=True)
+    assert check_or_record(path, (ids + 1) % 7, resuming=False) == 1.0, "a fresh start records its own"
+    assert torch.equal(torch.from_numpy(np.load(path)).long(), (ids + 1) % 7)
+    other = tmp_path / "other.npy"
+    assert check_or_record(other, ids, resuming=True, write=False) == 1.0 and not other.exists(), \
+        "a resumed run without a record (started before records existed) records, on the main rank only"
+
+
+def test_a_resumed_pseudo_at_run_refuses_changed_clusters(teacher: str, tiny_cifar: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_cifar, tmp_path / "run", method="pseudo_at", teacher=teacher, init=teacher, clusters=6,
+                      eps=8 / 255, alpha=4 / 255, attack_steps=2)
+    train(cfg)
+    record = Path(cfg.run_dir) / RECORD
+    ids = np.load(record)
+    assert ids.shape == (len(ids),) and set(np.unique(ids)) <= set(range(6))
+    np.save(record, (ids + 1) % 6)  # as if the teacher's k-means had come out numbered otherwise
+    with pytest.raises(ValueError, match="resuming would change the targets"):
+        train(cfg)
