@@ -17,9 +17,10 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -72,11 +73,11 @@ class BatchWorker:
         self._cond = threading.Condition(self._lock)
         self._collecting = threading.Lock()  # one lane takes jobs off the queue at a time (and owns _carry)
         self._waiting = 0  # images submitted and not yet taken into a batch
-        self._batch_s = 0.0  # running mean of one batch's time, for Retry-After
+        self._done = BatchDone(on_batch)
         self._busy_since: dict[int, float] = {}  # lane -> monotonic start of the batch it is running
         self._died = False  # the thread ended on an unexpected BaseException
         self._current: dict[int, list[_Job]] = {}  # lane -> the batch in progress
-        self._setup, self._on_batch, self._on_queue = setup, on_batch, on_queue
+        self._setup, self._on_queue = setup, on_queue
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._carry: _Job | None = None  # a job that did not fit the previous batch
         self._ready = threading.Event()
@@ -122,7 +123,7 @@ class BatchWorker:
 
     def retry_after(self) -> int:
         """Seconds until the images waiting now are likely through: batches ahead times the mean batch time."""
-        return retry_after_s(self._waiting, self.max_batch, self._batch_s)
+        return retry_after_s(self._waiting, self.max_batch, self._done.mean_s)
 
     def stop(self) -> None:
         """Refuse new jobs; the thread finishes those already queued, then ends (does not wait)."""
@@ -308,13 +309,31 @@ class BatchWorker:
             with self._lock:
                 self._busy_since.pop(lane, None)
             self._current.pop(lane, None)
-        seconds = time.perf_counter() - t0
-        self._batch_s = seconds if self._batch_s == 0 else 0.8 * self._batch_s + 0.2 * seconds
+        self._done([j.images.shape[0] for j in jobs], time.perf_counter() - t0, [j.future for j in jobs], answers)
+
+
+class _Settable(Protocol):
+    def done(self) -> bool: ...
+    def set_result(self, result: Votes, /) -> None: ...
+
+
+class BatchDone:
+    """What follows a batch in both batchers (the worker's thread and `app.loop_batching`): the running mean of a
+    batch's time (for Retry-After), the metrics hook, and each request's answer to its future."""
+
+    def __init__(self, on_batch: Callable[[int, float], None] | None) -> None:
+        self.mean_s = 0.0
+        self._on_batch = on_batch
+
+    def __call__(self, sizes: list[int], seconds: float, futures: Sequence[_Settable], answers: list[Votes]) -> None:
+        """A batch of requests of `sizes` images took `seconds`; set `futures` to `answers` (one each, in order),
+        skipping a future already done (failed by close, or cancelled)."""
+        self.mean_s = seconds if self.mean_s == 0 else 0.8 * self.mean_s + 0.2 * seconds
         if self._on_batch is not None:
-            self._on_batch(sum(j.images.shape[0] for j in jobs), seconds)
-        for j, answer in zip(jobs, answers, strict=True):
-            if not j.future.done():  # close() may have failed it already
-                j.future.set_result(answer)
+            self._on_batch(sum(sizes), seconds)
+        for future, answer in zip(futures, answers, strict=True):
+            if not future.done():
+                future.set_result(answer)
 
 
 def retry_after_s(waiting: int, max_batch: int, batch_s: float) -> int:

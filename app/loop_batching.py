@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from app.batching import PredictFn, QueueFull, Votes, WorkerClosed, retry_after_s, run_batch
+from app.batching import BatchDone, PredictFn, QueueFull, Votes, WorkerClosed, retry_after_s, run_batch
 from app.logs import fields
 
 log = logging.getLogger("app.loop_batching")
@@ -46,12 +46,12 @@ class LoopBatcher:
         if max_batch < 1 or (max_queue is not None and max_queue < 1):
             raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch}, {max_queue}")
         self.name, self.max_batch, self.max_queue = name, max_batch, max_queue
-        self._predict, self._on_batch, self._on_queue = predict, on_batch, on_queue
+        self._predict, self._on_queue = predict, on_queue
         self._jobs: list[_Job] = []
         self._waiting = 0  # images in _jobs
         self._seen = -1  # images waiting at the previous pass of the loop (-1: no pass yet)
         self._scheduled = False  # a _flush is on the loop's ready queue
-        self._batch_s = 0.0  # running mean of one batch's time, for Retry-After
+        self._done = BatchDone(on_batch)
         self._closed = False
 
     def submit(self, images: Tensor) -> asyncio.Future[Votes]:
@@ -78,7 +78,7 @@ class LoopBatcher:
 
     def retry_after(self) -> int:
         """Seconds until the images waiting now are likely through (as `BatchWorker.retry_after`)."""
-        return retry_after_s(self._waiting, self.max_batch, self._batch_s)
+        return retry_after_s(self._waiting, self.max_batch, self._done.mean_s)
 
     def close(self) -> None:
         """Refuse new jobs and fail those waiting with WorkerClosed (server shutdown)."""
@@ -133,9 +133,4 @@ class LoopBatcher:
             for j in jobs:
                 j.future.set_exception(e)
             return
-        seconds = time.perf_counter() - t0
-        self._batch_s = seconds if self._batch_s == 0 else 0.8 * self._batch_s + 0.2 * seconds
-        if self._on_batch is not None:
-            self._on_batch(sum(j.images.shape[0] for j in jobs), seconds)
-        for j, answer in zip(jobs, answers, strict=True):
-            j.future.set_result(answer)
+        self._done([j.images.shape[0] for j in jobs], time.perf_counter() - t0, [j.future for j in jobs], answers)
