@@ -7,8 +7,8 @@
 #   3. the gate's rule, read from its JSON (`satml robustness-verdict`); only on a pass:
 #   4. the full test suite (first 1,000 test images, transfer from artifacts/supervised; resumes from its cache),
 #   5. the ship rules (any one passing is a pass).
-# It ships nothing: a pass is printed, the artifact, card, README and recipes.md are changed by hand. From the
-# repository root after `make install-dev data`:
+# It ships nothing: a pass is printed; scripts/ship_candidate.sh then ships it (artifact, card, reports), and the README
+# and recipes.md are changed by hand. From the repository root after `make install-dev data`:
 #   scripts/candidate_chain.sh SCRIPT RUN GATE_RULE SHIP_RULE [SHIP_RULE ...]
 #   e.g. scripts/candidate_chain.sh checkpoints/r28/run.sh runs/r28 worst=0.284,clean=0.678 exact=0.70,worst=0.30
 set -euo pipefail
