@@ -10,10 +10,13 @@ import argparse
 import logging
 import math
 import os
+import shutil
 import sys
+import tempfile
 from typing import Any
 
 from app.config import Settings
+from app.metrics import MULTIPROC_DIR_ENV
 
 FLAGS = ("host", "port", "artifacts_dir", "default_model", "device", "runtime", "index", "log_level", "workers")
 
@@ -70,7 +73,16 @@ def main(argv: list[str] | None = None) -> None:
     for key in FLAGS:
         if key in overrides:
             os.environ[f"SATML_{key.upper()}"] = str(overrides[key])
-    uvicorn.run("app.serve:worker_app", factory=True, workers=settings.workers, **common)
+    # /metrics answers for every process (app.metrics), through a folder of per-process files: ours, removed at
+    # exit, unless the operator named one (theirs to empty between runs, as prometheus_client asks)
+    own_dir = None
+    if not os.environ.get(MULTIPROC_DIR_ENV):
+        own_dir = os.environ[MULTIPROC_DIR_ENV] = tempfile.mkdtemp(prefix="satml-metrics-")
+    try:
+        uvicorn.run("app.serve:worker_app", factory=True, workers=settings.workers, **common)
+    finally:
+        if own_dir is not None:
+            shutil.rmtree(own_dir, ignore_errors=True)
 
 
 def worker_app() -> Any:

@@ -17,6 +17,7 @@ from tests.app.servers import free_port, stop, wait_ready
 from tests.app.toy import png, toy_images
 
 REQUEST_TIMEOUT_S = 30
+N_REQUESTS = 12
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +97,13 @@ def test_real_server_huge_body(server: str) -> None:
 @pytest.mark.slow
 def test_several_worker_processes_serve_the_same_answers(good_root: Path, tmp_path: Path) -> None:
     """--workers 2: uvicorn runs two processes, each with its own models (flags reach them through SATML_*),
-    every request is answered alike, and SIGTERM stops them all."""
+    every request is answered alike, /metrics counts the requests of both processes, and SIGTERM stops them all
+    (and removes the metrics folder satml-serve made for them)."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SATML_")}
+    temp = tmp_path / "tmp"  # where satml-serve makes its metrics folder
+    temp.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SATML_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+    env["TMPDIR"] = str(temp)
     log = (tmp_path / "server.log").open("w+")
     proc = subprocess.Popen([sys.executable, "-m", "app.serve", "--port", str(port), "--artifacts-dir", str(good_root),
                              "--workers", "2", "--default-model", "other"], env=env, stdout=log,
@@ -109,12 +114,21 @@ def test_several_worker_processes_serve_the_same_answers(good_root: Path, tmp_pa
         children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
         assert len(children) >= 2, f"two worker processes (and uvicorn's helpers) under the master: {children}"
         images, _ = toy_images(1, seed=52)
-        with httpx.Client(base_url=url, timeout=REQUEST_TIMEOUT_S) as c:
+        with httpx.Client(base_url=url, timeout=REQUEST_TIMEOUT_S, headers={"Connection": "close"}) as c:
+            # a connection per request, so that the OS hands requests to both processes
             answers = [c.post("/classify", files=[("files", ("x.png", png(images[0]), "image/png"))]).json()
-                       for _ in range(8)]
+                       for _ in range(N_REQUESTS)]
+            scrapes = [c.get("/metrics").text for _ in range(4)]
         assert all(a["model"] == "other" for a in answers), "--default-model reached every worker"
         assert len({str(a["results"]) for a in answers}) == 1
+        assert len(list(temp.glob("satml-metrics-*"))) == 1
+        for text in scrapes:  # whichever process answers the scrape counts every process's requests
+            assert f'satml_images_classified_total{{model="other"}} {float(N_REQUESTS)}' in text, text
+            assert (f'satml_http_requests_total{{method="POST",route="/classify",status="200"}} '
+                    f'{float(N_REQUESTS)}') in text
+            assert "satml_models_loaded 2.0" in text  # in each process (livemin), not summed
     finally:
         stop(proc, 30)
         log.close()
     assert subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True).returncode != 0, "no orphan workers"
+    assert list(temp.glob("satml-metrics-*")) == [], "the metrics folder is removed at exit"
