@@ -102,8 +102,13 @@ def first_worker(pid: int) -> int:
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except OSError:
         return pid
-    workers = [int(c) for c in children if "multiprocessing" not in Path(f"/proc/{c}/cmdline").read_text()]
+    workers = [int(c) for c in children if is_worker_cmdline(Path(f"/proc/{c}/cmdline").read_bytes())]
     return workers[0] if workers else pid
+
+
+def is_worker_cmdline(cmdline: bytes) -> bool:
+    """uvicorn's worker processes are multiprocessing spawns (`spawn_main`); its resource tracker is not one."""
+    return b"multiprocessing.spawn" in cmdline and b"spawn_main" in cmdline
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -50,3 +50,10 @@ def test_settings_must_be_satml_keys() -> None:
     assert serve_profile.parse_args(["--env", "SATML_WORKERS=2"]).env == ["SATML_WORKERS=2"]
     with pytest.raises(SystemExit):
         serve_profile.parse_args(["--env", "WORKERS=2"])
+
+
+def test_the_sampled_process_is_a_uvicorn_worker_not_its_resource_tracker() -> None:
+    tracker = b"/venv/bin/python3\0-B\0-c\0from multiprocessing.resource_tracker import main;main(6)\0"
+    worker = (b"/venv/bin/python3\0-B\0-c\0from multiprocessing.spawn import spawn_main; spawn_main(tracker_fd=7, "
+              b"pipe_handle=9)\0--multiprocessing-fork\0")
+    assert serve_profile.is_worker_cmdline(worker) and not serve_profile.is_worker_cmdline(tracker)
