@@ -6,9 +6,9 @@
 # 1. checks, changing nothing: the candidate's test suite passes the pre-set rules again (`satml
 #    robustness-verdict`, any one rule), its artifact is at most 15 MB, robustness_PREVIOUS.* does not exist yet;
 # 2. keeps the shipped default's report as benchmarks/results/robustness_PREVIOUS.* (git mv);
-# 3. copies RUN/art/default to artifacts/default and reruns the suite on it from the candidate's cache (the cache is
-#    keyed by the model's sha256, so nothing is attacked again) with --update-cards: its card, the card's plot and
-#    the manifest's hash of the card; the report becomes benchmarks/results/robustness_default.*;
+# 3. copies the candidate's suite report (RUN/suite/robustness.*) to benchmarks/results/robustness_default.* and
+#    RUN/art/default to artifacts/default, and writes that report into its card (`satml robustness-card`: what
+#    --update-cards writes, the card's plot and the manifest's records and hashes, matched by the model's sha256);
 # 4. merges the shipped models' table (benchmarks/results/robustness.{json,md}) from the same runs as before
 #    (`merged_from`), the default's row now the new one, checked against the files in artifacts/.
 # The README table, recipes.md and scripts/train_cpu_default.sh's defaults are left to the person shipping (it
@@ -40,15 +40,12 @@ done
 for suffix in .json .md _eps.png _temperature.png _coverage.png; do
   [ -e "$R/robustness_default$suffix" ] && git mv "$R/robustness_default$suffix" "$R/robustness_$PREV$suffix"
 done
+for suffix in .json .md _eps.png _temperature.png _coverage.png; do
+  [ -e "$RUN/suite/robustness$suffix" ] && cp "$RUN/suite/robustness$suffix" "$R/robustness_default$suffix"
+done
 rm -rf artifacts/default
 cp -r "$ART" artifacts/default
-tmp=$(mktemp -d)
-satml robustness artifacts/default --data data --transfer-source artifacts/supervised --cache-dir "$RUN/suite/cache" \
-  --out "$tmp" --update-cards --no-progress
-for suffix in .json .md _eps.png _temperature.png _coverage.png; do
-  [ -e "$tmp/robustness$suffix" ] && cp "$tmp/robustness$suffix" "$R/robustness_default$suffix"
-done
-rm -rf "$tmp"
+satml robustness-card artifacts/default "$R/robustness_default.json"
 mapfile -t sources < <(python -c "
 import json, sys
 for run in json.load(open(sys.argv[1]))['merged_from']:

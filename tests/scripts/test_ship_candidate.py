@@ -1,8 +1,8 @@
 """scripts/ship_candidate.sh: the checks that refuse a ship before anything changes, and the files a ship moves.
 
-Run in a throwaway git repository. `satml robustness` (the suite rerun from the candidate's cache) and `satml
-robustness-report` (the merge, which checks real artifacts) are stubs that log their calls and write a marked
-report; `satml robustness-verdict`, which decides whether anything ships, is the real command.
+Run in a throwaway git repository. `satml robustness-card` and `satml robustness-report` (the card and the merge,
+which read real artifacts; tested in tests/training) are stubs that log their calls; `satml robustness-verdict`,
+which decides whether anything ships, is the real command.
 """
 
 from __future__ import annotations
@@ -21,11 +21,7 @@ R = "benchmarks/results"
 
 STUB = f"""#!/usr/bin/env bash
 case "$1" in
-robustness)
-  echo "suite $*" >> log
-  while [ $# -gt 0 ]; do [ "$1" = --out ] && out=$2; shift; done
-  echo '{{"new": true}}' > "$out/robustness.json"; echo new > "$out/robustness.md"; echo png > "$out/robustness_eps.png"
-  echo "card of the suite" >> artifacts/default/card.md ;;
+robustness-card) echo "card $*" >> log; echo "card of the suite" >> "$2/card.md" ;;
 robustness-report) echo "report ${{*:2}}" >> log ;;
 *) exec {sys.executable} -m training.cli "$@" ;;
 esac
@@ -62,6 +58,8 @@ def repo(tmp_path: Path) -> Path:
     (tmp_path / "runs/rx/suite/robustness.json").write_text(json.dumps({"models": [
         {"name": "default", "path": "runs/rx/art/default", "clean": {"acc": 0.666, "exact_acc": 0.701},
          "worst_case": {"acc": 0.302}}]}))
+    (tmp_path / "runs/rx/suite/robustness.md").write_text("new report\n")
+    (tmp_path / "runs/rx/suite/robustness_eps.png").write_text("new png")
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin/satml").write_text(STUB)
     (tmp_path / "bin/satml").chmod(0o755)
@@ -80,13 +78,13 @@ def test_a_passing_candidate_replaces_the_default_and_keeps_the_old_report(repo:
     assert (repo / f"{R}/robustness_r19.json").read_text() == '{"old": true}'
     assert (repo / f"{R}/robustness_r19.md").read_text() == "old report\n"
     assert (repo / f"{R}/robustness_r19_eps.png").read_text() == "old png"
-    assert json.loads((repo / f"{R}/robustness_default.json").read_text()) == {"new": True}
+    assert (repo / f"{R}/robustness_default.json").read_text() == (repo / "runs/rx/suite/robustness.json").read_text()
+    assert (repo / f"{R}/robustness_default.md").read_text() == "new report\n"
+    assert (repo / f"{R}/robustness_default_eps.png").read_text() == "new png"
     assert (repo / "artifacts/default/encoder.onnx").read_text() == "new weights"
-    assert (repo / "artifacts/default/card.md").read_text() == "new card\ncard of the suite\n"  # --update-cards
+    assert (repo / "artifacts/default/card.md").read_text() == "new card\ncard of the suite\n"
     log = (repo / "log").read_text().splitlines()
-    assert log[0].startswith("suite robustness artifacts/default --data data --transfer-source artifacts/supervised "
-                             "--cache-dir runs/rx/suite/cache --out ")
-    assert log[0].endswith(" --update-cards --no-progress")
+    assert log[0] == f"card robustness-card artifacts/default {R}/robustness_default.json"
     assert log[1] == (f"report {R}/robustness_default.json:default {R}/robustness_r17.json:ssl "
                       f"--artifacts artifacts --out {R}")
     staged = set(git(repo, "diff", "--cached", "--name-status", "--no-renames").splitlines())  # staged, not committed

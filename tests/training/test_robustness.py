@@ -9,6 +9,7 @@ clean images just as well and breaks at eps 8/255, because the pattern is smalle
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -390,6 +391,8 @@ def test_cli_quick_run_updates_the_card(tiny_artifact: Path, tiny_cifar: Path, t
                    guided_steps=2, large_eps_steps=2, sweep_steps=2)
     monkeypatch.setattr(rb.SuiteConfig, "quick_config", lambda **kw: quick(**{**smaller, **kw}))
     out = tmp_path / "results"
+    copy = tmp_path / "copy"  # the same model in another folder, its card not yet written
+    shutil.copytree(tiny_artifact, copy)
     argv = ["robustness", str(tiny_artifact), "--quick", "--data", str(tiny_cifar), "--out", str(out),
             "--n-robust", "8", "--validate-n", "0", "--device", "cpu", "--no-progress", "--update-cards",
             "--eps", "8/255", "--eps-sweep", "0", "8/255"]
@@ -408,6 +411,20 @@ def test_cli_quick_run_updates_the_card(tiny_artifact: Path, tiny_cifar: Path, t
     card = (tiny_artifact / "card.md").read_text()
     assert card.count(CARD_BEGIN) == 1 and card.startswith("# Model card: tiny")
     verify_artifact(tiny_artifact)
+
+    # `satml robustness-card`: the finished report into the copy's card, as --update-cards wrote the original's
+    assert CARD_BEGIN not in (copy / "card.md").read_text()
+    assert main(["robustness-card", str(copy), str(out / "robustness.json")]) == 0
+    assert (copy / "card.md").read_text() == card and (copy / "robustness_eps.png").is_file()
+    assert verify_artifact(copy).to_dict()["metrics"] == verify_artifact(tiny_artifact).to_dict()["metrics"]
+    other = json.loads((out / "robustness.json").read_text())
+    other["models"][0]["model_sha256"] = "0" * 64
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert main(["robustness-card", str(copy), str(tmp_path / "other.json")]) == 2  # no row for this model
+    gate = json.loads((out / "robustness.json").read_text())
+    gate["config"]["headline_only"] = True
+    (tmp_path / "gate.json").write_text(json.dumps(gate))
+    assert main(["robustness-card", str(copy), str(tmp_path / "gate.json")]) == 2  # a gate is not for cards
 
 
 def test_cache_returns_what_was_put_for_the_same_protocol_only(tmp_path: Path) -> None:

@@ -89,6 +89,38 @@ def add_cli(sub: Any) -> None:
                    help="refuse a row whose model differs from <artifacts>/<name> (verified): the report then "
                         "describes the files shipped there")
     r.set_defaults(func=cmd_report)
+    c = sub.add_parser("robustness-card", help="write a finished suite report's results into an artifact's card "
+                       "(the row of the same model, by sha256), as --update-cards would have",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("artifact", help="artifact folder, e.g. artifacts/default")
+    c.add_argument("report", help="a suite's robustness.json (its <stem>_eps.png beside it is copied too)")
+    c.set_defaults(func=cmd_card)
+
+
+def cmd_card(args: argparse.Namespace) -> dict[str, Any]:
+    """A finished suite report's row for ARTIFACT (matched by model sha256) into its card, as --update-cards would
+    have written it: shipping a candidate that was evaluated in another folder, without attacking it again."""
+    import json
+    from pathlib import Path
+
+    from training.artifact import verify_artifact
+    from training.robustness.report import update_card
+    from training.robustness.suite import check_card_worthy
+
+    report = Path(args.report)
+    result = json.loads(report.read_text())
+    cfg = result.get("config") or {}
+    check_card_worthy(cfg.get("split") or "test", bool(cfg.get("headline_only")))
+    sha = verify_artifact(args.artifact).model_sha256
+    models = result.get("models") or []
+    model = next((m for m in models if m.get("model_sha256") == sha), None)
+    if model is None:
+        raise ValueError(f"{report}: no row for the model in {args.artifact} (sha256 {sha[:12]}); rows: "
+                         f"{', '.join(str(m.get('name')) + ' ' + str(m.get('model_sha256'))[:12] for m in models)}")
+    plot = report.with_name(f"{report.stem}_eps.png")
+    update_card(args.artifact, model, result, plot if plot.is_file() else None)
+    return {"artifact": args.artifact, "model": model["name"], "worst_case": model["worst_case"]["acc"],
+            "plot": str(plot) if plot.is_file() else None}
 
 
 def cmd_report(args: argparse.Namespace) -> dict[str, Any]:

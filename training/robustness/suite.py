@@ -669,14 +669,21 @@ def _loadavg() -> list[float] | None:
         return None
 
 
+def check_card_worthy(split: str, headline_only: bool) -> None:
+    """A model card records test-set figures of the full protocol: ValueError for a run that is not one (a
+    validation run or a headline-only gate is for choices)."""
+    if split != "test":
+        raise ValueError("--update-cards records test-set figures; a validation run is for choices, not for cards")
+    if headline_only:
+        raise ValueError("--update-cards records the full protocol; a --headline-only run has no eps sweep or "
+                         "masking checks to record")
+
+
 def run_suite(cfg: SuiteConfig, artifacts: Sequence[str | Path], transfer_source: str | Path | None = None,
               update_cards: bool = False) -> dict[str, Any]:
     """Evaluate, write the reports to `cfg.out`, optionally update the cards; returns a short summary."""
-    if update_cards and cfg.split != "test":
-        raise ValueError("--update-cards records test-set figures; a validation run is for choices, not for cards")
-    if update_cards and cfg.headline_only:
-        raise ValueError("--update-cards records the full protocol; a --headline-only run has no eps sweep or "
-                         "masking checks to record")
+    if update_cards:
+        check_card_worthy(cfg.split, cfg.headline_only)
     result = Suite.from_artifacts(cfg, artifacts, transfer_source).run()
     paths = write_reports(result, cfg.out)
     if update_cards:
