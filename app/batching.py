@@ -58,11 +58,12 @@ class BatchWorker:
     def __init__(self, name: str, setup: Callable[[], PredictFn], *, max_batch: int, max_wait_s: float,
                  max_queue: int | None = None, on_batch: Callable[[int, float], None] | None = None,
                  on_queue: Callable[[int], None] | None = None, helper: Callable[[], PredictFn] | None = None,
-                 helper_min_images: int = 1) -> None:
+                 helper_min_images: int = 1, on_death: Callable[[str], None] | None = None) -> None:
         """`max_queue`: images waiting (not yet in a batch) beyond which `submit` raises QueueFull;
         a job arriving at an empty queue is always taken, however large. None: unbounded.
         `helper`: the setup of a second lane's predict (run on that lane's thread), which takes a batch only
-        while the first lane is busy and at least `helper_min_images` images wait. None: one lane."""
+        while the first lane is busy and at least `helper_min_images` images wait. None: one lane.
+        `on_death(name)`: called on the worker's thread once it has died and failed its callers."""
         if max_batch < 1 or max_wait_s < 0 or (max_queue is not None and max_queue < 1) or helper_min_images < 1:
             raise ValueError(f"max_batch, max_queue and helper_min_images must be >= 1 and max_wait_s >= 0, "
                              f"got {max_batch}, {max_queue}, {helper_min_images}, {max_wait_s}")
@@ -77,7 +78,7 @@ class BatchWorker:
         self._busy_since: dict[int, float] = {}  # lane -> monotonic start of the batch it is running
         self._died = False  # the thread ended on an unexpected BaseException
         self._current: dict[int, list[_Job]] = {}  # lane -> the batch in progress
-        self._setup, self._on_queue = setup, on_queue
+        self._setup, self._on_queue, self._on_death = setup, on_queue, on_death
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._carry: _Job | None = None  # a job that did not fit the previous batch
         self._ready = threading.Event()
@@ -198,6 +199,8 @@ class BatchWorker:
                 self._died = True
                 self._cond.notify_all()
             self._fail_waiting("dead")
+            if self._on_death is not None:
+                self._on_death(self.name)
             return
         if self._helper.is_alive():  # stop() woke it; wait for its batch before failing what is left
             self._helper.join()

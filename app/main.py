@@ -13,6 +13,7 @@ import inspect
 import ipaddress
 import logging
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -74,6 +75,16 @@ def telemetry_options(enabled: bool) -> dict[str, Any]:
     return {} if enabled else {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
 
 
+def end_this_process(model: str) -> None:
+    """With several server processes (`SATML_WORKERS` > 1): a process whose batch worker died can no longer serve
+    that model, and a readiness probe reaching it would fail while the others pass. It ends (SIGTERM: uvicorn
+    finishes the requests in flight) and uvicorn's supervisor starts a fresh process in its place; the others keep
+    serving. With one process, readiness fails instead (the orchestrator restarts the server)."""
+    log.critical("batch worker died: ending this server process for the supervisor to replace",
+                 extra=fields(event="process_ending", model=model, pid=os.getpid()))
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app for `settings` (default: from `SATML_*` environment variables)."""
     settings = settings or Settings()
@@ -92,7 +103,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         switch_interval = sys.getswitchinterval()  # restored at shutdown: the setting lives with the app
         if settings.switch_interval_ms is not None:
             sys.setswitchinterval(settings.switch_interval_ms / 1000)
-        registry = await run_in_threadpool(load_registry, settings, metrics, inflight.others)
+        # one of several processes: a dead batch worker ends this process, and uvicorn's supervisor starts a new one
+        on_death = end_this_process if settings.workers > 1 else None
+        registry = await run_in_threadpool(load_registry, settings, metrics, inflight.others, on_death)
         # only when nothing is frozen yet: an app started inside another's lifetime (tests) leaves the outer one's
         # freeze alone, and does not unfreeze it at its own shutdown
         froze = settings.gc_freeze and gc.get_freeze_count() == 0

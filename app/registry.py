@@ -114,7 +114,8 @@ def check_served_fields(art: Artifact) -> None:
 
 
 def load_served_model(folder: Path, settings: Settings, device: torch.device, metrics: Metrics,
-                      others_busy: Callable[[], bool] = lambda: True) -> ServedModel:
+                      others_busy: Callable[[], bool] = lambda: True,
+                      on_death: Callable[[str], None] | None = None) -> ServedModel:
     """Verify + load one artifact and start its batching worker; ArtifactError/RuntimeError when it cannot serve.
 
     Named apart from `training.robustness.load_model`, which loads an artifact as a model under test."""
@@ -149,7 +150,7 @@ def load_served_model(folder: Path, settings: Settings, device: torch.device, me
     helper = predictor.setup_helper if settings.second_lane and predictor.two_lanes() else None
     worker = BatchWorker(name, predictor.setup, max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000,
                          max_queue=settings.max_queue_images, on_batch=on_batch, on_queue=depth.set, helper=helper,
-                         helper_min_images=settings.second_lane_min_images)
+                         helper_min_images=settings.second_lane_min_images, on_death=on_death)
     try:
         worker.start(timeout=SETUP_TIMEOUT_S)
     except BaseException:
@@ -222,10 +223,12 @@ def public_reason(reason: str, folder: Path) -> str:
     return reason if len(reason) <= 200 else f"{reason[:200]}..."
 
 
-def load_registry(settings: Settings, metrics: Metrics, others_busy: Callable[[], bool] = lambda: True) -> Registry:
+def load_registry(settings: Settings, metrics: Metrics, others_busy: Callable[[], bool] = lambda: True,
+                  on_death: Callable[[str], None] | None = None) -> Registry:
     """Load every artifact folder; a bad one is logged and skipped, the others serve. `others_busy`: whether
     requests other than the one computed are in progress (`InFlight.others`; a small batch runs on one thread
-    only then); default: always, as without a server."""
+    only then); default: always, as without a server. `on_death(model)`: called when a model's batch worker
+    dies (several server processes end the process: `app.main.end_this_process`)."""
     device = resolve_serving_device(settings.device)
     # a setting no bank can satisfy (SATML_INDEX=torch with an approximate type, faiss missing) fails start-up
     resolve_index(settings.index, device, "flat" if settings.index_type == "auto" else settings.index_type)
@@ -241,7 +244,7 @@ def load_registry(settings: Settings, metrics: Metrics, others_busy: Callable[[]
                                                          path=str(folder), reason=f"no {MANIFEST}"))
             continue
         try:
-            model = load_served_model(folder, settings, device, metrics, others_busy)
+            model = load_served_model(folder, settings, device, metrics, others_busy, on_death)
         except Exception as e:  # any fault of one artifact (corrupt safetensors, odd manifest) skips only it
             reason = str(e) if isinstance(e, ArtifactError) else f"{type(e).__name__}: {e}"
             reg.skipped[folder.name] = public_reason(reason, folder)

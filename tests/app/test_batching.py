@@ -111,6 +111,31 @@ def test_predict_error_reaches_every_caller() -> None:
     w.close()
 
 
+def test_a_dying_worker_fails_its_callers_then_reports_its_death_once() -> None:
+    deaths: list[str] = []
+    called_after: list[bool] = []
+    futures = []
+
+    def setup():
+        def predict(x: Tensor) -> Votes:
+            raise SystemExit("the thread ends")
+        return predict
+
+    def on_death(name: str) -> None:
+        deaths.append(name)
+        called_after.append(all(f.done() for f in futures))
+
+    w = BatchWorker("m", setup, max_batch=1, max_wait_s=0, on_death=on_death)
+    futures += [w.submit(images(i)) for i in range(3)]  # one runs (and dies), two wait behind it
+    w.start()
+    for f in futures:
+        with pytest.raises(WorkerClosed):
+            f.result(5)
+    assert w.state(10) == "dead"  # set before its callers fail
+    w.close()  # joins the thread: on_death has returned
+    assert deaths == ["m"] and called_after == [True]
+
+
 def test_setup_error_is_raised_by_start() -> None:
     def setup():
         raise ValueError("bad artifact")

@@ -79,3 +79,23 @@ def test_dead_worker_makes_ready_fail_and_requests_fail_fast(good_root: Path, fa
         r = c.get("/health/ready")
         assert r.status_code == 503 and r.json()["models"]["default"]["worker"] == "dead"
         assert healthy_gauge(c, "default") == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_dead_worker_ends_one_of_several_processes(good_root: Path, fault, monkeypatch: pytest.MonkeyPatch,
+                                                      workers: int) -> None:
+    """With several server processes a process whose batch worker died ends (`app.main.end_this_process`, which
+    SIGTERMs it; recorded here) for uvicorn's supervisor to replace; one process keeps failing its readiness."""
+    import app.main
+
+    ended: list[str] = []
+    monkeypatch.setattr(app.main, "end_this_process", ended.append)
+    settings = make_settings(good_root, workers=workers, loop_batching="off")  # /classify through the worker
+    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+        fault["die"].set()
+        assert c.post("/classify", files={"file": ("x.png", GOOD, "image/png")}).status_code == 503
+        deadline = time.monotonic() + 5
+        while workers > 1 and not ended and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ended == (["default"] if workers > 1 else [])
+        assert c.get("/health/ready").status_code == 503
