@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -132,3 +133,77 @@ def test_several_worker_processes_serve_the_same_answers(good_root: Path, tmp_pa
         log.close()
     assert subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True).returncode != 0, "no orphan workers"
     assert list(temp.glob("satml-metrics-*")) == [], "the metrics folder is removed at exit"
+
+
+SITECUSTOMIZE = """
+import os
+if os.environ.get("FAULT_DIE_FLAG"):  # a one-shot fault: the next k-NN call of any model raises SystemExit
+    import torch  # noqa: F401  (before faiss)
+    import app.predictor as predictor
+    real = predictor.build_index
+
+    def build(kind, art, spec=None):
+        index = real(kind, art, spec)
+
+        def predict(z):
+            try:
+                os.remove(os.environ["FAULT_DIE_FLAG"])
+            except FileNotFoundError:
+                return index(z)
+            raise SystemExit("injected worker death")
+        return predict
+
+    predictor.build_index = build
+    predictor.Predictor.fuses = lambda self: False  # the vote in the torch index, where the fault is
+"""
+
+
+@pytest.mark.slow
+def test_a_process_whose_worker_died_is_replaced(good_root: Path, tmp_path: Path) -> None:
+    """--workers 2: a batch worker that dies ends its process (app.main.end_this_process) and uvicorn starts a new
+    one; afterwards every request and readiness probe is answered. The fault comes in through a sitecustomize on
+    PYTHONPATH (the worker processes are fresh interpreters: monkeypatching this one cannot reach them)."""
+    (tmp_path / "fault").mkdir()
+    (tmp_path / "fault" / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    flag = tmp_path / "die"
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SATML_")}
+    env.update(PYTHONPATH=os.pathsep.join([str(tmp_path / "fault"), str(Path(__file__).resolve().parents[2])]),
+               FAULT_DIE_FLAG=str(flag), SATML_LOOP_BATCHING="off")  # /classify through the batch worker
+    log = (tmp_path / "server.log").open("w+")
+    proc = subprocess.Popen([sys.executable, "-m", "app.serve", "--port", str(port), "--artifacts-dir", str(good_root),
+                             "--workers", "2"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    image = png(toy_images(1, seed=53)[0][0])
+
+    def workers() -> set[str]:
+        out = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "spawn_main"], capture_output=True, text=True)
+        return set(out.stdout.split())
+
+    try:
+        wait_ready(lambda: proc.poll() is None, f"{url}/health/ready", poll_s=0.2)
+        before = workers()
+        assert len(before) == 2
+        with httpx.Client(base_url=url, timeout=REQUEST_TIMEOUT_S, headers={"Connection": "close"}) as c:
+            flag.touch()
+            assert c.post("/classify", files={"file": ("x.png", image, "image/png")}).status_code == 503
+            assert not flag.exists()
+            deadline = time.monotonic() + 60
+            while (len(workers()) < 2 or workers() == before) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            after = workers()
+            # the dead worker's process replaced (the other is kept unless uvicorn's own health ping timed out
+            # on a loaded machine, which replaces it too)
+            assert len(after) == 2 and after != before, (before, after)
+            wait_ready(lambda: proc.poll() is None, f"{url}/health/ready", poll_s=0.2)
+            codes = [c.post("/classify", files={"file": ("x.png", image, "image/png")}).status_code
+                     for _ in range(8)] + [c.get("/health/ready").status_code for _ in range(6)]
+        assert codes == [200] * 14
+        assert proc.poll() is None, "the server itself is still up"
+    finally:
+        stop(proc, 30)
+        log.seek(0)
+        server_log = log.read()
+        log.close()
+        print(server_log[-4000:])
+    assert "ending this server process" in server_log
