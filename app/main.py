@@ -133,6 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             sys.setswitchinterval(switch_interval)
             if froze:
                 gc.unfreeze()
+            metrics.process_ending()
             log.info("service stopped", extra=fields(event="stopped"))
 
     app = FastAPI(title="Robust SSL classifier", version=_version(), description=DESCRIPTION, lifespan=lifespan,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -63,3 +63,9 @@ class Metrics:
             MultiProcessCollector(merged)
             return generate_latest(merged)
         return generate_latest(self.registry)
+
+    def process_ending(self) -> None:
+        """With several processes: this one's live gauges (queue depths, health, models loaded) leave the merged
+        view as it ends, so a replaced process's last values are not counted beside its successor's."""
+        if folder := os.environ.get(MULTIPROC_DIR_ENV):
+            mark_process_dead(os.getpid(), folder)

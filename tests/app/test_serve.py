@@ -168,8 +168,10 @@ def test_a_process_whose_worker_died_is_replaced(good_root: Path, tmp_path: Path
     flag = tmp_path / "die"
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SATML_")}
+    temp = tmp_path / "tmp"  # where satml-serve makes its metrics folder
+    temp.mkdir()
     env.update(PYTHONPATH=os.pathsep.join([str(tmp_path / "fault"), str(Path(__file__).resolve().parents[2])]),
-               FAULT_DIE_FLAG=str(flag), SATML_LOOP_BATCHING="off")  # /classify through the batch worker
+               FAULT_DIE_FLAG=str(flag), SATML_LOOP_BATCHING="off", TMPDIR=str(temp))  # /classify via the worker
     log = (tmp_path / "server.log").open("w+")
     proc = subprocess.Popen([sys.executable, "-m", "app.serve", "--port", str(port), "--artifacts-dir", str(good_root),
                              "--workers", "2"], env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -180,6 +182,9 @@ def test_a_process_whose_worker_died_is_replaced(good_root: Path, tmp_path: Path
         out = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "spawn_main"], capture_output=True, text=True)
         return set(out.stdout.split())
 
+    def live_gauges(pids: set[str]) -> list[Path]:  # written by a process once its models are loaded
+        return [f for pid in pids for f in temp.glob(f"satml-metrics-*/gauge_live*_{pid}.db")]
+
     try:
         wait_ready(lambda: proc.poll() is None, f"{url}/health/ready", poll_s=0.2)
         before = workers()
@@ -188,13 +193,18 @@ def test_a_process_whose_worker_died_is_replaced(good_root: Path, tmp_path: Path
             flag.touch()
             assert c.post("/classify", files={"file": ("x.png", image, "image/png")}).status_code == 503
             assert not flag.exists()
-            deadline = time.monotonic() + 60
-            while (len(workers()) < 2 or workers() == before) and time.monotonic() < deadline:
+            # until the dead worker's process is replaced and its successor has loaded its models (the other is
+            # kept, unless uvicorn's own health ping timed out on a loaded machine and replaced it too)
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                now = workers()
+                if len(now) == 2 and now != before and len(live_gauges(now)) >= 2 * len(now):
+                    break
                 time.sleep(0.2)
-            after = workers()
-            # the dead worker's process replaced (the other is kept unless uvicorn's own health ping timed out
-            # on a loaded machine, which replaces it too)
-            assert len(after) == 2 and after != before, (before, after)
+            assert len(now) == 2 and now != before, (before, now)
+            gone = before - now  # their live gauges (queue depth, health) left the merged /metrics as they ended
+            assert not live_gauges(gone) and len(live_gauges(now)) >= 2 * len(now), sorted(
+                str(p.relative_to(temp)) for p in temp.rglob("*"))
             wait_ready(lambda: proc.poll() is None, f"{url}/health/ready", poll_s=0.2)
             codes = [c.post("/classify", files={"file": ("x.png", image, "image/png")}).status_code
                      for _ in range(8)] + [c.get("/health/ready").status_code for _ in range(6)]
