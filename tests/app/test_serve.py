@@ -116,6 +116,11 @@ def test_several_worker_processes_serve_the_same_answers(good_root: Path, tmp_pa
         assert len(children) >= 2, f"two worker processes (and uvicorn's helpers) under the master: {children}"
         images, _ = toy_images(1, seed=52)
         with httpx.Client(base_url=url, timeout=REQUEST_TIMEOUT_S, headers={"Connection": "close"}) as c:
+            # ready answers for one process; the other may still be loading (its models_loaded is 0 until then,
+            # and the merged gauge takes the minimum over the processes)
+            deadline = time.monotonic() + 60
+            while "satml_models_loaded 2.0" not in c.get("/metrics").text and time.monotonic() < deadline:
+                time.sleep(0.2)
             # a connection per request, so that the OS hands requests to both processes
             answers = [c.post("/classify", files=[("files", ("x.png", png(images[0]), "image/png"))]).json()
                        for _ in range(N_REQUESTS)]
