@@ -116,25 +116,38 @@ def test_several_worker_processes_serve_the_same_answers(good_root: Path, tmp_pa
         assert len(children) >= 2, f"two worker processes (and uvicorn's helpers) under the master: {children}"
         images, _ = toy_images(1, seed=52)
         with httpx.Client(base_url=url, timeout=REQUEST_TIMEOUT_S, headers={"Connection": "close"}) as c:
-            # ready answers for one process; the other may still be loading (its models_loaded is 0 until then,
-            # and the merged gauge takes the minimum over the processes)
-            deadline = time.monotonic() + 60
-            while "satml_models_loaded 2.0" not in c.get("/metrics").text and time.monotonic() < deadline:
+            # ready answers for one process; the other may still be starting: wait until both have written their
+            # gauges (at their start) and loaded their models (the merged models_loaded is the minimum over them)
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                workers = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "spawn_main"], capture_output=True,
+                                         text=True).stdout.split()
+                started = all(list(temp.glob(f"satml-metrics-*/gauge_livemin_{pid}.db")) for pid in workers)
+                if len(workers) == 2 and started and "satml_models_loaded 2.0" in c.get("/metrics").text:
+                    break
                 time.sleep(0.2)
             # a connection per request, so that the OS hands requests to both processes
             answers = [c.post("/classify", files=[("files", ("x.png", png(images[0]), "image/png"))]).json()
                        for _ in range(N_REQUESTS)]
+            # a request is counted once its answer has gone out: wait for the last one, then scrape again
+            deadline = time.monotonic() + 10
+            counted = f'satml_http_requests_total{{method="POST",route="/classify",status="200"}} {float(N_REQUESTS)}'
+            while counted not in c.get("/metrics").text and time.monotonic() < deadline:
+                time.sleep(0.1)
             scrapes = [c.get("/metrics").text for _ in range(4)]
         assert all(a["model"] == "other" for a in answers), "--default-model reached every worker"
         assert len({str(a["results"]) for a in answers}) == 1
         assert len(list(temp.glob("satml-metrics-*"))) == 1
+        seen = [[ln for ln in t.splitlines() if ln.startswith(("satml_images_classified_total", "satml_models_loaded",
+                                                                "satml_http_requests_total"))] for t in scrapes]
         for text in scrapes:  # whichever process answers the scrape counts every process's requests
-            assert f'satml_images_classified_total{{model="other"}} {float(N_REQUESTS)}' in text, text
-            assert (f'satml_http_requests_total{{method="POST",route="/classify",status="200"}} '
-                    f'{float(N_REQUESTS)}') in text
-            assert "satml_models_loaded 2.0" in text  # in each process (livemin), not summed
+            assert f'satml_images_classified_total{{model="other"}} {float(N_REQUESTS)}' in text, seen
+            assert counted in text, seen
+            assert "satml_models_loaded 2.0" in text, seen  # in each process (livemin), not summed
     finally:
         stop(proc, 30)
+        log.seek(0)
+        print(log.read()[-6000:])
         log.close()
     assert subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True).returncode != 0, "no orphan workers"
     assert list(temp.glob("satml-metrics-*")) == [], "the metrics folder is removed at exit"
