@@ -95,6 +95,31 @@ def test_real_server_huge_body(server: str) -> None:
         assert c.get("/health/live").status_code == 200
 
 
+def worker_pids(proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> set[str]:
+    """uvicorn's worker processes under `proc` (multiprocessing spawns; not its resource tracker)."""
+    out = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "spawn_main"], capture_output=True, text=True)
+    return set(out.stdout.split())
+
+
+def live_gauges(temp: Path, pids: set[str]) -> list[Path]:
+    """The live gauge files of `pids` in satml-serve's metrics folder under `temp` (written as a process starts)."""
+    return [f for pid in pids for f in temp.glob(f"satml-metrics-*/gauge_live*_{pid}.db")]
+
+
+def wait_all_loaded(c: httpx.Client, proc: subprocess.Popen[bytes], temp: Path, models: int,
+                    timeout_s: float = 90) -> set[str]:
+    """Ready answers for whichever process is up first; wait until both worker processes have started (their
+    gauge files) and loaded their models (the merged models_loaded is the minimum over them). Their pids."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        pids = worker_pids(proc)
+        started = len(pids) == 2 and len(live_gauges(temp, pids)) >= 2 * len(pids)
+        if started and f"satml_models_loaded {float(models)}" in c.get("/metrics").text:
+            return pids
+        time.sleep(0.2)
+    raise AssertionError(f"two worker processes with {models} models each not up in {timeout_s} s")
+
+
 @pytest.mark.slow
 def test_several_worker_processes_serve_the_same_answers(good_root: Path, tmp_path: Path) -> None:
     """--workers 2: uvicorn runs two processes, each with its own models (flags reach them through SATML_*),
@@ -116,16 +141,7 @@ def test_several_worker_processes_serve_the_same_answers(good_root: Path, tmp_pa
         assert len(children) >= 2, f"two worker processes (and uvicorn's helpers) under the master: {children}"
         images, _ = toy_images(1, seed=52)
         with httpx.Client(base_url=url, timeout=REQUEST_TIMEOUT_S, headers={"Connection": "close"}) as c:
-            # ready answers for one process; the other may still be starting: wait until both have written their
-            # gauges (at their start) and loaded their models (the merged models_loaded is the minimum over them)
-            deadline = time.monotonic() + 90
-            while time.monotonic() < deadline:
-                workers = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "spawn_main"], capture_output=True,
-                                         text=True).stdout.split()
-                started = all(list(temp.glob(f"satml-metrics-*/gauge_livemin_{pid}.db")) for pid in workers)
-                if len(workers) == 2 and started and "satml_models_loaded 2.0" in c.get("/metrics").text:
-                    break
-                time.sleep(0.2)
+            wait_all_loaded(c, proc, temp, models=2)
             # a connection per request, so that the OS hands requests to both processes
             answers = [c.post("/classify", files=[("files", ("x.png", png(images[0]), "image/png"))]).json()
                        for _ in range(N_REQUESTS)]
@@ -196,18 +212,11 @@ def test_a_process_whose_worker_died_is_replaced(good_root: Path, tmp_path: Path
     url = f"http://127.0.0.1:{port}"
     image = png(toy_images(1, seed=53)[0][0])
 
-    def workers() -> set[str]:
-        out = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "spawn_main"], capture_output=True, text=True)
-        return set(out.stdout.split())
-
-    def live_gauges(pids: set[str]) -> list[Path]:  # written by a process once its models are loaded
-        return [f for pid in pids for f in temp.glob(f"satml-metrics-*/gauge_live*_{pid}.db")]
-
     try:
         wait_ready(lambda: proc.poll() is None, f"{url}/health/ready", poll_s=0.2)
-        before = workers()
-        assert len(before) == 2
         with httpx.Client(base_url=url, timeout=REQUEST_TIMEOUT_S, headers={"Connection": "close"}) as c:
+            # both up first: a process still starting would take the one-shot fault in its warm-up and fail to start
+            before = wait_all_loaded(c, proc, temp, models=2)
             flag.touch()
             assert c.post("/classify", files={"file": ("x.png", image, "image/png")}).status_code == 503
             assert not flag.exists()
@@ -215,13 +224,13 @@ def test_a_process_whose_worker_died_is_replaced(good_root: Path, tmp_path: Path
             # kept, unless uvicorn's own health ping timed out on a loaded machine and replaced it too)
             deadline = time.monotonic() + 90
             while time.monotonic() < deadline:
-                now = workers()
-                if len(now) == 2 and now != before and len(live_gauges(now)) >= 2 * len(now):
+                now = worker_pids(proc)
+                if len(now) == 2 and now != before and len(live_gauges(temp, now)) >= 2 * len(now):
                     break
                 time.sleep(0.2)
             assert len(now) == 2 and now != before, (before, now)
             gone = before - now  # their live gauges (queue depth, health) left the merged /metrics as they ended
-            assert not live_gauges(gone) and len(live_gauges(now)) >= 2 * len(now), sorted(
+            assert not live_gauges(temp, gone) and len(live_gauges(temp, now)) >= 2 * len(now), sorted(
                 str(p.relative_to(temp)) for p in temp.rglob("*"))
             wait_ready(lambda: proc.poll() is None, f"{url}/health/ready", poll_s=0.2)
             codes = [c.post("/classify", files={"file": ("x.png", image, "image/png")}).status_code
