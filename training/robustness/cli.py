@@ -104,23 +104,25 @@ def cmd_card(args: argparse.Namespace) -> dict[str, Any]:
     from pathlib import Path
 
     from training.artifact import verify_artifact
+    from training.robustness.merge import protocol_of
     from training.robustness.report import update_card
     from training.robustness.suite import check_card_worthy
 
     report = Path(args.report)
     result = json.loads(report.read_text())
-    cfg = result.get("config") or {}
-    check_card_worthy(cfg.get("split") or "test", bool(cfg.get("headline_only")))
+    protocol = protocol_of(result)  # a run from before the split / headline_only fields read as the merge reads it
+    check_card_worthy(protocol["split"], protocol["headline_only"])
     sha = verify_artifact(args.artifact).model_sha256
     models = result.get("models") or []
     model = next((m for m in models if m.get("model_sha256") == sha), None)
     if model is None:
         raise ValueError(f"{report}: no row for the model in {args.artifact} (sha256 {sha[:12]}); rows: "
                          f"{', '.join(str(m.get('name')) + ' ' + str(m.get('model_sha256'))[:12] for m in models)}")
-    plot = report.with_name(f"{report.stem}_eps.png")
-    update_card(args.artifact, model, result, plot if plot.is_file() else None)
+    found = report.with_name(f"{report.stem}_eps.png")
+    plot = found if found.is_file() else None
+    update_card(args.artifact, model, result, plot)
     return {"artifact": args.artifact, "model": model["name"], "worst_case": model["worst_case"]["acc"],
-            "plot": str(plot) if plot.is_file() else None}
+            "plot": plot and str(plot)}
 
 
 def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
