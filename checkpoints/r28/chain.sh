@@ -3,17 +3,15 @@
 # 1,000 validation images worst case >= 28.4 % and clean >= 67.8 % (r19's gate figures 28.9 / 66.8: -0.5 / +1.0);
 # ship rule on the full test suite: the issue's goal, exact >= 70 % and worst case >= 30 %, with clean (10,000)
 # >= 66.5 % (r19's); it then replaces the default only where the default does not meet the goal. Ships nothing.
-# On a machine without runs/r28, the committed mid-training checkpoint (checkpoints/r28/resume/: weights, optimizer,
-# EMA, step, and the cluster ids it started with; committed at a session's end) is where the training resumes. The
-# resumed run recomputes the teacher's clusters (seeded) and refuses to go on unless they agree with the recorded ones
-# on >= 99.9 % of the images (training.pseudo_labels.check_or_record; first start: purity 0.561, top share 0.720).
+# On a machine without runs/r28, the state committed at a session's end (checkpoints/r28/state/, written by
+# `scripts/candidate_state.sh save runs/r28 checkpoints/r28/state`: the mid-training checkpoint with its cluster
+# record, or later the exported artifact and the gate's and suite's per-attack results) is where the chain resumes.
+# A resumed training recomputes the teacher's clusters (seeded) and refuses to go on unless they agree with the
+# recorded ones on >= 99.9 % of the images (training.pseudo_labels.check_or_record; first start: purity 0.561, top
+# share 0.720).
 #   nice -n 5 bash checkpoints/r28/chain.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-if [ ! -f runs/r28/robust/checkpoint.pt ] && [ -f checkpoints/r28/resume/checkpoint.pt ]; then
-  mkdir -p runs/r28/robust
-  cp checkpoints/r28/resume/checkpoint.pt checkpoints/r28/resume/config.json checkpoints/r28/resume/metrics.jsonl \
-    checkpoints/r28/resume/pseudo_labels.npy runs/r28/robust/
-fi
+[ -d checkpoints/r28/state ] && scripts/candidate_state.sh restore checkpoints/r28/state runs/r28
 exec scripts/candidate_chain.sh checkpoints/r28/run.sh runs/r28 worst=0.284,clean=0.678 \
   exact=0.70,worst=0.30,clean=0.665

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Carry a candidate's unfinished chain (scripts/candidate_chain.sh) from one machine to the next: the CPU VMs lose
+# runs/ between sessions, and a candidate's training, gate and suite take longer than one session on them.
+#   scripts/candidate_state.sh save RUN DIR      what the chain needs to go on from where RUN stands, into DIR (to commit)
+#   scripts/candidate_state.sh restore DIR RUN   put it back where the chain looks, never over a file that is there
+# e.g. `save runs/r28 checkpoints/r28/state` at a session's end, `restore checkpoints/r28/state runs/r28` before the
+# chain (the candidate's chain.sh does). What is saved, by where the chain stands:
+#   robust/      config.json, metrics.jsonl, pseudo_labels.npy (the cluster record the resume checks), and
+#                checkpoint.pt (~22 MB at w40) unless the training is final and the gate has finished (the suite then
+#                reads the exported artifact only)
+#   art/default  the exported, calibrated artifact, once exported (~10 MB)
+#   val_gate/    the gate's report once finished; before that runs/val1000_cache (the gate's per-attack results)
+#   suite_cache/ RUN/suite/cache: the suite's per-attack results, so it resumes at the attack it had reached
+# Cache files over MAX_KB (default 2048; the transfer attack's stored images) are left out: they are recomputed.
+set -euo pipefail
+MAX_KB=${MAX_KB:-2048}
+usage() { echo "usage: $0 save RUN DIR | restore DIR RUN" >&2; exit 2; }
+[ $# -eq 3 ] || usage
+
+# copy_tree SRC DEST [MAX_KB]: SRC's files into DEST (same relative paths), keeping any file DEST has; with MAX_KB,
+# only files of at most that size (the others are named on stderr)
+copy_tree() {
+  local src=$1 dest=$2 max=${3:-} f
+  [ -d "$src" ] || return 0
+  while IFS= read -r -d '' f; do
+    f=${f#./}
+    if [ -n "$max" ] && [ "$(stat -c %s "$src/$f")" -gt $((max * 1024)) ]; then
+      echo "candidate_state: left out $src/$f (over $max KB; recomputed on resume)" >&2
+      continue
+    fi
+    [ -e "$dest/$f" ] && continue
+    mkdir -p "$(dirname "$dest/$f")"
+    cp -p "$src/$f" "$dest/$f"
+  done < <(cd "$src" && find . -type f -print0 | sort -z)
+}
+
+case "$1" in
+save)
+  RUN=${2%/} DIR=${3%/}
+  [ -d "$RUN/robust" ] || { echo "candidate_state: $RUN/robust does not exist: nothing to save" >&2; exit 1; }
+  rm -rf "$DIR"
+  mkdir -p "$DIR/robust"
+  for f in config.json metrics.jsonl pseudo_labels.npy; do
+    [ -f "$RUN/robust/$f" ] && cp -p "$RUN/robust/$f" "$DIR/robust/"
+  done
+  final=0
+  [ -f "$RUN/robust/metrics.jsonl" ] && grep -q '"final": true' "$RUN/robust/metrics.jsonl" && final=1
+  if [ "$final" = 1 ] && [ -f "$RUN/val_gate/robustness.json" ]; then
+    echo "candidate_state: training final and gate finished: the weights travel in the artifact only" >&2
+  elif [ -f "$RUN/robust/checkpoint.pt" ]; then
+    cp -p "$RUN/robust/checkpoint.pt" "$DIR/robust/"
+  fi
+  [ -f "$RUN/art/default/manifest.json" ] && copy_tree "$RUN/art/default" "$DIR/art/default"
+  if [ -f "$RUN/val_gate/robustness.json" ]; then
+    copy_tree "$RUN/val_gate" "$DIR/val_gate"
+  else
+    copy_tree runs/val1000_cache "$DIR/val1000_cache" "$MAX_KB"
+  fi
+  copy_tree "$RUN/suite/cache" "$DIR/suite_cache" "$MAX_KB"
+  du -sh "$DIR" | sed 's/^/candidate_state: saved /' >&2
+  ;;
+restore)
+  DIR=${2%/} RUN=${3%/}
+  [ -d "$DIR" ] || { echo "candidate_state: $DIR does not exist: nothing to restore" >&2; exit 1; }
+  copy_tree "$DIR/robust" "$RUN/robust"
+  copy_tree "$DIR/art/default" "$RUN/art/default"
+  copy_tree "$DIR/val_gate" "$RUN/val_gate"
+  copy_tree "$DIR/val1000_cache" runs/val1000_cache
+  copy_tree "$DIR/suite_cache" "$RUN/suite/cache"
+  ;;
+*) usage ;;
+esac
