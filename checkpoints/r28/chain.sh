@@ -3,6 +3,8 @@
 # 1,000 validation images worst case >= 28.4 % and clean >= 67.8 % (r19's gate figures 28.9 / 66.8: -0.5 / +1.0);
 # ship rule on the full test suite: the issue's goal, exact >= 70 % and worst case >= 30 %, with clean (10,000)
 # >= 66.5 % (r19's); it then replaces the default only where the default does not meet the goal. Ships nothing.
+# FINISHED (seventeenth session): the gate failed (validation worst case <= 28.2 %; benchmarks/results/recipes.md); its
+# committed state left the tree (git show 13ff6c7:checkpoints/r28/state/robust/checkpoint.pt restores it).
 # On a machine without runs/r28, the state committed at a session's end (checkpoints/r28/state/, written by
 # `scripts/candidate_state.sh save runs/r28 checkpoints/r28/state`: the mid-training checkpoint with its cluster
 # record, or later the exported artifact and the gate's and suite's per-attack results) is where the chain resumes.
