@@ -9,7 +9,8 @@
 #                checkpoint.pt (~22 MB at w40) unless the training is final and the gate has finished (the suite then
 #                reads the exported artifact only)
 #   art/default  the exported, calibrated artifact, once exported (~10 MB)
-#   val_gate/    the gate's report once finished; before that runs/val1000_cache (the gate's per-attack results)
+#   val_gate/    the gate's report once finished; between the export and that, runs/val1000_cache (the gate's
+#                per-attack results, shared by every candidate's gate on this machine)
 #   suite_cache/ RUN/suite/cache: the suite's per-attack results, so it resumes at the attack it had reached
 # Cache files over MAX_KB (default 2048; the transfer attack's stored images) are left out: they are recomputed.
 set -euo pipefail
@@ -53,7 +54,7 @@ save)
   [ -f "$RUN/art/default/manifest.json" ] && copy_tree "$RUN/art/default" "$DIR/art/default"
   if [ -f "$RUN/val_gate/robustness.json" ]; then
     copy_tree "$RUN/val_gate" "$DIR/val_gate"
-  else
+  elif [ -f "$RUN/art/default/manifest.json" ]; then  # the gate may have begun (before the export it has not)
     copy_tree runs/val1000_cache "$DIR/val1000_cache" "$MAX_KB"
   fi
   copy_tree "$RUN/suite/cache" "$DIR/suite_cache" "$MAX_KB"

@@ -39,6 +39,7 @@ def training(tmp_path: Path) -> Path:
 
 
 def test_mid_training_carries_the_checkpoint_and_the_cluster_record(training: Path) -> None:
+    write(training / "runs/val1000_cache/other/pgd20.json", "{}")  # an earlier candidate's gate: not this one's yet
     out = run(training, "save", "runs/rx", "state")
     assert out.returncode == 0, out.stderr
     assert files(training / "state") == {"robust/checkpoint.pt", "robust/config.json", "robust/metrics.jsonl",
