@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 10: a candidate default from wherever it stands to its pre-set verdicts, unattended and resumable at each
 # step (benchmarks/results/recipes.md holds each candidate's rules, written before any of its figures):
+#   0. the state saved beside SCRIPT (`dirname SCRIPT`/state, scripts/candidate_state.sh) is restored into RUN,
 #   1. SCRIPT trains (resumes from its checkpoint; skipped once final),
 #   2. STAGE=2 SCRIPT exports, calibrates and runs the validation gate (skipped once RUN/val_gate/robustness.json
 #      exists; GATE_BESIDE= in the environment gates the candidate alone, see scripts/gate_candidate.sh),
@@ -18,6 +19,10 @@ SCRIPT=$1 RUN=${2%/} GATE=$3
 shift 3
 MODEL="$(basename "$RUN")/art/default"  # the candidate's row: the last folders of its artifact path
 export OMP_WAIT_POLICY=PASSIVE
+# a state committed at an earlier session's end beside the run script (scripts/candidate_state.sh save RUN DIR) is put
+# back first, never over what this machine has
+STATE="$(dirname "$SCRIPT")/state"
+[ -d "$STATE" ] && "$(dirname "$0")/candidate_state.sh" restore "$STATE" "$RUN"
 bash "$SCRIPT"
 [ -f "$RUN/val_gate/robustness.json" ] || STAGE=2 bash "$SCRIPT"
 satml robustness-verdict "$RUN/val_gate/robustness.json" --model "$MODEL" --rule "$GATE" \

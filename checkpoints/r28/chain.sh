@@ -7,13 +7,13 @@
 # committed state left the tree (git show 13ff6c7:checkpoints/r28/state/robust/checkpoint.pt restores it).
 # On a machine without runs/r28, the state committed at a session's end (checkpoints/r28/state/, written by
 # `scripts/candidate_state.sh save runs/r28 checkpoints/r28/state`: the mid-training checkpoint with its cluster
-# record, or later the exported artifact and the gate's and suite's per-attack results) is where the chain resumes.
+# record, or later the exported artifact and the gate's and suite's per-attack results) is where scripts/candidate_chain.sh
+# resumes.
 # A resumed training recomputes the teacher's clusters (seeded) and refuses to go on unless they agree with the
 # recorded ones on >= 99.9 % of the images (training.pseudo_labels.check_or_record; first start: purity 0.561, top
 # share 0.720).
 #   nice -n 5 bash checkpoints/r28/chain.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-[ -d checkpoints/r28/state ] && scripts/candidate_state.sh restore checkpoints/r28/state runs/r28
 exec scripts/candidate_chain.sh checkpoints/r28/run.sh runs/r28 worst=0.284,clean=0.678 \
   exact=0.70,worst=0.30,clean=0.665

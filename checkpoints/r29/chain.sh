@@ -6,7 +6,7 @@
 #   nice -n 5 bash checkpoints/r29/chain.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-# at a session's end: scripts/candidate_state.sh save runs/r29 checkpoints/r29/state (and commit it)
-[ -d checkpoints/r29/state ] && scripts/candidate_state.sh restore checkpoints/r29/state runs/r29
+# at a session's end: scripts/candidate_state.sh save runs/r29 checkpoints/r29/state (and commit it); the chain
+# restores it
 exec scripts/candidate_chain.sh checkpoints/r29/run.sh runs/r29 worst=0.294,clean=0.678 \
   exact=0.70,worst=0.30,clean=0.665

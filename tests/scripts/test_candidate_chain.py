@@ -76,3 +76,20 @@ def test_a_finished_gate_is_not_run_again(tmp_path: Path) -> None:
 def test_usage_errors_exit_2(tmp_path: Path) -> None:
     out = subprocess.run(["bash", str(CHAIN), "run.sh", "runs/rx"], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 2 and "usage" in out.stderr
+
+
+def test_a_state_saved_beside_the_run_script_is_restored_before_the_steps(tmp_path: Path) -> None:
+    """`state/` beside the run script (scripts/candidate_state.sh save) goes back into the run first: here a finished
+    gate's report, so the gate is not run again; a file the machine already has is kept."""
+    state = tmp_path / "state"
+    (state / "val_gate").mkdir(parents=True)
+    (state / "val_gate/robustness.json").write_text(report(0.30, 0.69, 0.69))
+    (state / "robust").mkdir()
+    (state / "robust/metrics.jsonl").write_text("saved\n")
+    (tmp_path / "runs/rx/robust").mkdir(parents=True)
+    (tmp_path / "runs/rx/robust/metrics.jsonl").write_text("this machine's\n")
+    out = chain(tmp_path, report(0.0, 0.0, 0.0), report(0.32, 0.67, 0.71), "exact=0.70")  # a gate rerun would fail
+    assert out.returncode == 0, out.stderr
+    assert "PASSES" in out.stdout, out.stdout
+    assert "stage 2" not in (tmp_path / "log").read_text()
+    assert (tmp_path / "runs/rx/robust/metrics.jsonl").read_text() == "this machine's\n"
