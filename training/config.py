@@ -108,9 +108,10 @@ class TrainConfig:
                 "et al. 2019): CE on the clean images + beta * KL(clean || adversarial), the attack raising the KL "
                 "(the paper's beta: 6)"})
     awp_gamma: float = field(default=0.0, metadata={
-        "help": "pgd_at/pseudo_at (PGD-AT, not TRADES): adversarial weight perturbation (Wu et al. 2020), the conv and "
-                "linear weights moved by this share of their norm up the adversarial loss before each update and "
-                "back after it (0: off; the paper's PGD-AT setting: 0.01; one more forward-backward per step)"})
+        "help": "pgd_at/pseudo_at: adversarial weight perturbation (Wu et al. 2020), the conv and linear weights "
+                "moved by this share of their norm up the step's training loss (PGD-AT's adversarial CE, or the TRADES "
+                "loss with --trades-beta) before each update and back after it (0: off; the paper's settings: 0.01 "
+                "for PGD-AT, 0.005 for TRADES; one more forward-backward per step)"})
     knn_k: int = field(default=75, metadata={"help": "k of the k-NN validation vote"})
     eval_every: int = field(default=5, metadata={"help": "epochs between k-NN validation checks (0: only at the end)"})
     eval_size: int = field(default=2000, metadata={"help": "validation images used by the periodic check"})
@@ -149,10 +150,9 @@ class TrainConfig:
         if self.co_guard < 0 or (self.co_guard > 0 and self.eval_robust <= 0):
             raise ValueError(f"co_guard must be >= 0 and needs --eval-robust > 0 (its signal), got {self.co_guard} "
                              f"with eval_robust {self.eval_robust}")
-        if self.awp_gamma < 0 or (self.awp_gamma > 0 and (self.method not in ("pgd_at", "pseudo_at")
-                                                          or self.trades_beta > 0)):
-            raise ValueError(f"awp_gamma must be >= 0 and is for pgd_at / pseudo_at without TRADES, got "
-                             f"{self.awp_gamma} with method {self.method}, trades_beta {self.trades_beta}")
+        if self.awp_gamma < 0 or (self.awp_gamma > 0 and self.method not in ("pgd_at", "pseudo_at")):
+            raise ValueError(f"awp_gamma must be >= 0 and is for pgd_at / pseudo_at, got {self.awp_gamma} with "
+                             f"method {self.method}")
         if not 0 <= self.noise_sigma <= 4:
             raise ValueError(f"noise_sigma must be in [0, 4], got {self.noise_sigma}")
         if self.clusters < 2:

@@ -30,7 +30,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -120,12 +120,12 @@ class Step:
             awp.shift(*self.perturbed, sign=-1.0)
             self.perturbed = None
 
-    def _perturb_weights(self, x_adv: Tensor, y: Tensor) -> None:
-        """AWP: move the weights up the adversarial loss (one forward-backward, BN statistics kept) before the
-        training forward pass; `restore` moves them back."""
+    def _perturb_weights(self, training_loss: Callable[[], Tensor]) -> None:
+        """AWP: move the weights up the step's own training loss (`training_loss` evaluates it through `model`: one
+        forward-backward, BN statistics kept) before the training forward pass; `restore` moves them back."""
         weights = awp.perturbable(self.model)
         with awp.frozen_buffers(self.model):  # the gradient first: BN's backward reads the buffers it restores
-            grads = torch.autograd.grad(losses.cross_entropy(self.model(x_adv).float(), y), weights)
+            grads = torch.autograd.grad(training_loss(), weights)
         self.perturbed = (weights, awp.weight_perturbation(weights, grads, self.cfg.awp_gamma))
         awp.shift(*self.perturbed)
 
@@ -216,21 +216,29 @@ class Step:
             x_adv = attacks.pgd(objective, x, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.attack_steps, model=self.model,
                                 generator=self.g)
         if cfg.awp_gamma > 0:
-            self._perturb_weights(x_adv, y)
+            self._perturb_weights(lambda: losses.cross_entropy(self.model(x_adv).float(), y))
         logits = self.net(x_adv).float()
         hard = pseudo_labels.hard_ids(y)  # soft pseudo_at targets: their argmax is the cluster id
         return losses.cross_entropy(logits, y), {"adv_acc": (logits.argmax(1) == hard).float().mean().item()}
 
     def _trades(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
         """TRADES: the attack raises KL from the clean prediction (eval mode, as the PGD-AT attack); the loss
-        is CE on the clean images + beta * KL(clean || adversarial), both through the training forward pass."""
+        is CE on the clean images + beta * KL(clean || adversarial), both through the training forward pass.
+        With `awp_gamma` the weights first move up that same loss (TRADES-AWP, Wu et al. 2020)."""
         cfg = self.cfg
         with attacks.eval_mode(self.model), torch.no_grad():
             clean = self.model(x).float()
         objective = attacks.kl_objective(self.model, clean)
         x_adv = attacks.pgd(objective, x, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.attack_steps, model=self.model,
                             generator=self.g)
-        logits_clean, logits_adv = self.net(torch.cat([x, x_adv])).float().chunk(2)
+        both = torch.cat([x, x_adv])
+        if cfg.awp_gamma > 0:
+            def trades_loss_here() -> Tensor:
+                logits_clean, logits_adv = self.model(both).float().chunk(2)
+                return losses.trades_loss(logits_clean, logits_adv, y, cfg.trades_beta)[0]
+
+            self._perturb_weights(trades_loss_here)
+        logits_clean, logits_adv = self.net(both).float().chunk(2)
         loss, kl = losses.trades_loss(logits_clean, logits_adv, y, cfg.trades_beta)
         hard = pseudo_labels.hard_ids(y)
         return loss, {"adv_acc": (logits_adv.argmax(1) == hard).float().mean().item(), "kl": kl.item()}

@@ -1,5 +1,5 @@
 """Adversarial weight perturbation: the step's size and direction, undoing it, the BN statistics it must not touch,
-and its place in a PGD-AT training step."""
+and its place in a PGD-AT or TRADES training step."""
 
 from __future__ import annotations
 
@@ -65,10 +65,11 @@ def test_frozen_buffers_keeps_batchnorm_statistics() -> None:
     assert int(bn.num_batches_tracked) == seen
 
 
-def _step_update(awp_gamma: float, lr: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(weights before, weights after) one PGD-AT step with SGD at `lr` on a tiny encoder."""
+def _step_update(awp_gamma: float, lr: float, trades_beta: float = 0.0
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(weights before, weights after) one PGD-AT (or TRADES) step with SGD at `lr` on a tiny encoder."""
     cfg = TrainConfig(method="pgd_at", eps=8 / 255, alpha=4 / 255, attack_steps=2, awp_gamma=awp_gamma,
-                      **TINY_ENCODER)
+                      trades_beta=trades_beta, **TINY_ENCODER)
     torch.manual_seed(0)
     model = build_model(cfg, num_classes=3)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -83,14 +84,16 @@ def _step_update(awp_gamma: float, lr: float) -> tuple[dict[str, torch.Tensor], 
     return before, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_a_pgd_at_step_with_awp_moves_weights_only_by_the_update() -> None:
+@pytest.mark.parametrize("trades_beta", [0.0, 6.0], ids=["pgd_at", "trades"])
+def test_a_step_with_awp_moves_weights_only_by_the_update(trades_beta: float) -> None:
     """With lr = 0 the weights come back exactly (the perturbation is undone, not kept); with lr > 0 the update
-    differs from plain PGD-AT's (its gradient was taken at the perturbed weights)."""
-    before, after = _step_update(0.01, lr=0.0)
+    differs from the plain step's (its gradient was taken at the perturbed weights): PGD-AT, and TRADES-AWP, whose
+    perturbation climbs the TRADES loss."""
+    before, after = _step_update(0.01, lr=0.0, trades_beta=trades_beta)
     params = [k for k, v in before.items() if v.is_floating_point() and "running" not in k]
     assert all(torch.allclose(before[k], after[k], atol=1e-7) for k in params)
-    _, plain = _step_update(0.0, lr=0.1)
-    _, perturbed = _step_update(0.01, lr=0.1)
+    _, plain = _step_update(0.0, lr=0.1, trades_beta=trades_beta)
+    _, perturbed = _step_update(0.01, lr=0.1, trades_beta=trades_beta)
     moved = [k for k in params if before[k].dim() > 1]
     assert any(not torch.allclose(plain[k], perturbed[k]) for k in moved)
     # BatchNorm counted one training batch, as without AWP (the perturbation's own forward pass is not one)
@@ -98,10 +101,31 @@ def test_a_pgd_at_step_with_awp_moves_weights_only_by_the_update() -> None:
     assert counters and all(int(perturbed[k]) == int(plain[k]) == int(before[k]) + 1 for k in counters)
 
 
-def test_awp_config_is_for_pgd_at_and_pseudo_at_without_trades() -> None:
+def _trades_loss_of_a_step(awp_gamma: float) -> float:
+    """The TRADES loss a step returns (taken at the perturbed weights with AWP), same init, images and attack."""
+    cfg = TrainConfig(method="pgd_at", eps=8 / 255, alpha=4 / 255, attack_steps=2, awp_gamma=awp_gamma,
+                      trades_beta=6.0, **TINY_ENCODER)
+    torch.manual_seed(0)
+    step = Step(cfg, build_model(cfg, num_classes=3), torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    loss, _ = step(torch.rand(8, 3, 32, 32), torch.arange(8) % 3)
+    step.restore()
+    return loss.item()
+
+
+def test_trades_awp_climbs_the_trades_loss() -> None:
+    """TRADES-AWP's perturbation is a step up the TRADES loss itself: at the perturbed weights the same clean and
+    adversarial images cost more than at the weights the step started from (the attack runs before the move, so
+    both steps see the same images)."""
+    plain = _trades_loss_of_a_step(0.0)
+    assert _trades_loss_of_a_step(0.05) > plain + 1e-4
+
+
+def test_awp_config_is_for_pgd_at_and_pseudo_at() -> None:
     TrainConfig(method="pgd_at", awp_gamma=0.01)
     TrainConfig(method="pseudo_at", awp_gamma=0.01, teacher="t.pt")
-    for bad in ({"method": "ssl"}, {"method": "pgd_at", "trades_beta": 6.0}, {"method": "pgd_at", "awp_gamma": -1}):
+    TrainConfig(method="pseudo_at", awp_gamma=0.005, trades_beta=6.0, teacher="t.pt")  # TRADES-AWP
+    for bad in ({"method": "ssl"}, {"method": "distill", "teacher": "t.pt"}, {"method": "pgd_at", "awp_gamma": -1}):
         with pytest.raises(ValueError, match="awp_gamma"):
             TrainConfig(**{"awp_gamma": 0.01, **bad})
 
