@@ -22,9 +22,9 @@
 # NO_EXPORT, TEACHER_WIDTH (cnn8 width of the teacher, default 16), WIDTH (of the robust student, default 32),
 # CLUSTERS (pseudo_at's k-means clusters, default 100), SOFT_TARGETS (pseudo_at on the teacher's soft cluster
 # assignment at this temperature; unset: the hard ids), AWP_GAMMA (pseudo_at with adversarial weight perturbation
-# of this relative size; unset: off), TRAIN_ATTACK (pseudo_at's adversary: pgd, the default, or nfgsm) and
-# CO_GUARD (with nfgsm: stop when the validation PGD-10 falls this far below its best, default 0.05), K (the
-# default's k, default 75),
+# of this relative size; unset: off), TRADES_BETA (pseudo_at as TRADES with this beta; unset: PGD-AT),
+# TRAIN_ATTACK (pseudo_at's adversary: pgd, the default, or nfgsm) and CO_GUARD (with nfgsm: stop when the
+# validation PGD-10 falls this far below its best, default 0.05), K (the default's k, default 75),
 # REDUCE_DIM (the default's served embedding size, default 48; empty: the full embedding), PRECISION (every stage:
 # auto, bf16 or fp32; default auto: bf16 where the CPU has AVX512-BF16 or AMX, fp32 elsewhere), DATA (default data),
 # ART (artifact root, default artifacts); and
@@ -75,6 +75,8 @@ case "$RECIPE" in
     OPTS=()  # SOFT_TARGETS=T: the teacher's soft cluster assignment at temperature T as targets (unset: hard ids)
     [ -n "${SOFT_TARGETS:-}" ] && OPTS=(--soft-targets "$SOFT_TARGETS")
     [ -n "${AWP_GAMMA:-}" ] && OPTS+=(--awp-gamma "$AWP_GAMMA")  # adversarial weight perturbation (unset: off)
+    TRAINING="PGD-AT"  # TRADES_BETA=B: TRADES (clean CE + B * KL to the adversarial view; PGD-3 on the KL)
+    [ -n "${TRADES_BETA:-}" ] && { OPTS+=(--trades-beta "$TRADES_BETA"); TRAINING="TRADES at beta $TRADES_BETA"; }
     ADVERSARY="PGD-3"  # TRAIN_ATTACK=nfgsm: N-FGSM, one forward-backward per image instead of PGD-3's three, with the
     if [ "${TRAIN_ATTACK:-pgd}" = nfgsm ]; then  # catastrophic-overfitting guard at CO_GUARD (default 0.05)
       OPTS+=(--train-attack nfgsm --co-guard "${CO_GUARD:-0.05}")
@@ -83,7 +85,7 @@ case "$RECIPE" in
     done_ "$RUNS/robust" || satml train --method pseudo_at --run-dir "$RUNS/robust" --epochs "$ROBUST_EPOCHS" \
       --clusters "$CLUSTERS" --teacher "$TEACHER" --init "$TEACHER" --lr 0.1 "${OPTS[@]}" \
       --warmup-epochs 0.5 --alpha 0.0261438 "${ADV[@]}" "${FAST[@]}" "${ARCH[@]}" "${COMMON[@]}" "${EXTRA[@]}"
-    WHAT="label-free PGD-AT ($ADVERSARY at 8/255, EMA${AWP_GAMMA:+, AWP gamma $AWP_GAMMA}) on $CLUSTERS k-means clusters of the teacher's embedding${SOFT_TARGETS:+ (soft assignment at T=$SOFT_TARGETS)}" ;;
+    WHAT="label-free $TRAINING ($ADVERSARY at 8/255, EMA${AWP_GAMMA:+, AWP gamma $AWP_GAMMA}) on $CLUSTERS k-means clusters of the teacher's embedding${SOFT_TARGETS:+ (soft assignment at T=$SOFT_TARGETS)}" ;;
   distill)
     ROBUST_EPOCHS=${ROBUST_EPOCHS:-14}
     done_ "$RUNS/robust" || satml train --method distill --run-dir "$RUNS/robust" --epochs "$ROBUST_EPOCHS" \

@@ -36,7 +36,7 @@ def run_script(tmp_path: Path, data: Path, **overrides: str) -> subprocess.Compl
     return subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.timeout(900)  # ~45 s on an idle 2-core machine; three minutes beside a training job
+@pytest.mark.timeout(900)  # ~1 min on an idle 2-core machine (four runs); 2 min 7 s beside a training job
 def test_the_default_recipe_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     data = write_tiny_cifar(tmp_path / "data")
     first = run_script(tmp_path, data)
@@ -87,3 +87,13 @@ def test_the_default_recipe_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "suite" / "robustness.json").read_text())
     assert [m["name"] for m in report["models"]] == ["default", "pgd_at", "supervised"]
     assert report["transfer_source"]["name"] == "supervised"
+
+    # TRADES_BETA: the robust stage as TRADES (here with TRADES-AWP), named so in the card's recipe line
+    fourth = run_script(tmp_path, data, TEACHER=str(ssl), RUNS=str(tmp_path / "runs3"), ART=str(tmp_path / "art3"),
+                        SOFT_TARGETS="0.1", TRADES_BETA="6", AWP_GAMMA="0.005")
+    assert fourth.returncode == 0, fourth.stderr[-3000:]
+    trades_cfg = load_checkpoint(tmp_path / "runs3" / "robust" / "checkpoint.pt")["config"]
+    assert trades_cfg["trades_beta"] == 6.0 and trades_cfg["awp_gamma"] == 0.005
+    assert trades_cfg["soft_targets"] == 0.1 and trades_cfg["train_attack"] == "pgd"
+    assert "label-free TRADES at beta 6 (PGD-3 at 8/255, EMA, AWP gamma 0.005)" in verify_artifact(
+        tmp_path / "art3" / "default").description
