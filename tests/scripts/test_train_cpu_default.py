@@ -36,7 +36,7 @@ def run_script(tmp_path: Path, data: Path, **overrides: str) -> subprocess.Compl
     return subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.timeout(900)  # ~1 min on an idle 2-core machine (four runs); 2 min 7 s beside a training job
+@pytest.mark.timeout(900)  # four runs: 2 min 7 s beside a training job (2-core VM)
 def test_the_default_recipe_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     data = write_tiny_cifar(tmp_path / "data")
     first = run_script(tmp_path, data)
