@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -279,6 +280,40 @@ def process_cpu_s(pid: int) -> float | None:
     return total + sum(process_cpu_s(int(c)) or 0.0 for c in children)
 
 
+ESTABLISHED, LISTEN = "01", "0A"
+
+
+def port_inodes(proc_net_tcp: str, port: int, state: str) -> set[int]:
+    """Socket inodes in `state` (ESTABLISHED: the server's side of its connections; LISTEN) whose local port is
+    `port`, from the text of Linux's /proc/net/tcp or tcp6 (hex ports and states; the inode is the tenth column)."""
+    found = set()
+    for line in proc_net_tcp.splitlines()[1:]:
+        cols = line.split()
+        if len(cols) > 9 and cols[3] == state and int(cols[1].rsplit(":", 1)[1], 16) == port:
+            found.add(int(cols[9]))
+    return found
+
+
+def connection_split(server_pid: int, port: int) -> list[int] | None:
+    """How many of the server's established connections on `port` each of its processes holds, largest first: one
+    entry per uvicorn worker (a child holding a listening socket on the port; SATML_WORKERS > 1) or the server
+    itself. None where /proc cannot tell (not Linux, or a process ended meanwhile)."""
+    try:
+        tables = [Path(f"/proc/net/{f}").read_text() for f in ("tcp", "tcp6")]
+        established = set().union(*(port_inodes(t, port, ESTABLISHED) for t in tables))
+        listening = set().union(*(port_inodes(t, port, LISTEN) for t in tables))
+        children = Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()
+        counts = {}
+        for pid in [int(c) for c in children] + [server_pid]:
+            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+            inodes = {int(ln[8:-1]) for ln in links if ln.startswith("socket:[")}
+            counts[pid] = (bool(inodes & listening), len(inodes & established))
+    except (OSError, ValueError):
+        return None
+    workers = [n for pid, (listens, n) in counts.items() if listens and pid != server_pid]
+    return sorted(workers or [counts[server_pid][1]], reverse=True)
+
+
 def children_cpu_s() -> float:
     import resource
 
@@ -288,20 +323,27 @@ def children_cpu_s() -> float:
 
 def run_wrk(url: str, body_file: Path, connections: int, duration_s: float,
             server_pid: int | None = None) -> dict[str, Any]:
-    """One closed-loop wrk run; returns requests/s, latency percentiles (ms) and the cores the server and wrk
-    used meanwhile (CPU seconds / wall seconds)."""
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration_s))}s", "--timeout", "30s",
+    """One closed-loop wrk run; returns requests/s, latency percentiles (ms), the cores the server and wrk used
+    meanwhile (CPU seconds / wall seconds) and, sampled halfway, how the connections split over the server's
+    processes (with several, the busiest process's share sets the tail latency)."""
+    wrk_s = max(1, round(duration_s))
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{wrk_s}s", "--timeout", "30s",
            "-s", str(LUA), url, "--", str(body_file), BOUNDARY]
     srv0, wrk0, t0 = process_cpu_s(server_pid) if server_pid else None, children_cpu_s(), time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + 60)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        split = None
+        if server_pid:
+            time.sleep(wrk_s / 2)
+            split = connection_split(server_pid, urllib.parse.urlsplit(url).port or 80)
+        stdout, stderr = proc.communicate(timeout=duration_s + 60)
     wall = time.perf_counter() - t0
     srv1 = process_cpu_s(server_pid) if server_pid else None
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("SERVE_BENCH_JSON ")), None)
+    line = next((ln for ln in stdout.splitlines() if ln.startswith("SERVE_BENCH_JSON ")), None)
     if proc.returncode != 0 or line is None:
-        raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stdout[-500:]} {proc.stderr[-500:]}")
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {stdout[-500:]} {stderr[-500:]}")
     return {**wrk_summary(json.loads(line.removeprefix("SERVE_BENCH_JSON "))),
             "server_cores": round((srv1 - srv0) / wall, 2) if srv0 is not None and srv1 is not None else None,
-            "wrk_cores": round((children_cpu_s() - wrk0) / wall, 2)}
+            "wrk_cores": round((children_cpu_s() - wrk0) / wall, 2), "connection_split": split}
 
 
 def wrk_summary(s: dict[str, Any]) -> dict[str, Any]:
@@ -332,8 +374,9 @@ def load_matrix(url: str, bodies: dict[int, Path], cfg: BenchConfig, label: str,
             r["images_per_s"] = round(r["rps"] * ipr, 1)
             out[f"{ipr}x{c}"] = {"images_per_request": ipr, "connections": c, **r}
             log.info("%s %d img/req x %d conns: %.0f req/s, %.0f img/s, p50 %.1f ms, p99 %.1f ms, errors %d, "
-                     "server %s cores, wrk %s cores", label, ipr, c, r["rps"], r["images_per_s"], r["p50_ms"],
-                     r["p99_ms"], r["errors"], r["server_cores"], r["wrk_cores"])
+                     "server %s cores, wrk %s cores, conns per process %s", label, ipr, c, r["rps"],
+                     r["images_per_s"], r["p50_ms"], r["p99_ms"], r["errors"], r["server_cores"], r["wrk_cores"],
+                     r["connection_split"])
             if r["errors"]:
                 log.warning("%s: %d of %d requests failed (%s); this point does not count", label, r["errors"],
                             r["requests"], r["error_detail"])
@@ -457,17 +500,18 @@ def markdown(result: dict[str, Any]) -> str:
     formula = "min(raw, N x ceiling)" if s["gpu"] else "1 / (1/raw + 1/(N x ceiling))"
     lines += ["", "## (2) ceiling and (3) /classify under load", "",
               f"Bound = {formula}, raw = {max(v['images_per_s'] for v in raw['per_batch'].values()):.0f} images/s "
-              "(best batch). Cores = CPU seconds / wall seconds of the server process and of wrk.", "",
+              "(best batch). Cores = CPU seconds / wall seconds of the server process and of wrk. Conns per "
+              "process: the server's established connections in each of its processes, halfway through the run.", "",
               "| images/req | conns | ceiling req/s | /classify req/s | /classify img/s | p50 ms | p99 ms | errors "
-              "| bound img/s | ratio to bound | server cores | wrk cores |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| bound img/s | ratio to bound | server cores | wrk cores | conns per process |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for key, r in result["classify"].items():
         c, q = result["ceiling"][key], s["ratios"][key]
         ratio = f"{100 * q['ratio']:.0f} %" if q["valid"] else f"not valid ({100 * q['ratio']:.0f} %, errors)"
         lines.append(f"| {r['images_per_request']} | {r['connections']} | {c['rps']:.0f} | {r['rps']:.0f} | "
                      f"{r['images_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | "
                      f"{q['bound_images_per_s']:.0f} | {ratio} | {r.get('server_cores')} | "
-                     f"{r.get('wrk_cores')} |")
+                     f"{r.get('wrk_cores')} | {'/'.join(map(str, r.get('connection_split') or [])) or '-'} |")
     if not all(q["valid"] for q in s["ratios"].values()):
         lines += ["", "A point with errors (shed 429/503, timeouts, resets) in the ceiling or the /classify run is "
                   "not valid: its req/s and img/s count answered requests only, and no target is judged on it."]

@@ -104,3 +104,66 @@ def test_attack_latency_waits_out_shedding_and_times_answered_requests_only(benc
     md = bench.markdown(_result(bench, [a, shed]))
     assert "| 5 (4) | 152 | 153 | 150.0 |" in md
     assert "| 2 (0) | - | - | None |" in md
+
+
+PROC_NET_TCP = """  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1001 1 0 100 0 0 10 0
+   1: 0100007F:1F90 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 1002 1 0 20 4 30 10 -1
+   2: 0100007F:D431 0100007F:1F90 01 00000000:00000000 00:00000000 00000000     0        0 1003 1 0 20 4 30 10 -1
+   3: 0100007F:1F90 0100007F:D432 06 00000000:00000000 03:00000F9B 00000000     0        0 0 3 0 0 0 0 0
+   4: 0100007F:1F91 0100007F:D433 01 00000000:00000000 00:00000000 00000000     0        0 1004 1 0 20 4 30 10 -1
+"""
+
+
+def test_port_inodes_are_the_servers_side_of_its_port(bench: ModuleType) -> None:
+    """Port 8080 (0x1F90): the client's end (local port 0xD431), a TIME_WAIT (06) and another port's connection are
+    not the server's established connections; the listening socket is found by its own state."""
+    assert bench.port_inodes(PROC_NET_TCP, 8080, bench.ESTABLISHED) == {1002}
+    assert bench.port_inodes(PROC_NET_TCP, 8080, bench.LISTEN) == {1001}
+    assert bench.port_inodes(PROC_NET_TCP, 8081, bench.ESTABLISHED) == {1004}
+    assert bench.port_inodes(PROC_NET_TCP, 9999, bench.ESTABLISHED) == set()
+
+
+# a listening parent that forks two children in turn: the first accepts three connections, the second one; a
+# third child holds no socket of the port (as multiprocessing's resource tracker beside uvicorn's workers)
+SPLIT_SERVER = r"""
+import os, socket, sys, time
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(16)
+print(s.getsockname()[1], flush=True)
+if os.fork() == 0:
+    s.close(); time.sleep(60); os._exit(0)
+for n in (3, 1):
+    r, w = os.pipe()
+    if os.fork() == 0:
+        held = [s.accept()[0] for _ in range(n)]
+        os.write(w, b"x"); print(f"accepted {n}", flush=True); time.sleep(60); os._exit(0)
+    os.read(r, 1)
+time.sleep(60)
+"""
+
+
+def test_connection_split_counts_each_worker_process_connections(bench: ModuleType) -> None:
+    """Real sockets on loopback: a server whose two worker processes hold 3 and 1 of its 4 connections reads [3, 1]
+    (what serve_bench prints for SATML_WORKERS=2, where the OS decides the split)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    clients: list[socket.socket] = []
+    with subprocess.Popen([sys.executable, "-c", SPLIT_SERVER], stdout=subprocess.PIPE, text=True,
+                          start_new_session=True) as server:
+        assert server.stdout is not None
+        try:
+            port = int(server.stdout.readline())
+            clients += [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+            assert server.stdout.readline().strip() == "accepted 3"
+            clients.append(socket.create_connection(("127.0.0.1", port)))
+            assert server.stdout.readline().strip() == "accepted 1"
+            assert bench.connection_split(server.pid, port) == [3, 1]
+            assert bench.connection_split(server.pid, port + 1 if port < 65535 else port - 1) == [0]  # no worker
+        finally:
+            os.killpg(server.pid, signal.SIGKILL)  # the parent and both forked children
+            for c in clients:
+                c.close()
