@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     # uvicorn worker processes, each with its own copy of every model (memory x workers; benchmarks/README.md
     # measures what a second process buys on 2 cores); the OS spreads connections over them
     workers: Annotated[int, Field(ge=1, le=64)] = 1
+    # with workers > 1: each process listens on a socket of its own (SO_REUSEPORT, Linux), so the kernel spreads
+    # connections over the processes by a hash of their addresses; off: one shared socket, where the first process
+    # to wake accepts every pending connection (wrk's 32 connections split 30/2 in benchmarks/README.md)
+    reuse_port: bool = True
     # intra-op threads of torch and onnxruntime in each process; None: torch's default (one per core) with one
     # worker or with loop batching (a lone request gets them all, loaded batches one: `small_batch_limit`), cores /
     # workers with several worker-thread processes (so N processes do not oversubscribe the cores)

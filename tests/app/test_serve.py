@@ -56,6 +56,48 @@ def test_invalid_settings_exit_with_a_message(name: str, value: str) -> None:
     assert out.returncode != 0 and field in out.stderr and "Traceback" not in out.stderr
 
 
+def test_per_worker_sockets_share_a_port_that_no_other_server_holds(request: pytest.FixtureRequest) -> None:
+    """SATML_REUSE_PORT (workers > 1): sockets made for the workers bind one port together and each listens; a port
+    another server already listens on is refused at start with a message (SO_REUSEPORT alone would have joined
+    it), and port 0 becomes one port the OS chose, for every worker."""
+    import signal
+    import socket
+
+    import uvicorn
+    from uvicorn.supervisors.multiprocess import SIGNALS
+
+    from app.serve import ReusePortMultiprocess, reuse_port_socket
+
+    handlers = {sig: signal.getsignal(sig) for sig in SIGNALS}  # the supervisor takes them over: give them back
+
+    def restore() -> None:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+    request.addfinalizer(restore)
+    config = uvicorn.Config("app.serve:worker_app", factory=True, host="127.0.0.1", port=0, workers=2)
+    supervisor = ReusePortMultiprocess(config)
+    assert config.port != 0
+    a, b = supervisor.supervisor.sockets[0], supervisor.supervisor.sockets[0]  # one new socket per worker started
+    try:
+        assert a is not b and a.getsockname()[1] == b.getsockname()[1] == config.port
+        a.listen()
+        b.listen()
+        with socket.create_connection(("127.0.0.1", config.port)):
+            pass
+    finally:
+        a.close()
+        b.close()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit, match=f"cannot bind 127.0.0.1:{port}"):
+            ReusePortMultiprocess(uvicorn.Config("app.serve:worker_app", host="127.0.0.1", port=port, workers=2))
+        with pytest.raises(OSError):
+            reuse_port_socket("127.0.0.1", port).close()
+
+
 def test_real_server(server: str) -> None:
     images, labels = toy_images(2, seed=51)
     with httpx.Client(base_url=server, timeout=REQUEST_TIMEOUT_S) as c:
@@ -101,6 +143,33 @@ def worker_pids(proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> set[st
     return set(out.stdout.split())
 
 
+def listening(port: int) -> set[int]:
+    """Inodes of the sockets listening on `port` (Linux /proc/net/tcp and tcp6: state 0A, hex local port)."""
+    rows = [ln.split() for f in ("tcp", "tcp6") for ln in Path(f"/proc/net/{f}").read_text().splitlines()[1:]]
+    return {int(r[9]) for r in rows if r[3] == "0A" and int(r[1].rsplit(":", 1)[1], 16) == port}
+
+
+def sockets_of(pid: int | str) -> set[int]:
+    """Inodes of the sockets process `pid` holds open."""
+    links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+    return {int(ln[8:-1]) for ln in links if ln.startswith("socket:[")}
+
+
+def wait_socket_per_worker(port: int, master: int, workers: set[str], timeout_s: float = 30) -> None:
+    """Each worker listens on a socket of its own on `port` and the master holds none of them (a listening socket
+    nobody accepts on would still take its hash share of new connections). Polled: a worker listens only after
+    its lifespan startup (its models loaded)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        socks = listening(port)
+        owned = [sockets_of(w) & socks for w in workers]
+        if len(socks) == len(workers) and all(len(o) == 1 for o in owned) and not sockets_of(master) & socks:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"listening {socks}, per worker {owned}, master {sockets_of(master) & socks}")
+        time.sleep(0.1)
+
+
 def live_gauges(temp: Path, pids: set[str]) -> list[Path]:
     """The live gauge files of `pids` in satml-serve's metrics folder under `temp` (written as a process starts)."""
     return [f for pid in pids for f in temp.glob(f"satml-metrics-*/gauge_live*_{pid}.db")]
@@ -122,9 +191,10 @@ def wait_all_loaded(c: httpx.Client, proc: subprocess.Popen[bytes], temp: Path, 
 
 @pytest.mark.slow
 def test_several_worker_processes_serve_the_same_answers(good_root: Path, tmp_path: Path) -> None:
-    """--workers 2: uvicorn runs two processes, each with its own models (flags reach them through SATML_*),
-    every request is answered alike, /metrics counts the requests of both processes, and SIGTERM stops them all
-    (and removes the metrics folder satml-serve made for them)."""
+    """--workers 2: uvicorn runs two processes, each with its own models (flags reach them through SATML_*) and
+    its own listening socket on the port (SO_REUSEPORT), every request is answered alike, /metrics counts the
+    requests of both processes, and SIGTERM stops them all (and removes the metrics folder satml-serve made for
+    them)."""
     port = free_port()
     temp = tmp_path / "tmp"  # where satml-serve makes its metrics folder
     temp.mkdir()
@@ -141,7 +211,8 @@ def test_several_worker_processes_serve_the_same_answers(good_root: Path, tmp_pa
         assert len(children) >= 2, f"two worker processes (and uvicorn's helpers) under the master: {children}"
         images, _ = toy_images(1, seed=52)
         with httpx.Client(base_url=url, timeout=REQUEST_TIMEOUT_S, headers={"Connection": "close"}) as c:
-            wait_all_loaded(c, proc, temp, models=2)
+            pids = wait_all_loaded(c, proc, temp, models=2)
+            wait_socket_per_worker(port, proc.pid, pids)  # SATML_REUSE_PORT, the default
             # a connection per request, so that the OS hands requests to both processes
             answers = [c.post("/classify", files=[("files", ("x.png", png(images[0]), "image/png"))]).json()
                        for _ in range(N_REQUESTS)]
@@ -229,6 +300,7 @@ def test_a_process_whose_worker_died_is_replaced(good_root: Path, tmp_path: Path
                     break
                 time.sleep(0.2)
             assert len(now) == 2 and now != before, (before, now)
+            wait_socket_per_worker(port, proc.pid, now)  # the dead process's socket closed with it
             gone = before - now  # their live gauges (queue depth, health) left the merged /metrics as they ended
             assert not live_gauges(temp, gone) and len(live_gauges(temp, now)) >= 2 * len(now), sorted(
                 str(p.relative_to(temp)) for p in temp.rglob("*"))
