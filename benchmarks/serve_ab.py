@@ -151,7 +151,8 @@ def measure(result: dict[str, Any], r: int, v: Variant, base: str, pid: int, bod
     row = {"round": r, "variant": v.name, "point": f"{n}x{conns}", "images_per_s": out["rps"] * n, **out}
     result["runs"].append(row)
     print(f"round {r} {v.name:>12} {n}x{conns}: {row['images_per_s']:.0f} img/s, p50 {out['p50_ms']:.1f} ms, "
-          f"p99 {out['p99_ms']:.1f} ms, errors {out['errors']}", flush=True)
+          f"p99 {out['p99_ms']:.1f} ms, errors {out['errors']}, conns per process {out.get('connection_split')}",
+          flush=True)
 
 
 def paired_rounds(args: argparse.Namespace, variants: list[Variant], roots: dict[str, Path], bodies: dict[int, Path],
