@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if settings.reuse_port and hasattr(socket, "SO_REUSEPORT"):
             config = uvicorn.Config("app.serve:worker_app", factory=True, workers=settings.workers, **common)
-            ReusePortMultiprocess(config).run()
+            reuse_port_supervisor(config).run()
         else:
             uvicorn.run("app.serve:worker_app", factory=True, workers=settings.workers, **common)
     finally:
@@ -90,11 +90,15 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(own_dir, ignore_errors=True)
 
 
+def address_family(host: str) -> socket.AddressFamily:
+    """IPv6 for an address with a colon, else IPv4 (as uvicorn's own bind decides)."""
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def reuse_port_socket(host: str, port: int) -> socket.socket:
     """A TCP socket bound to (host, port) with SO_REUSEPORT, inheritable by a worker process; not listening yet
     (the worker's event loop listens on it)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock = socket.socket(address_family(host), socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # type: ignore[attr-defined,unused-ignore]
     sock.bind((host, port))
@@ -102,41 +106,36 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-class ReusePortMultiprocess:
+def reuse_port_supervisor(config: Any) -> Any:
     """uvicorn's worker supervisor (restarts, health pings, signals), but every worker it starts, the first ones and
     each replacement, gets a listening socket of its own on the same port (SO_REUSEPORT) instead of one shared
     socket: on a shared socket the first process to wake accepts all pending connections, and a burst of
     persistent ones (a load balancer's pool, wrk) can land almost all in one process. The kernel's hash split is
     ~binomial; the master keeps no reference to a worker's socket, so a dead worker's socket closes with it."""
+    from uvicorn.supervisors.multiprocess import Multiprocess
 
-    def __init__(self, config: Any) -> None:
-        from uvicorn.supervisors.multiprocess import Multiprocess
+    probe = socket.socket(address_family(config.host))
+    try:  # a plain bind first: SO_REUSEPORT alone would share a port another server of this user holds
+        probe.bind((config.host, config.port))
+        config.port = probe.getsockname()[1]  # port 0: the one the OS chose, for every worker
+    except OSError as e:
+        sys.exit(f"satml-serve: cannot bind {config.host}:{config.port}: {e}")
+    finally:
+        probe.close()
+    logging.getLogger("uvicorn.error").info(
+        "Uvicorn running on http://%s:%d with a SO_REUSEPORT socket per worker (Press CTRL+C to quit)",
+        config.host, config.port)
 
-        probe = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
-        try:  # a plain bind first: SO_REUSEPORT alone would share a port another server of this user holds
-            probe.bind((config.host, config.port))
-            config.port = probe.getsockname()[1]  # port 0: the one the OS chose, for every worker
-        except OSError as e:
-            sys.exit(f"satml-serve: cannot bind {config.host}:{config.port}: {e}")
-        finally:
-            probe.close()
-        logging.getLogger("uvicorn.error").info(
-            "Uvicorn running on http://%s:%d with a SO_REUSEPORT socket per worker (Press CTRL+C to quit)",
-            config.host, config.port)
+    class PerWorkerSockets(Multiprocess):
+        @property  # read once for each worker uvicorn starts (the first ones and every replacement)
+        def sockets(self) -> list[socket.socket]:
+            return [reuse_port_socket(config.host, config.port)]
 
-        class PerWorkerSockets(Multiprocess):
-            @property  # read once for each worker uvicorn starts (the first ones and every replacement)
-            def sockets(self) -> list[socket.socket]:
-                return [reuse_port_socket(config.host, config.port)]
+        @sockets.setter
+        def sockets(self, value: list[socket.socket]) -> None:
+            pass  # uvicorn's own assignment of the shared list
 
-            @sockets.setter
-            def sockets(self, value: list[socket.socket]) -> None:
-                pass  # uvicorn's own assignment of the shared list
-
-        self.supervisor = PerWorkerSockets(config, sockets=[])
-
-    def run(self) -> None:
-        self.supervisor.run()
+    return PerWorkerSockets(config, sockets=[])
 
 
 def worker_app() -> Any:

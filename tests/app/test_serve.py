@@ -66,7 +66,7 @@ def test_per_worker_sockets_share_a_port_that_no_other_server_holds(request: pyt
     import uvicorn
     from uvicorn.supervisors.multiprocess import SIGNALS
 
-    from app.serve import ReusePortMultiprocess, reuse_port_socket
+    from app.serve import reuse_port_socket, reuse_port_supervisor
 
     handlers = {sig: signal.getsignal(sig) for sig in SIGNALS}  # the supervisor takes them over: give them back
 
@@ -76,9 +76,9 @@ def test_per_worker_sockets_share_a_port_that_no_other_server_holds(request: pyt
 
     request.addfinalizer(restore)
     config = uvicorn.Config("app.serve:worker_app", factory=True, host="127.0.0.1", port=0, workers=2)
-    supervisor = ReusePortMultiprocess(config)
+    supervisor = reuse_port_supervisor(config)
     assert config.port != 0
-    a, b = supervisor.supervisor.sockets[0], supervisor.supervisor.sockets[0]  # one new socket per worker started
+    a, b = supervisor.sockets[0], supervisor.sockets[0]  # one new socket per worker started
     try:
         assert a is not b and a.getsockname()[1] == b.getsockname()[1] == config.port
         a.listen()
@@ -93,7 +93,7 @@ def test_per_worker_sockets_share_a_port_that_no_other_server_holds(request: pyt
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(SystemExit, match=f"cannot bind 127.0.0.1:{port}"):
-            ReusePortMultiprocess(uvicorn.Config("app.serve:worker_app", host="127.0.0.1", port=port, workers=2))
+            reuse_port_supervisor(uvicorn.Config("app.serve:worker_app", host="127.0.0.1", port=port, workers=2))
         with pytest.raises(OSError):
             reuse_port_socket("127.0.0.1", port).close()
 
