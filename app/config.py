@@ -36,8 +36,10 @@ class Settings(BaseSettings):
     runtime: Literal["auto", "torch", "onnxruntime"] = "auto"
     index: Literal["auto", "faiss-cpu", "faiss-gpu", "torch"] = "auto"  # k-NN backend; auto: best available
     # uvicorn worker processes, each with its own copy of every model (memory x workers; benchmarks/README.md
-    # measures what a second process buys on 2 cores); the OS spreads connections over them
-    workers: Annotated[int, Field(ge=1, le=64)] = 1
+    # measures what a second process buys on 2 cores); the OS spreads connections over them. auto: `satml-serve`
+    # picks (`auto_workers`: 2 on a CPU-only host with 2 cores, the measured case, else 1); an app built any other
+    # way (tests, Ray Serve replicas, an embedding program) is one process
+    workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
     # with workers > 1: each process listens on a socket of its own (SO_REUSEPORT, Linux), so the kernel spreads
     # connections over the processes by a hash of their addresses; off: one shared socket, where the first process
     # to wake accepts every pending connection (wrk's 32 connections split 30/2 in benchmarks/README.md)
@@ -166,9 +168,14 @@ class Settings(BaseSettings):
     # orchestrator's kill timeout (compose stop_grace_period: 20 s)
     shutdown_grace_s: Annotated[float, Field(gt=0, le=300)] = 15.0
 
+    def processes(self) -> int:
+        """The worker processes this app is one of: `workers`, with `auto` read as 1 (`satml-serve` resolves auto
+        before it starts several, and passes the number on to each)."""
+        return 1 if self.workers == "auto" else self.workers
+
     def batches_on_loop(self) -> bool:
         """Whether CPU models batch on the event loop (`loop_batching`; auto: with several worker processes)."""
-        return self.loop_batching == "on" or (self.loop_batching == "auto" and self.workers > 1)
+        return self.loop_batching == "on" or (self.loop_batching == "auto" and self.processes() > 1)
 
     def threads_per_process(self) -> int | None:
         """The intra-op thread count to set in each serving process (None: leave torch's default)."""
@@ -176,7 +183,8 @@ class Settings(BaseSettings):
             return self.compute_threads
         if self.batches_on_loop():
             return None  # every core for a lone request; loaded batches take one (small_batch_limit)
-        return max(1, (os.cpu_count() or 1) // self.workers) if self.workers > 1 else None
+        n = self.processes()
+        return max(1, (os.cpu_count() or 1) // n) if n > 1 else None
 
     def small_batch_limit(self) -> int:
         """Batches up to this size run on one intra-op thread while other requests are in progress: with loop
@@ -225,7 +233,7 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.index == "faiss-gpu" and self.device == "cpu":
             raise ValueError("index 'faiss-gpu' needs device 'cuda' or 'auto', not 'cpu'")
-        if self.workers > 1 and self.state_dir is not None:
+        if self.processes() > 1 and self.state_dir is not None:
             # each process would keep its own live bank and rewrite the same overlay: one process's update would
             # silently drop the examples another had acknowledged
             raise ValueError("state_dir (added examples) needs one process: with workers > 1 each would keep its own "

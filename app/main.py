@@ -104,7 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.switch_interval_ms is not None:
             sys.setswitchinterval(settings.switch_interval_ms / 1000)
         # one of several processes: a dead batch worker ends this process, and uvicorn's supervisor starts a new one
-        on_death = end_this_process if settings.workers > 1 else None
+        on_death = end_this_process if settings.processes() > 1 else None
         registry = await run_in_threadpool(load_registry, settings, metrics, inflight.others, on_death)
         # only when nothing is frozen yet: an app started inside another's lifetime (tests) leaves the outer one's
         # freeze alone, and does not unfreeze it at its own shutdown

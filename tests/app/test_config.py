@@ -74,9 +74,23 @@ def test_loop_batching_is_on_with_several_processes_unless_set() -> None:
     assert Settings(max_batch=64, small_batch_max=16).small_batch_limit() == 16
 
 
+def test_auto_workers_is_one_process_inside_an_app(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`auto` (the default) is resolved by satml-serve before it starts several processes; an app built any other
+    way (tests, a Ray Serve replica) is one process: no loop batching, no per-process thread split."""
+    monkeypatch.setenv("SATML_WORKERS", "auto")
+    assert Settings().workers == "auto" and Settings().processes() == 1
+    assert not Settings().batches_on_loop() and Settings().threads_per_process() is None
+    monkeypatch.setenv("SATML_WORKERS", "2")
+    assert Settings().workers == 2 and Settings().processes() == 2 and Settings().batches_on_loop()
+    monkeypatch.setenv("SATML_WORKERS", "several")
+    with pytest.raises(ValueError, match="workers"):
+        Settings()
+
+
 def test_added_examples_need_one_process(tmp_path: Path) -> None:
     """Several processes would each rewrite the same overlay and lose each other's acknowledged examples."""
     with pytest.raises(ValueError, match="needs one process"):
         Settings(workers=2, state_dir=tmp_path)
     assert Settings(workers=1, state_dir=tmp_path).state_dir == tmp_path
     assert Settings(workers=2).state_dir is None
+    assert Settings(state_dir=tmp_path).state_dir == tmp_path, "auto (the default) takes one process with a state dir"

@@ -56,6 +56,51 @@ def test_invalid_settings_exit_with_a_message(name: str, value: str) -> None:
     assert out.returncode != 0 and field in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("settings, cores, gpu, expected", [
+    ({}, 2, False, 2),  # the measured case: a CPU-only host with 2 cores
+    ({}, 1, False, 1),
+    ({}, 4, False, 1),  # more cores: not measured (each loaded batch would get one thread)
+    ({}, 2, True, 1),  # device auto with an NVIDIA driver: one process batches for the card
+    ({"device": "cuda"}, 2, False, 1),
+    ({"device": "cpu"}, 2, True, 2),  # told to use the CPU: the driver does not matter
+    ({"state_dir": "STATE"}, 2, False, 1),  # live bank updates: one bank, one process
+])
+def test_auto_workers(settings: dict[str, str], cores: int, gpu: bool, expected: int, tmp_path: Path) -> None:
+    from app.config import Settings
+    from app.serve import auto_workers
+
+    values = {k: tmp_path if v == "STATE" else v for k, v in settings.items()}
+    assert auto_workers(Settings(**values), cores, gpu) == expected
+
+
+@pytest.mark.slow
+def test_default_workers_follow_auto(good_root: Path, tmp_path: Path) -> None:
+    """No SATML_WORKERS: satml-serve starts as many processes as `auto_workers` says for this machine (2 on the
+    2-core CI machine), and says so in its log."""
+    from app.config import Settings
+    from app.serve import auto_workers, nvidia_driver_present
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SATML_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+    expected = auto_workers(Settings(), os.cpu_count() or 1, nvidia_driver_present())
+    port = free_port()
+    log = (tmp_path / "server.log").open("w+")
+    proc = subprocess.Popen([sys.executable, "-m", "app.serve", "--port", str(port), "--artifacts-dir", str(good_root)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_ready(lambda: proc.poll() is None, f"http://127.0.0.1:{port}/health/ready", poll_s=0.2)
+        deadline = time.monotonic() + 60
+        while len(worker_pids(proc)) != (expected if expected > 1 else 0) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(worker_pids(proc)) == (expected if expected > 1 else 0), "one process serves in the master itself"
+    finally:
+        stop(proc, 30)
+        log.seek(0)
+        text = log.read()
+        log.close()
+    plural = "" if expected == 1 else "es"
+    assert f"workers auto: {expected} process{plural} ({os.cpu_count()} cores" in text, text[-3000:]
+
+
 def test_per_worker_sockets_share_a_port_that_no_other_server_holds(request: pytest.FixtureRequest) -> None:
     """SATML_REUSE_PORT (workers > 1): sockets made for the workers bind one port together and each listens; a port
     another server already listens on is refused at start with a message (SO_REUSEPORT alone would have joined
