@@ -143,6 +143,7 @@ def main() -> None:
     base = seeds(nrng)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SATML_")}
+    env["SATML_WORKERS"] = "1"  # one process: the memory sampled is the server's own
     log_path = Path(tempfile.mkdtemp(prefix="fuzz_")) / "server.log"  # kept for a look when a 5xx shows up
     Path(a.out).mkdir(parents=True, exist_ok=True)
     server = subprocess.Popen([sys.executable, "-m", "app.serve", "--port", str(port), "--artifacts-dir", a.artifacts,

@@ -67,6 +67,7 @@ def _replicas_up(want: int) -> bool:
 def bench_one(label: str, cmd: list[str], port: int, bodies: dict[int, Path], duration_s: float,
               log_path: Path) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SATML_")}
+    env["SATML_WORKERS"] = "1"  # the "1 process" row; Serve's replicas are one process each anyway
     url = f"http://127.0.0.1:{port}"
     with log_path.open("wb") as logf:
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT,

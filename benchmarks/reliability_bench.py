@@ -87,7 +87,8 @@ def main() -> None:
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SATML_")}
-    env.update(OMP_NUM_THREADS="1", SATML_DEVICE="cpu", SATML_LOG_LEVEL="warning")
+    # one process (SATML_WORKERS=1): the memory sampled is the server's own, not a supervisor's
+    env.update(OMP_NUM_THREADS="1", SATML_DEVICE="cpu", SATML_LOG_LEVEL="warning", SATML_WORKERS="1")
     proc = subprocess.Popen([sys.executable, "-m", "app.serve", "--port", str(port), "--artifacts-dir",
                              str(args.artifacts.resolve())], cwd=args.code, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

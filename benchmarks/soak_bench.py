@@ -206,6 +206,7 @@ def server(env: dict[str, str] | None = None, log_name: str = "server") -> Any:
     port = free_port()
     log_path = RESULTS / f".{log_name}.log"
     base = {k: v for k, v in os.environ.items() if not k.startswith("SATML_")}
+    base["SATML_WORKERS"] = "1"  # one process: the memory and descriptors sampled are the server's own
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "app.serve", "--port", str(port), "--log-level", "warning"],
