@@ -170,11 +170,29 @@ def reuse_port_supervisor(config: Any) -> Any:
     return PerWorkerSockets(config, sockets=[])
 
 
+def exit_with_parent() -> None:
+    """Linux: have the kernel send this worker SIGTERM (a graceful stop) when the supervisor that started it dies.
+    uvicorn's workers otherwise outlive a SIGKILLed or crashed supervisor and keep serving on their own sockets,
+    with nobody to restart or stop them. If the supervisor died before the request took hold, stop now."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import multiprocessing
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def worker_app() -> Any:
     """The app of one of several worker processes: settings from the environment, logging as `main` sets it."""
     from app.logs import configure_logging
     from app.main import create_app
 
+    exit_with_parent()
     settings = Settings()
     configure_logging(settings.log_level)
     logging.getLogger("uvicorn.access").disabled = True  # as access_log=False does in one process: app.access logs

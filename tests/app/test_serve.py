@@ -101,6 +101,45 @@ def test_default_workers_follow_auto(good_root: Path, tmp_path: Path) -> None:
     assert f"workers auto: {expected} process{plural} ({os.cpu_count()} cores" in text, text[-3000:]
 
 
+@pytest.mark.slow
+def test_workers_stop_when_their_supervisor_is_killed(good_root: Path, tmp_path: Path) -> None:
+    """A SIGKILLed (or crashed) supervisor takes its workers with it (app.serve.exit_with_parent): without that they
+    kept serving on their own sockets with nobody to restart or stop them."""
+    import signal
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SATML_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+    port = free_port()
+    log = (tmp_path / "server.log").open("w+")
+    proc = subprocess.Popen([sys.executable, "-m", "app.serve", "--port", str(port), "--artifacts-dir", str(good_root),
+                             "--workers", "2"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    workers: set[str] = set()
+    try:
+        wait_ready(lambda: proc.poll() is None, f"{url}/health/ready", poll_s=0.2)
+        deadline = time.monotonic() + 60
+        while len(workers := worker_pids(proc)) != 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(workers) == 2
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{w}").exists() for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        alive = [w for w in workers if Path(f"/proc/{w}").exists()]
+        assert not alive, f"workers outlived their supervisor: {alive}"
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{url}/health/live", timeout=2)
+    finally:
+        for w in workers:
+            if Path(f"/proc/{w}").exists():
+                os.kill(int(w), signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+        log.seek(0)
+        print(log.read()[-3000:])
+        log.close()
+
+
 def test_per_worker_sockets_share_a_port_that_no_other_server_holds(request: pytest.FixtureRequest) -> None:
     """SATML_REUSE_PORT (workers > 1): sockets made for the workers bind one port together and each listens; a port
     another server already listens on is refused at start with a message (SO_REUSEPORT alone would have joined

@@ -76,6 +76,7 @@ def test_satml_serve_bounds_graceful_shutdown(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(app.logs, "configure_logging", lambda level: None)  # keep pytest's log handlers
     monkeypatch.setenv("SATML_SHUTDOWN_GRACE_S", "7.5")
     monkeypatch.setenv("SATML_ARTIFACTS_DIR", "/nonexistent")
+    monkeypatch.setenv("SATML_WORKERS", "1")  # one process: uvicorn.run (auto would start a supervisor on 2 cores)
     app.serve.main([])
     assert seen["timeout_graceful_shutdown"] == 8 == app.serve.graceful_timeout(Settings(shutdown_grace_s=7.5))
     assert Settings().shutdown_grace_s < 20  # compose's stop_grace_period kills at 20 s

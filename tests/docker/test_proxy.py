@@ -30,6 +30,7 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[tuple[su
     root = tmp_path_factory.mktemp("artifacts")
     export_toy(root / "default", 0, name="toy-sat")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SATML_")}
+    env["SATML_WORKERS"] = "1"  # a replica is one process: SIGKILL below takes the whole replica down
     procs = []
     try:
         for i in range(2):
