@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -65,11 +66,11 @@ def test_invalid_settings_exit_with_a_message(name: str, value: str) -> None:
     ({"device": "cpu"}, 2, True, 2),  # told to use the CPU: the driver does not matter
     ({"state_dir": "STATE"}, 2, False, 1),  # live bank updates: one bank, one process
 ])
-def test_auto_workers(settings: dict[str, str], cores: int, gpu: bool, expected: int, tmp_path: Path) -> None:
+def test_auto_workers(settings: dict[str, Any], cores: int, gpu: bool, expected: int, tmp_path: Path) -> None:
     from app.config import Settings
     from app.serve import auto_workers
 
-    values = {k: tmp_path if v == "STATE" else v for k, v in settings.items()}
+    values: dict[str, Any] = {k: tmp_path if v == "STATE" else v for k, v in settings.items()}
     assert auto_workers(Settings(**values), cores, gpu) == expected
 
 
@@ -80,7 +81,7 @@ def test_default_workers_follow_auto(good_root: Path, tmp_path: Path) -> None:
     from app.config import Settings
     from app.serve import auto_workers, nvidia_driver_present
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SATML_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+    env = serve_env()
     expected = auto_workers(Settings(), os.cpu_count() or 1, nvidia_driver_present())
     port = free_port()
     log = (tmp_path / "server.log").open("w+")
@@ -88,10 +89,8 @@ def test_default_workers_follow_auto(good_root: Path, tmp_path: Path) -> None:
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_ready(lambda: proc.poll() is None, f"http://127.0.0.1:{port}/health/ready", poll_s=0.2)
-        deadline = time.monotonic() + 60
-        while len(worker_pids(proc)) != (expected if expected > 1 else 0) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert len(worker_pids(proc)) == (expected if expected > 1 else 0), "one process serves in the master itself"
+        # one process serves in the master itself: no worker processes under it
+        assert len(wait_worker_count(proc, expected if expected > 1 else 0)) == (expected if expected > 1 else 0)
     finally:
         stop(proc, 30)
         log.seek(0)
@@ -107,7 +106,7 @@ def test_workers_stop_when_their_supervisor_is_killed(good_root: Path, tmp_path:
     kept serving on their own sockets with nobody to restart or stop them."""
     import signal
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SATML_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+    env = serve_env()
     port = free_port()
     log = (tmp_path / "server.log").open("w+")
     proc = subprocess.Popen([sys.executable, "-m", "app.serve", "--port", str(port), "--artifacts-dir", str(good_root),
@@ -116,9 +115,7 @@ def test_workers_stop_when_their_supervisor_is_killed(good_root: Path, tmp_path:
     workers: set[str] = set()
     try:
         wait_ready(lambda: proc.poll() is None, f"{url}/health/ready", poll_s=0.2)
-        deadline = time.monotonic() + 60
-        while len(workers := worker_pids(proc)) != 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        workers = wait_worker_count(proc, 2)
         assert len(workers) == 2
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
@@ -227,6 +224,19 @@ def worker_pids(proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> set[st
     return set(out.stdout.split())
 
 
+def serve_env() -> dict[str, str]:
+    """This environment without SATML_* settings and without a metrics folder of another server."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("SATML_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+
+
+def wait_worker_count(proc: subprocess.Popen[bytes], n: int, timeout_s: float = 60) -> set[str]:
+    """`proc`'s worker processes once there are `n` of them (or whatever there are after `timeout_s`)."""
+    deadline = time.monotonic() + timeout_s
+    while len(pids := worker_pids(proc)) != n and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return pids
+
+
 def listening(port: int) -> set[int]:
     """Inodes of the sockets listening on `port` (Linux /proc/net/tcp and tcp6: state 0A, hex local port)."""
     rows = [ln.split() for f in ("tcp", "tcp6") for ln in Path(f"/proc/net/{f}").read_text().splitlines()[1:]]
@@ -282,7 +292,7 @@ def test_several_worker_processes_serve_the_same_answers(good_root: Path, tmp_pa
     port = free_port()
     temp = tmp_path / "tmp"  # where satml-serve makes its metrics folder
     temp.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SATML_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+    env = serve_env()
     env["TMPDIR"] = str(temp)
     log = (tmp_path / "server.log").open("w+")
     proc = subprocess.Popen([sys.executable, "-m", "app.serve", "--port", str(port), "--artifacts-dir", str(good_root),
