@@ -208,7 +208,8 @@ def encoder_config(manifest: Manifest) -> EncoderConfig:
     """The EncoderConfig to rebuild before loading the weights (normalisation constants from `input`)."""
     enc, inp = manifest.encoder, manifest.input
     return EncoderConfig(arch=enc.arch, width=enc.width, proj_dim=enc.proj_dim, mean=tuple(inp.mean),  # type: ignore[arg-type]
-                         std=tuple(inp.std), reduce_dim=enc.reduce_dim)  # type: ignore[arg-type]
+                         std=tuple(inp.std), reduce_dim=enc.reduce_dim,  # type: ignore[arg-type]
+                         mirror_average=bool(enc.mirror_average))
 
 
 def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artifact:

@@ -30,12 +30,13 @@ def fmt_eps(eps: float) -> str:
 
 
 def _embedding(enc: EncoderSpec) -> str:
+    mirror = " averaged over the image and its mirror image" if enc.mirror_average else ""
     if enc.reduce_dim is None:
-        return f"{enc.embed_dim}-d L2-normalised embedding"
+        return f"{enc.embed_dim}-d L2-normalised embedding{mirror}"
     kept = enc.extra.get("reduce_explained_variance")
     share = f", {100 * kept:.1f} % of the bank's variance" if isinstance(kept, (int, float)) else ""
-    return (f"{8 * enc.width}-d L2-normalised features reduced to a {enc.reduce_dim}-d embedding by a PCA of the "
-            f"bank baked into the encoder{share}")
+    return (f"{8 * enc.width}-d L2-normalised features{mirror} reduced to a {enc.reduce_dim}-d embedding by a PCA of "
+            f"the bank baked into the encoder{share}")
 
 
 def render_card(manifest: Manifest) -> str:

@@ -44,7 +44,7 @@ from training.data import (
 )
 from training.evaluate import KnnModel, clean_accuracy, pgd_accuracy
 from training.manifest import EncoderSpec, InputSpec, KnnSpec, Manifest, Metrics, TrainingInfo
-from training.models import Encoder
+from training.models import Encoder, mirror_averaged
 from training.reduce import reduce_encoder
 
 log = logging.getLogger(__name__)
@@ -175,6 +175,7 @@ def export_artifact(
                         resize="bilinear to size x size, RGB"),
         encoder=EncoderSpec(arch=cfg.arch, width=cfg.width, proj_dim=cfg.proj_dim, mean=cfg.mean, std=cfg.std,
                             embed_dim=cfg.embed_dim, normalize=cfg.reduce_dim is None, reduce_dim=cfg.reduce_dim,
+                            mirror_average=True if cfg.mirror_average else None,
                             extra={"onnx_max_abs_diff": onnx_diff, **(encoder_extra or {})}),
         knn=KnnSpec(k=k, metric=metric, vote="majority"), bank_size=int(bank.shape[0]) // bank_views,
         bank_views=bank_views if bank_views > 1 else None,
@@ -245,6 +246,8 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     ds, val = load_split(args.data, split_of(ckpt["config"], args.val_size))
     if args.k > len(ds):
         raise ValueError(f"--k {args.k} exceeds the {len(ds)} images of the bank; pass --k {len(ds)} or less")
+    if args.mirror_average:  # before the bank and the PCA: both are fitted on what the served encoder returns
+        encoder = mirror_averaged(encoder).to(device)
     emb = knn.embed(encoder, ds.images, device=device, progress=True)
     labels = torch.as_tensor(ds.labels).long()
     dtype = torch.float16 if args.fp16 else torch.float32
@@ -323,6 +326,9 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--bank-mirror", action="store_true",
                    help="add the embeddings of the bank images mirrored left-right (twice the rows; "
                         "benchmarks/bank_screen.py measures what it buys)")
+    p.add_argument("--mirror-average", action="store_true",
+                   help="serve the mean embedding of each image and its mirror image (the bank too): twice the "
+                        "encoder's cost per image; attacks differentiate through both halves")
     p.add_argument("--trained-on", default="unknown", help="hardware the run trained on, for the card")
     metrics_args(p)
     common(p)

@@ -105,6 +105,8 @@ class EncoderSpec(_Section):
     embed_dim: int | None = None
     normalize: bool = True
     reduce_dim: int | None = None  # the export-time PCA map's output size (EncoderConfig.reduce_dim); None: no map
+    # true: the embedding is the mean over the image and its mirror image (EncoderConfig); None (omitted): not
+    mirror_average: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. onnx_max_abs_diff (null when no ONNX was written)
 
     @classmethod
@@ -113,7 +115,8 @@ class EncoderSpec(_Section):
         return cls(arch=str(_need(d, "arch", "encoder.")), width=int(_need(d, "width", "encoder.")),
                    proj_dim=int(d.get("proj_dim", 128)), mean=_opt(d, "mean", _floats), std=_opt(d, "std", _floats),
                    embed_dim=_opt(d, "embed_dim", int), normalize=bool(d.get("normalize", True)),
-                   reduce_dim=_opt(d, "reduce_dim", int), extra=_extra(d, cls))
+                   reduce_dim=_opt(d, "reduce_dim", int), mirror_average=_opt(d, "mirror_average", bool),
+                   extra=_extra(d, cls))
 
 
 @dataclass(kw_only=True)

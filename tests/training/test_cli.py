@@ -153,3 +153,44 @@ def test_export_bank_mirror_adds_the_mirrored_images(tiny_cifar: Path, tmp_path:
     assert val is not None and len(val) == 16
     assert calibrate_artifact(art_dir, tiny_cifar)["n"] == 16  # the split checks against 64 images, not 128 rows
     assert "mirror images" in (art_dir / "card.md").read_text()
+
+
+def test_export_mirror_average_serves_the_mean_over_the_mirror_image(tiny_cifar: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`--mirror-average`: the manifest records it, the loaded encoder and the ONNX graph both average over the
+    mirror image (an image and its mirror image get the same embedding), the bank holds those embeddings and the
+    PCA is fitted on them; the card says so."""
+    import numpy as np
+    import torch
+
+    from training.artifact import onnx_session
+    from training.data import load_dataset, mirrored
+    from training.knn import embed
+
+    common = ["--data", str(tiny_cifar), "--device", "cpu"]
+    tiny = ["--arch", TINY_ENCODER["arch"], "--width", str(TINY_ENCODER["width"]),
+            "--proj-dim", str(TINY_ENCODER["proj_dim"])]
+    assert main(["train", "--method", "supervised", "--run-dir", str(tmp_path / "run"), *tiny, "--epochs", "1",
+                 "--batch-size", "16", "--val-size", "16", "--knn-k", "5", "--no-progress", *common]) == 0
+    capsys.readouterr()
+    art_dir = tmp_path / "avg"
+    assert main(["export", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--out", str(art_dir),
+                 "--name", "m", "--k", "5", "--n-robust", "0", "--reduce-dim", "8", "--mirror-average",
+                 *common]) == 0
+    manifest = verify_artifact(art_dir)
+    assert manifest.encoder.mirror_average and manifest.encoder.reduce_dim == 8
+    art = load_artifact(art_dir)
+    assert art.encoder.cfg.mirror_average and art.bank.shape == (64, 8)
+    images = load_dataset(str(tiny_cifar), "train").images[:64]
+    ours, theirs = embed(art.encoder, images), embed(art.encoder, mirrored(images))
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(art.bank, ours.half().float(), atol=2e-3, rtol=0)
+    assert abs(float(art.bank.mean(0).abs().max())) < 1e-2  # the PCA was centred on the averaged embeddings
+    x = torch.from_numpy(images[:4]).permute(0, 3, 1, 2).float().div(255)
+    sess = onnx_session(art_dir / "encoder.onnx", ["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    got = sess.run(None, {name: x.numpy()})[0]
+    got_mirror = sess.run(None, {name: np.ascontiguousarray(x.flip(3).numpy())})[0]
+    np.testing.assert_allclose(got, ours[:4].numpy(), atol=1e-4)
+    np.testing.assert_allclose(got_mirror, got, atol=1e-4)
+    assert "averaged over the image and its mirror image" in (art_dir / "card.md").read_text()

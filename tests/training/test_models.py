@@ -17,6 +17,7 @@ from training.models import (
     EncoderConfig,
     SupervisedModel,
     build_encoder,
+    mirror_averaged,
 )
 
 
@@ -98,6 +99,30 @@ def test_config_round_trip_through_json() -> None:
     assert d["embed_dim"] == 64 and d["arch"] == "resnet34"
     assert EncoderConfig.from_dict(d) == cfg
     assert EncoderConfig.from_dict({"arch": "resnet10", "unknown": 1}) == EncoderConfig(arch="resnet10")
+
+
+def test_mirror_average_is_the_mean_over_the_image_and_its_mirror() -> None:
+    """The served embedding of a mirror-averaged encoder: mean of the two normalised features, on the unit sphere,
+    the same for an image and its mirror image, differentiable, and the source encoder left as it was."""
+    enc = Encoder(EncoderConfig(arch="cnn8", width=2))
+    enc.train()(_images(8, seed=1))
+    enc.eval()
+    avg = mirror_averaged(enc)
+    assert avg.cfg.mirror_average and not enc.cfg.mirror_average and not avg.training
+    x = _images(3)
+    want = torch.nn.functional.normalize(enc(x) + enc(x.flip(3)), dim=1)
+    torch.testing.assert_close(avg(x), want)
+    torch.testing.assert_close(avg(x.flip(3)), avg(x))
+    assert not torch.allclose(enc(x), enc(x.flip(3)), atol=1e-3)  # the plain encoder is not mirror-invariant
+    torch.testing.assert_close(avg(x).norm(dim=1), torch.ones(3))
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(avg(xg)[:, 0].sum(), xg)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+    assert EncoderConfig.from_dict(json.loads(json.dumps(avg.cfg.to_dict()))) == avg.cfg
+    with pytest.raises(ValueError, match="already"):
+        mirror_averaged(avg)
+    with pytest.raises(ValueError, match="PCA"):
+        mirror_averaged(Encoder(EncoderConfig(arch="cnn8", width=2, reduce_dim=4)))
 
 
 @pytest.mark.parametrize(
