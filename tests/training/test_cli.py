@@ -121,6 +121,16 @@ def test_train_bank_export_evaluate_smoke(tiny_cifar: Path, tmp_path: Path, caps
     assert evaluated["robust"][0]["acc"] == manifest.metrics.robust[0].acc
 
 
+def _train_tiny_supervised(run_dir: Path, common: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """One epoch of the tiny supervised encoder into `run_dir` (16 validation images held out): a checkpoint to
+    export."""
+    tiny = ["--arch", TINY_ENCODER["arch"], "--width", str(TINY_ENCODER["width"]),
+            "--proj-dim", str(TINY_ENCODER["proj_dim"])]
+    assert main(["train", "--method", "supervised", "--run-dir", str(run_dir), *tiny, "--epochs", "1",
+                 "--batch-size", "16", "--val-size", "16", "--knn-k", "5", "--no-progress", *common]) == 0
+    capsys.readouterr()
+
+
 def test_export_bank_mirror_adds_the_mirrored_images(tiny_cifar: Path, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """`--bank-mirror`: the bank's second half is the served encoder's embedding of the same images mirrored,
@@ -132,11 +142,7 @@ def test_export_bank_mirror_adds_the_mirrored_images(tiny_cifar: Path, tmp_path:
     from training.knn import embed
 
     common = ["--data", str(tiny_cifar), "--device", "cpu"]
-    tiny = ["--arch", TINY_ENCODER["arch"], "--width", str(TINY_ENCODER["width"]),
-            "--proj-dim", str(TINY_ENCODER["proj_dim"])]
-    assert main(["train", "--method", "supervised", "--run-dir", str(tmp_path / "run"), *tiny, "--epochs", "1",
-                 "--batch-size", "16", "--val-size", "16", "--knn-k", "5", "--no-progress", *common]) == 0
-    capsys.readouterr()
+    _train_tiny_supervised(tmp_path / "run", common, capsys)
     art_dir = tmp_path / "mirror"
     assert main(["export", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--out", str(art_dir),
                  "--name", "m", "--k", "5", "--n-robust", "0", "--reduce-dim", "8", "--bank-mirror", *common]) == 0
@@ -168,11 +174,7 @@ def test_export_mirror_average_serves_the_mean_over_the_mirror_image(tiny_cifar:
     from training.knn import embed
 
     common = ["--data", str(tiny_cifar), "--device", "cpu"]
-    tiny = ["--arch", TINY_ENCODER["arch"], "--width", str(TINY_ENCODER["width"]),
-            "--proj-dim", str(TINY_ENCODER["proj_dim"])]
-    assert main(["train", "--method", "supervised", "--run-dir", str(tmp_path / "run"), *tiny, "--epochs", "1",
-                 "--batch-size", "16", "--val-size", "16", "--knn-k", "5", "--no-progress", *common]) == 0
-    capsys.readouterr()
+    _train_tiny_supervised(tmp_path / "run", common, capsys)
     art_dir = tmp_path / "avg"
     assert main(["export", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--out", str(art_dir),
                  "--name", "m", "--k", "5", "--n-robust", "0", "--reduce-dim", "8", "--mirror-average",
