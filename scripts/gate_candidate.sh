@@ -8,14 +8,16 @@
 # benchmarks/results/robustness_default_val1000_headline.md).
 # From the repository root after `make install-dev data`:
 #   scripts/gate_candidate.sh RUN DESCRIPTION     e.g. scripts/gate_candidate.sh runs/r26 "Robust self-supervised ..."
-# GATE_K=K exports the vote at k = K instead (a candidate that differs from another only in its vote).
+# GATE_K=K exports the vote at k = K instead (a candidate that differs from another only in its vote);
+# GATE_MIRROR=1 exports with --mirror-average (the embedding averaged over the image and its mirror image).
 # Writes RUN/art/default and RUN/val_gate/robustness.{md,json}.
 set -euo pipefail
 [ $# -eq 2 ] || { echo "usage: $0 RUN DESCRIPTION" >&2; exit 2; }
 command -v satml > /dev/null || { [ -x .venv/bin/satml ] && export PATH="$PWD/.venv/bin:$PATH"; }
 RUN=$1
 satml export --checkpoint "$RUN/robust/checkpoint.pt" --out "$RUN/art/default" --name default --data data \
-  --trained-on "2-core CPU" --k "${GATE_K:-75}" --reduce-dim 48 --description "$2"
+  --trained-on "2-core CPU" --k "${GATE_K:-75}" --reduce-dim 48 ${GATE_MIRROR:+--mirror-average} \
+  --description "$2"
 satml calibrate "$RUN/art/default" --data data
 BESIDE=${GATE_BESIDE-artifacts/default}
 satml robustness $BESIDE "$RUN/art/default" --data data --split validation --n-robust 1000 \

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# r29m (benchmarks/results/recipes.md, "The mirror-averaged embedding", twentieth session): r29's final weights,
+# untouched, exported with `--mirror-average` (the embedding averaged over the image and its mirror image, before
+# the PCA; the bank too) and voting with k = 75 as r29. Nothing trains: stage 1 puts r29's final checkpoint (committed
+# at d0ffc72, left the tree at 5434f38) into runs/r29m/robust from git history; stage 2 exports and runs the same
+# validation gate as r29's (its attacks cost twice r29's: two encoder passes per image).
+#   checkpoints/r29m/run.sh            restore the checkpoint (a no-op once there)
+#   STAGE=2 checkpoints/r29m/run.sh    export mirror-averaged + calibrate, then the headline-only validation gate
+#   checkpoints/r29m/chain.sh          both, then the pre-set verdicts (and the test suite if the gate passes)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+[ -x .venv/bin/satml ] && export PATH="$PWD/.venv/bin:$PATH"
+export OMP_WAIT_POLICY=PASSIVE
+case "${STAGE:-1}" in
+1) R=runs/r29m/robust
+   mkdir -p "$R"
+   for f in checkpoint.pt config.json metrics.jsonl pseudo_labels.npy; do
+     [ -f "$R/$f" ] || git show "d0ffc72:checkpoints/r29/state/robust/$f" > "$R/$f.part"
+     [ -f "$R/$f" ] || mv "$R/$f.part" "$R/$f"
+   done ;;
+2) GATE_MIRROR=1 scripts/gate_candidate.sh runs/r29m \
+     "Robust self-supervised cnn8 width 40 + k-NN (k=75), CPU-trained: the r17 SimCLR teacher (artifacts/ssl) widened, then label-free PGD-AT (N-FGSM at 8/255, EMA, AWP gamma 0.01) on the teacher's soft assignment (T=0.02) to 100 k-means clusters of its embedding, 40 ep; served embedding: the mean over the image and its mirror image, as a 48-d PCA of the bank baked into the encoder; no labels in encoder training" ;;
+*) echo "STAGE must be 1 or 2" >&2; exit 2 ;;
+esac
