@@ -85,6 +85,30 @@ def test_a_reduced_embedding_artifact_serves_the_training_library_answers(tmp_pa
         reg.close()
 
 
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_a_mirror_averaged_artifact_serves_one_answer_for_an_image_and_its_mirror(tmp_path: Path, runtime: str
+                                                                                 ) -> None:
+    """An artifact exported with `--mirror-average` (and a PCA after it) serves under both runtimes what the training
+    library answers, and the same embedding for an image and its mirror image (the server runs the averaged
+    encoder, not the plain one)."""
+    export_toy(tmp_path / "default", seed=0, name="default", reduce_dim=8, mirror_average=True)
+    reg = load_registry(make_settings(tmp_path, runtime=runtime, index="torch", device="cpu"), Metrics())
+    try:
+        m = reg.get("default")
+        assert m.artifact.encoder.cfg.mirror_average and m.runtime.startswith(runtime)
+        images, labels = toy_images(4, seed=11)
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+        pred, out = m.worker.submit(x).result(30)
+        _, z = unpack_output(m, out)
+        _, out_mirror = m.worker.submit(x.flip(3).contiguous()).result(30)
+        _, z_mirror = unpack_output(m, out_mirror)
+        assert torch.allclose(z, knn.embed(m.artifact.encoder, images), atol=1e-4)
+        assert torch.allclose(z_mirror, z, atol=1e-4)
+        assert torch.equal(pred, reference(tmp_path, "default", x)) and pred.tolist() == labels.tolist()
+    finally:
+        reg.close()
+
+
 @pytest.mark.parametrize("index_type", ["ivf_flat", "hnsw"])
 def test_approximate_index_types_serve_the_exact_answers_on_a_small_bank(good_root: Path, index_type: str) -> None:
     """SATML_INDEX_TYPE picks the faiss index (issue 16); auto then means faiss, and on the toy bank (every IVF cell

@@ -16,7 +16,7 @@ from PIL import Image
 
 from training import knn
 from training.export import export_artifact
-from training.models import Encoder, EncoderConfig
+from training.models import Encoder, EncoderConfig, mirror_averaged
 from training.reduce import reduce_encoder
 
 COLORS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.2, 0.9)}
@@ -42,10 +42,13 @@ def toy_encoder(seed: int) -> Encoder:
 
 
 def export_toy(out: Path, seed: int, *, name: str, method: str = "sat", onnx: bool = True,
-               reduce_dim: int | None = None) -> Path:
+               reduce_dim: int | None = None, mirror_average: bool = False) -> Path:
     """A complete artifact (weights, ONNX, bank of 192 embeddings, manifest, card) in `out`; `reduce_dim`: the
-    embedding reduced by a PCA of the bank baked into the encoder (`training.reduce`), as `--reduce-dim` exports."""
+    embedding reduced by a PCA of the bank baked into the encoder (`training.reduce`), as `--reduce-dim` exports;
+    `mirror_average`: the embedding averaged over the image and its mirror image, as `--mirror-average` exports."""
     encoder = toy_encoder(seed)
+    if mirror_average:
+        encoder = mirror_averaged(encoder)
     images, labels = toy_images(64, 100 + seed)
     bank = knn.embed(encoder, images)
     if reduce_dim:
