@@ -305,6 +305,10 @@ class BatchWorker:
                 _fail(j, e)
             return
         except BaseException:
+            if lane == 0:  # the worker's thread ends: readiness says so before the batch's callers hear of it
+                with self._lock:
+                    self._died = True
+                    self._cond.notify_all()
             for j in jobs:
                 _fail(j, WorkerClosed(f"batch worker {self.name} died"))
             raise

@@ -127,11 +127,15 @@ def test_a_dying_worker_fails_its_callers_then_reports_its_death_once() -> None:
 
     w = BatchWorker("m", setup, max_batch=1, max_wait_s=0, on_death=on_death)
     futures += [w.submit(images(i)) for i in range(3)]  # one runs (and dies), two wait behind it
+    # what the running batch's caller sees when its answer arrives (the callback runs in the worker's thread as the
+    # future fails): a server answering that caller 503 and then its readiness probe must not say "ok"
+    state_at_answer: list[str] = []
+    futures[0].add_done_callback(lambda _f: state_at_answer.append(w.state(10)))
     w.start()
     for f in futures:
         with pytest.raises(WorkerClosed):
             f.result(5)
-    assert w.state(10) == "dead"  # set before its callers fail
+    assert w.state(10) == "dead" and state_at_answer == ["dead"]  # set before its callers fail
     w.close()  # joins the thread: on_death has returned
     assert deaths == ["m"] and called_after == [True]
 
