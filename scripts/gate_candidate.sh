@@ -15,10 +15,17 @@ set -euo pipefail
 [ $# -eq 2 ] || { echo "usage: $0 RUN DESCRIPTION" >&2; exit 2; }
 command -v satml > /dev/null || { [ -x .venv/bin/satml ] && export PATH="$PWD/.venv/bin:$PATH"; }
 RUN=$1
-satml export --checkpoint "$RUN/robust/checkpoint.pt" --out "$RUN/art/default" --name default --data data \
-  --trained-on "2-core CPU" --k "${GATE_K:-75}" --reduce-dim 48 ${GATE_MIRROR:+--mirror-average} \
-  --description "$2"
-satml calibrate "$RUN/art/default" --data data
+# an artifact already exported and calibrated (a gate resumed on another machine, from scripts/candidate_state.sh) is
+# attacked as it is: exporting again could change its bytes (float rounding differs between CPUs), and with them the
+# model's identity that the per-attack cache is keyed by. Delete RUN/art to export again.
+if [ -f "$RUN/art/default/calibration.safetensors" ]; then
+  echo "gate: $RUN/art/default is exported and calibrated; attacking it as it is"
+else
+  satml export --checkpoint "$RUN/robust/checkpoint.pt" --out "$RUN/art/default" --name default --data data \
+    --trained-on "2-core CPU" --k "${GATE_K:-75}" --reduce-dim 48 ${GATE_MIRROR:+--mirror-average} \
+    --description "$2"
+  satml calibrate "$RUN/art/default" --data data
+fi
 BESIDE=${GATE_BESIDE-artifacts/default}
 satml robustness $BESIDE "$RUN/art/default" --data data --split validation --n-robust 1000 \
   --headline-only --transfer-source none --out "$RUN/val_gate" --cache-dir runs/val1000_cache --no-progress

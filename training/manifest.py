@@ -308,5 +308,7 @@ class Manifest(_Section):
         served = f"{files['encoder.safetensors']}:{files['bank.safetensors']}"
         if (v.k, v.metric, v.vote) != (75, "l2", "majority"):  # keeps every earlier model's identity (and cache)
             served += f":k={v.k}:{v.metric}:{v.vote}"
+        if self.encoder.mirror_average:  # the same weights averaged over the mirror image are another function
+            served += ":mirror_average"
         return hashlib.sha256(served.encode()).hexdigest()
 

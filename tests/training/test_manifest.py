@@ -95,6 +95,9 @@ def test_model_identity_includes_the_vote(tiny_artifact: Path) -> None:
         ids[(k, metric)] = spec.model_sha256
     assert ids[(75, "l2")] == legacy
     assert len(set(ids.values())) == 3
+    spec.knn.k, spec.knn.metric = 75, "l2"
+    spec.encoder.mirror_average = True
+    assert spec.model_sha256 not in ids.values()
 
 
 def test_update_artifact_rehashes_and_the_update_round_trips(tiny_artifact: Path) -> None:
