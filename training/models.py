@@ -259,6 +259,12 @@ def mirror_averaged(encoder: Encoder) -> Encoder:
         raise ValueError("the encoder already averages over the mirror image")
     if encoder.cfg.reduce_dim is not None:
         raise ValueError("average over the mirror image before the PCA map is fitted (the map is fitted on its output)")
-    out = Encoder(dataclasses.replace(encoder.cfg, mirror_average=True))
-    out.load_state_dict({k: v.detach().cpu() for k, v in encoder.state_dict().items()})
+    return rebuilt(encoder, mirror_average=True)
+
+
+def rebuilt(encoder: Encoder, new_weights: dict[str, Tensor] | None = None, **changes: Any) -> Encoder:
+    """A new Encoder (CPU, eval mode) with `changes` to `encoder`'s config and its weights, plus `new_weights` for
+    the modules the changes add: the export-time variants (`mirror_averaged`, `training.reduce.reduce_encoder`)."""
+    out = Encoder(dataclasses.replace(encoder.cfg, **changes))
+    out.load_state_dict({k: v.detach().cpu() for k, v in encoder.state_dict().items()} | (new_weights or {}))
     return out.eval()

@@ -11,12 +11,10 @@ not re-normalised (L2 distances of the PCA coordinates approximate the full embe
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import Tensor
 
-from training.models import Encoder
+from training.models import Encoder, rebuilt
 
 
 def pca_map(emb: Tensor, dim: int) -> tuple[Tensor, Tensor, float]:
@@ -46,9 +44,5 @@ def reduce_encoder(encoder: Encoder, bank: Tensor, dim: int) -> tuple[Encoder, T
     if bank.shape[1] != cfg.feature_dim:
         raise ValueError(f"bank rows have {bank.shape[1]} dimensions, the encoder's embedding {cfg.feature_dim}")
     weight, bias, kept = pca_map(bank.float().cpu(), dim)
-    reduced = Encoder(dataclasses.replace(cfg, reduce_dim=dim))
-    state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
-    state |= {"reduce.weight": weight, "reduce.bias": bias}
-    reduced.load_state_dict(state)
-    reduced.eval()
+    reduced = rebuilt(encoder, {"reduce.weight": weight, "reduce.bias": bias}, reduce_dim=dim)
     return reduced, bank.float().cpu() @ weight.T + bias, kept
