@@ -39,6 +39,15 @@ def _embedding(enc: EncoderSpec) -> str:
             f"the bank baked into the encoder{share}")
 
 
+def _adversarial_rows(manifest: Manifest) -> str:
+    a = manifest.bank_adversarial
+    if a is None:
+        return "."
+    return (f", plus {a.rows} adversarial rows: the embeddings of the bank images whose vote {a.attack} "
+            f"({a.steps} steps, eps {a.eps * 255:.0f}/255, soft-kNN surrogate T = {a.temperature:g}) flipped, "
+            f"labelled with their own labels ({a.rows} of {a.attacked} attacked; `satml harden-bank`).")
+
+
 def render_card(manifest: Manifest) -> str:
     """Markdown model card from the manifest: data, method, measured metrics, provenance."""
     t, m, enc, knn = manifest.training, manifest.metrics, manifest.encoder, manifest.knn
@@ -51,7 +60,8 @@ def render_card(manifest: Manifest) -> str:
         "inputs RGB in [0, 1], normalisation inside the model.",
         f"- Classifier: k-NN, k = {knn.k}, {knn.metric} distance, "
         f"unweighted majority vote over a bank of {manifest.bank_size} training embeddings"
-        + (" and those of their mirror images." if (manifest.bank_views or 1) == 2 else "."),
+        + (" and those of their mirror images" if (manifest.bank_views or 1) == 2 else "")
+        + _adversarial_rows(manifest),
         f"- Dataset: {manifest.dataset} ({len(manifest.classes)} classes: {', '.join(manifest.classes)}).",
         "", "## Training",
         f"- Method: `{t.method}`; epochs {t.epochs}; seed {t.seed}; code {t.code_version}.",

@@ -56,10 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_train_args(p)
     p.set_defaults(func=cmd_train)
-    from training import calibrate, certify, export, robustness  # subcommands that live with their implementation
+    from training import (  # subcommands that live with their implementation
+        adversarial_bank,
+        calibrate,
+        certify,
+        export,
+        robustness,
+    )
     from training.robustness import verdict
 
     export.add_cli(sub)
+    adversarial_bank.add_cli(sub)
     robustness.add_cli(sub)
     verdict.add_cli(sub)
     calibrate.add_cli(sub)

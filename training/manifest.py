@@ -247,6 +247,32 @@ class Calibration(_Section):
 
 
 @dataclass(kw_only=True)
+class BankAdversarial(_Section):
+    """Adversarial rows appended to the bank (`satml harden-bank`, `training.adversarial_bank`): `attacked` bank
+    images were attacked (`attack` on the soft-kNN surrogate at `temperature`, `steps` steps of L-inf radius `eps`,
+    random starts seeded with `seed` per `chunk` images) and the embeddings of the `rows` whose vote flipped follow
+    the clean rows, labelled with their images' labels."""
+
+    attack: str
+    eps: float
+    steps: int
+    temperature: float
+    seed: int = 0
+    chunk: int
+    attacked: int
+    rows: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> BankAdversarial:
+        d, w = _section(d, "bank_adversarial."), "bank_adversarial."
+        return cls(attack=str(_need(d, "attack", w)), eps=float(_need(d, "eps", w)), steps=int(_need(d, "steps", w)),
+                   temperature=float(_need(d, "temperature", w)), seed=int(d.get("seed", 0)),
+                   chunk=int(_need(d, "chunk", w)), attacked=int(_need(d, "attacked", w)),
+                   rows=int(_need(d, "rows", w)), extra=_extra(d, cls))
+
+
+@dataclass(kw_only=True)
 class Manifest(_Section):
     """The whole manifest. `files` maps each plain file name of the folder to its sha256 hex digest."""
 
@@ -262,6 +288,8 @@ class Manifest(_Section):
     # bank rows per image: absent (1), or 2 when the rows of the mirrored images follow the originals' (export
     # --bank-mirror); the bank then holds bank_size * bank_views rows
     bank_views: int | None = None
+    # the adversarial rows after the bank_size * bank_views clean ones (`satml harden-bank`); None (omitted): none
+    bank_adversarial: BankAdversarial | None = None
     training: TrainingInfo | None = None
     metrics: Metrics | None = None
     files: dict[str, str] = field(default_factory=dict)
@@ -281,7 +309,8 @@ class Manifest(_Section):
             raise ValueError("files must map each file name to its sha256 hex digest")
         if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
             raise ValueError("classes must be a non-empty list of names")
-        section: dict[str, Any] = {"training": TrainingInfo, "metrics": Metrics, "calibration": Calibration}
+        section: dict[str, Any] = {"bank_adversarial": BankAdversarial, "training": TrainingInfo, "metrics": Metrics,
+                                   "calibration": Calibration}
         optional = {k: None if d.get(k) is None else c.from_dict(d[k]) for k, c in section.items()}
         return cls(format_version=d.get("format_version", FORMAT_VERSION), name=str(d["name"]),
                    description=str(d.get("description", "")), dataset=_opt(d, "dataset", str), classes=list(classes),

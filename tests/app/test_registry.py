@@ -109,6 +109,45 @@ def test_a_mirror_averaged_artifact_serves_one_answer_for_an_image_and_its_mirro
         reg.close()
 
 
+@pytest.mark.parametrize("runtime, index", [("torch", "faiss-cpu"), ("onnxruntime", "auto")])
+def test_an_artifact_with_adversarial_bank_rows_serves_the_whole_bank(tmp_path: Path, runtime: str, index: str
+                                                                      ) -> None:
+    """A bank with rows after its bank_size clean ones (`satml harden-bank`, manifest `bank_adversarial`) is served
+    whole, under every runtime: the vote the training library computes over all its rows."""
+    from safetensors.torch import save
+
+    from training.artifact import BANK, update_artifact
+    from training.manifest import BankAdversarial, Manifest
+
+    export_toy(tmp_path / "default", seed=0, name="default")
+    art = load_artifact(tmp_path / "default")
+    n = int(art.bank.shape[0])
+    images, labels = toy_images(2, seed=13)  # 2 per class
+    q = len(images)
+    # K rows on each query's own embedding, labelled with another class: served whole, the bank outvotes the truth
+    extra = knn.embed(art.encoder, images).repeat_interleave(K, 0)
+    wrong = torch.as_tensor((labels + 1) % len(CLASSES)).long()
+    bank = torch.cat([art.bank, extra]).half()
+    bank_labels = torch.cat([art.bank_labels, wrong.repeat_interleave(K)])
+
+    def edit(m: Manifest) -> None:
+        m.bank_adversarial = BankAdversarial(attack="pgd_ce", eps=8 / 255, steps=5, temperature=0.1, chunk=1000,
+                                             attacked=n, rows=q * K)
+
+    update_artifact(tmp_path / "default", edit, {BANK: save({"embeddings": bank, "labels": bank_labels})})
+    reg = load_registry(make_settings(tmp_path, runtime=runtime, index=index, device="cpu"), Metrics())
+    try:
+        m = reg.get("default")
+        assert m.bank_size == n + q * K and m.artifact.spec.bank_size == n
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+        pred, out = m.worker.submit(x).result(30)
+        counts, _ = unpack_output(m, out)
+        assert pred.tolist() == wrong.tolist()  # the first n rows alone answer `labels` (the toy is separable)
+        assert torch.equal(pred, reference(tmp_path, "default", x)) and (counts.sum(1) == K).all()
+    finally:
+        reg.close()
+
+
 @pytest.mark.parametrize("index_type", ["ivf_flat", "hnsw"])
 def test_approximate_index_types_serve_the_exact_answers_on_a_small_bank(good_root: Path, index_type: str) -> None:
     """SATML_INDEX_TYPE picks the faiss index (issue 16); auto then means faiss, and on the toy bank (every IVF cell

@@ -67,12 +67,26 @@ def test_unknown_keys_survive_a_round_trip(tiny_artifact: Path) -> None:
     assert Manifest.from_dict(m).to_dict() == m
 
 
+def test_the_adversarial_rows_section_round_trips_in_place(tiny_artifact: Path) -> None:
+    """`bank_adversarial` (satml harden-bank) is typed, written after bank_views and read back unchanged."""
+    m = _raw(tiny_artifact)
+    section = {"attack": "pgd_ce", "eps": 8 / 255, "steps": 5, "temperature": 0.1, "seed": 0, "chunk": 1000,
+               "attacked": 64, "rows": 20}
+    keys = list(m)
+    m = {**{k: m[k] for k in keys[:keys.index("bank_size") + 1]}, "bank_adversarial": section,
+         **{k: m[k] for k in keys[keys.index("bank_size") + 1:]}}
+    parsed = Manifest.from_dict(m)
+    assert parsed.bank_adversarial is not None and parsed.bank_adversarial.rows == 20
+    assert json.dumps(parsed.to_dict()) == json.dumps(m)  # same keys, same order
+
+
 @pytest.mark.parametrize(("edit", "match"), [
     (lambda m: m["input"].pop("size"), "input.size"),
     (lambda m: m.update(input=[1, 2]), "input must be a JSON object"),
     (lambda m: m["knn"].update(k="many"), "many"),
     (lambda m: m.update(classes=[{"a": 1}, 2]), "classes must be"),
     (lambda m: m["metrics"].update(robust=[{"attack": "pgd"}]), "metrics.robust"),
+    (lambda m: m.update(bank_adversarial={"attack": "pgd_ce", "eps": 0.03}), "bank_adversarial.steps"),
 ])
 def test_a_malformed_section_is_refused_by_name(tiny_artifact: Path, edit: Any, match: str) -> None:
     m = _raw(tiny_artifact)
