@@ -50,20 +50,25 @@ class HardenSpec:
     temperature: float = 0.1
     seed: int = 0
     chunk: int = 1000
+    max_rows: int | None = None  # keep the first max_rows flipped rows in bank order (the artifact size limit)
 
     def __post_init__(self) -> None:
         if not (0 < self.eps <= 1 and self.steps >= 1 and self.temperature > 0 and self.chunk >= 1):
             raise ValueError(f"need 0 < eps <= 1, steps >= 1, temperature > 0 and chunk >= 1, got {self}")
+        if self.max_rows is not None and self.max_rows < 0:
+            raise ValueError(f"max_rows must be >= 0, got {self.max_rows}")
 
     def record(self, attacked: int, rows: int) -> BankAdversarial:
         return BankAdversarial(attack="pgd_ce", eps=self.eps, steps=self.steps, temperature=self.temperature,
-                               seed=self.seed, chunk=self.chunk, attacked=attacked, rows=rows)
+                               seed=self.seed, chunk=self.chunk, attacked=attacked, rows=rows,
+                               max_rows=self.max_rows)
 
 
 def adversarial_rows(model: KnnModel, images: np.ndarray, labels: np.ndarray, spec: HardenSpec = HardenSpec(), *,
                      progress: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """(embeddings [M, D] float32, labels [M], source index [M]) of the images whose vote `spec`'s attack flipped:
-    the served encoder's embedding of each adversarial image, labelled with its image's label."""
+    the served encoder's embedding of each adversarial image, labelled with its image's label; the first
+    `spec.max_rows` of them in image order when set."""
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
     attack = knn_attacks.build("pgd_ce", model, knn_attacks.Budget(spec.eps, spec.steps, None),
@@ -80,7 +85,8 @@ def adversarial_rows(model: KnnModel, images: np.ndarray, labels: np.ndarray, sp
         sources.append(torch.nonzero(flipped)[:, 0] + i)
     source = torch.cat(sources) if sources else torch.zeros(0, dtype=torch.long)
     emb = torch.cat(embs) if embs else torch.zeros(0, int(model.bank.shape[1]))
-    return emb, torch.as_tensor(labels).long()[source], source
+    keep = len(source) if spec.max_rows is None else min(spec.max_rows, len(source))
+    return emb[:keep], torch.as_tensor(labels).long()[source[:keep]], source[:keep]
 
 
 def bank_images(path: Path, data: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -118,10 +124,8 @@ def remeasured(model: KnnModel, spec: Manifest, data: str | Path, progress: bool
 
 def harden_artifact(path: str | Path, data: str | Path, spec: HardenSpec = HardenSpec(),
                     device: str | torch.device = "cpu", progress: bool = False) -> BankAdversarial:
-    """Append `adversarial_rows` of the bank's own images to the artifact at `path` (in place); recalibrate it if it
-    was calibrated. Refuses an artifact already hardened (attack the clean bank only once)."""
-    from training.calibrate import calibrate_artifact
-
+    """Append `adversarial_rows` of the bank's own images to the artifact at `path` (in place), through
+    `append_adversarial_rows`. Refuses an artifact already hardened (attack the clean bank only once)."""
     path = Path(path)
     art = load_artifact(path, device)
     if art.spec.bank_adversarial is not None:
@@ -131,11 +135,29 @@ def harden_artifact(path: str | Path, data: str | Path, spec: HardenSpec = Harde
         raise ArtifactError(f"{path}: {art.bank.shape[0]} bank rows, not the {n} x {views} the manifest describes")
     images, labels = bank_images(path, data)
     emb, adv_labels, _ = adversarial_rows(KnnModel.from_artifact(art), images, labels, spec, progress=progress)
+    record = spec.record(attacked=len(labels), rows=len(emb))
+    append_adversarial_rows(path, emb, adv_labels, record, data, device, progress)
+    log.info("%s: %d adversarial rows appended (PGD-%d flipped them; %d bank images attacked)", path, record.rows,
+             spec.steps, len(labels))
+    return record
+
+
+def append_adversarial_rows(path: str | Path, emb: Tensor, labels: Tensor, record: BankAdversarial, data: str | Path,
+                            device: str | torch.device = "cpu", progress: bool = False) -> None:
+    """Write `adversarial_rows`' output after the artifact's clean rows (in the bank's stored dtype), record it in
+    the manifest, measure the metrics again, render the card and recalibrate (if it was calibrated)."""
+    from training.calibrate import calibrate_artifact
+
+    path = Path(path)
+    art = load_artifact(path, device)
+    if art.spec.bank_adversarial is not None:
+        raise ArtifactError(f"{path}: its bank already holds {art.spec.bank_adversarial.rows} adversarial rows")
+    if len(emb) != record.rows or len(labels) != record.rows:
+        raise ValueError(f"{len(emb)} rows and {len(labels)} labels for a record of {record.rows}")
     stored = load_file(path / BANK)
     dtype = stored["embeddings"].dtype
     bank = torch.cat([stored["embeddings"], emb.to(dtype)]).contiguous()
-    bank_labels = torch.cat([stored["labels"], adv_labels.to(stored["labels"].dtype)]).contiguous()
-    record = spec.record(attacked=len(labels), rows=len(emb))
+    bank_labels = torch.cat([stored["labels"], labels.to(stored["labels"].dtype)]).contiguous()
     served = KnnModel(art.encoder, bank.float().to(art.bank.device), bank_labels.long().to(art.bank.device),
                       art.num_classes, art.k, art.metric)  # type: ignore[arg-type]
     metrics = remeasured(served, art.spec, data, progress)
@@ -147,11 +169,8 @@ def harden_artifact(path: str | Path, data: str | Path, spec: HardenSpec = Harde
 
     written = update_artifact(path, edit, files={BANK: save({"embeddings": bank, "labels": bank_labels})})
     update_artifact(path, files={CARD: render_card(written).encode()})
-    log.info("%s: %d of %d bank images flipped by PGD-%d; their adversarial rows appended", path, len(emb),
-             len(labels), spec.steps)
     if CALIBRATION in art.spec.files:  # its scores were votes over the old bank
         calibrate_artifact(path, data, device=device)
-    return record
 
 
 def cmd_harden_bank(args: argparse.Namespace) -> dict[str, Any]:
@@ -160,7 +179,8 @@ def cmd_harden_bank(args: argparse.Namespace) -> dict[str, Any]:
         if out.exists():
             raise ArtifactError(f"{out} exists; pass a new folder (or the artifact itself to harden it in place)")
         shutil.copytree(src, out)
-    spec = HardenSpec(eps=args.eps, steps=args.steps, temperature=args.temperature, seed=args.seed)
+    spec = HardenSpec(eps=args.eps, steps=args.steps, temperature=args.temperature, seed=args.seed,
+                      max_rows=args.max_rows)
     record = harden_artifact(out, args.data, spec, args.device, progress=args.progress)
     return {"artifact": str(out), "bank_adversarial": record.to_dict()}
 
@@ -175,6 +195,9 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--steps", type=int, default=5, help="PGD steps")
     p.add_argument("--temperature", type=float, default=0.1, help="soft-kNN surrogate temperature")
     p.add_argument("--seed", type=int, default=0, help="seed of the random starts (per chunk of 1,000 images)")
+    p.add_argument("--max-rows", type=int, default=None,
+                   help="keep the first N flipped rows in bank order (the artifact size limit: 104 bytes a row at "
+                        "48-d fp16 with int64 labels)")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
     p.set_defaults(func=cmd_harden_bank)

@@ -45,7 +45,9 @@ def _adversarial_rows(manifest: Manifest) -> str:
         return "."
     return (f", plus {a.rows} adversarial rows: the embeddings of the bank images whose vote {a.attack} "
             f"({a.steps} steps, eps {a.eps * 255:.0f}/255, soft-kNN surrogate T = {a.temperature:g}) flipped, "
-            f"labelled with their own labels ({a.rows} of {a.attacked} attacked; `satml harden-bank`).")
+            f"labelled with their own labels ({a.rows} of {a.attacked} attacked"
+            + (f", the first {a.max_rows} flipped in bank order" if a.max_rows is not None else "")
+            + "; `satml harden-bank`).")
 
 
 def render_card(manifest: Manifest) -> str:

@@ -250,8 +250,8 @@ class Calibration(_Section):
 class BankAdversarial(_Section):
     """Adversarial rows appended to the bank (`satml harden-bank`, `training.adversarial_bank`): `attacked` bank
     images were attacked (`attack` on the soft-kNN surrogate at `temperature`, `steps` steps of L-inf radius `eps`,
-    random starts seeded with `seed` per `chunk` images) and the embeddings of the `rows` whose vote flipped follow
-    the clean rows, labelled with their images' labels."""
+    random starts seeded with `seed` per `chunk` images) and the embeddings of the `rows` whose vote flipped (the
+    first `max_rows` in bank order, when capped) follow the clean rows, labelled with their images' labels."""
 
     attack: str
     eps: float
@@ -261,6 +261,7 @@ class BankAdversarial(_Section):
     chunk: int
     attacked: int
     rows: int
+    max_rows: int | None = None  # the rows were capped at the first max_rows flipped ones (None, omitted: not)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -269,7 +270,7 @@ class BankAdversarial(_Section):
         return cls(attack=str(_need(d, "attack", w)), eps=float(_need(d, "eps", w)), steps=int(_need(d, "steps", w)),
                    temperature=float(_need(d, "temperature", w)), seed=int(d.get("seed", 0)),
                    chunk=int(_need(d, "chunk", w)), attacked=int(_need(d, "attacked", w)),
-                   rows=int(_need(d, "rows", w)), extra=_extra(d, cls))
+                   rows=int(_need(d, "rows", w)), max_rows=_opt(d, "max_rows", int), extra=_extra(d, cls))
 
 
 @dataclass(kw_only=True)

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # r29a from r29's artifact to its pre-set verdicts (benchmarks/results/recipes.md, twenty-first session): gate on the
 # 1,000 validation images worst case >= 29.6 % (r29's gate, 28.6, + 1.0, on the same images) and clean >= 68.6 %;
-# ship rule on the full test suite, the issue's goal: exact >= 70 %, worst case >= 30 %, clean (10,000) >= 66.5 %
-# (r19's). Ships nothing (scripts/ship_candidate.sh does, on a pass).
+# ship rules on the full test suite, either: the issue's goal (exact >= 70 %, worst case >= 30 %, clean (10,000) >=
+# 66.5 %, r19's), or better than r19 on both axes (clean (10,000) >= 67.0 %, worst case >= 31.4 %). Ships nothing (scripts/ship_candidate.sh does, on a pass).
 #   GATE_BESIDE= nice -n 5 bash checkpoints/r29a/chain.sh
 # At a session's end: scripts/candidate_state.sh save runs/r29a checkpoints/r29a/state (and commit it).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 exec scripts/candidate_chain.sh checkpoints/r29a/run.sh runs/r29a worst=0.296,clean=0.686 \
-  exact=0.70,worst=0.30,clean=0.665
+  exact=0.70,worst=0.30,clean=0.665 clean=0.670,worst=0.314

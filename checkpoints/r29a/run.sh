@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # r29a (benchmarks/results/recipes.md, "Adversarial rows in the bank", twenty-first session): r29's exported artifact,
 # untouched but for its bank: `satml harden-bank` appends the embeddings of the bank images whose vote PGD-5 (T = 0.1
-# whole-bank surrogate, 8/255) flipped, labelled with their own labels, re-measures the manifest's metrics and
+# whole-bank surrogate, 8/255) flipped, labelled with their own labels (the first 27,000 in bank order: the 15 MB
+# limit), re-measures the manifest's metrics and
 # recalibrates. Nothing trains: stage 1 puts r29's artifact (committed at d0ffc72) into runs/r29/art/default from git
 # history and hardens a copy into runs/r29a/art/default; stage 2 runs the same validation gate as r29's.
 #   checkpoints/r29a/run.sh            restore r29's artifact, harden its bank (a no-op once there)
@@ -21,7 +22,7 @@ case "${STAGE:-1}" in
    [ -f runs/r29a/art/default/calibration.safetensors ] || {
      rm -rf runs/r29a/art/default
      mkdir -p runs/r29a/art
-     satml harden-bank "$A" --out runs/r29a/art/default --data data --no-progress
+     satml harden-bank "$A" --out runs/r29a/art/default --data data --max-rows 27000 --no-progress
    } ;;
 2) scripts/gate_candidate.sh runs/r29a "(hardened copy of r29's artifact: the gate attacks it as it is)" ;;
 *) echo "STAGE must be 1 or 2" >&2; exit 2 ;;

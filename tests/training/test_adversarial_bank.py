@@ -44,6 +44,17 @@ def test_rows_are_the_flipped_images_embedded_and_labelled_with_their_own_label(
     assert not (model.predict(torch.cat(advs)) == row_labels).any()
 
 
+def test_max_rows_keeps_the_first_flipped_rows_in_image_order() -> None:
+    model = toy_model()
+    images, labels = colour_images(40, seed=5)
+    emb, row_labels, source = adversarial_rows(model, images, labels, HardenSpec(eps=0.2, steps=5, chunk=16))
+    cap = len(source) // 2
+    capped = adversarial_rows(model, images, labels, HardenSpec(eps=0.2, steps=5, chunk=16, max_rows=cap))
+    assert cap > 0 and capped[2].tolist() == source[:cap].tolist()
+    assert torch.equal(capped[0], emb[:cap]) and torch.equal(capped[1], row_labels[:cap])
+    assert HardenSpec(max_rows=cap).record(attacked=40, rows=cap).max_rows == cap
+
+
 def test_no_flip_no_rows() -> None:
     model = toy_model()
     images, labels = colour_images(12, seed=6)
@@ -52,7 +63,7 @@ def test_no_flip_no_rows() -> None:
 
 
 def test_spec_refuses_nonsense() -> None:
-    for bad in ({"eps": 0.0}, {"steps": 0}, {"temperature": 0.0}, {"chunk": 0}):
+    for bad in ({"eps": 0.0}, {"steps": 0}, {"temperature": 0.0}, {"chunk": 0}, {"max_rows": -1}):
         with pytest.raises(ValueError):
             HardenSpec(**bad)
 
@@ -82,15 +93,15 @@ def test_harden_bank_appends_rows_records_them_and_recalibrates(tiny_cifar: Path
         return real(path, *args, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(calibrate, "calibrate_artifact", spy)
-    assert main(["harden-bank", str(src), "--out", str(out), "--eps", "0.25", "--steps", "3", "--no-progress",
-                 *common]) == 0
+    assert main(["harden-bank", str(src), "--out", str(out), "--eps", "0.25", "--steps", "3", "--max-rows", "40",
+                 "--no-progress", *common]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert (src / "manifest.json").read_bytes() == before
     old, new = load_artifact(src), load_artifact(out)
     record = verify_artifact(out).bank_adversarial
     assert record is not None and record.attacked == 64 and record.steps == 3 and record.attack == "pgd_ce"
     assert printed["bank_adversarial"]["rows"] == record.rows
-    assert 0 < record.rows <= 64 and new.bank.shape[0] == 64 + record.rows
+    assert 0 < record.rows <= 40 and record.max_rows == 40 and new.bank.shape[0] == 64 + record.rows
     assert torch.equal(new.bank[:64], old.bank) and torch.equal(new.bank_labels[:64], old.bank_labels)
     assert new.spec.bank_size == 64 and new.spec.model_sha256 != old.spec.model_sha256
     assert new.spec.calibration is not None and new.spec.calibration.n == 16
