@@ -11,6 +11,10 @@ vote over the whole enlarged bank: what it measures is adaptive to the new rows.
 rows stay the clean ones, the manifest's `bank_adversarial` records the attack and the rows, and what measured the
 old bank is measured again over the new one (the manifest's metrics, with the same images and attack; the
 calibration); the card is rendered anew (a robustness section from an earlier suite run measured another model).
+
+Measured on the w40 student r29 (benchmarks/results/recipes.md, r29a): the rows lift validation clean accuracy a
+little and make the vote *easier* to break for an attacker who knows them (APGD-CE on the suite's surrogate 30.7 ->
+27.2 %): rows of class A pushed toward class B sit where B's adversaries go. Off by default; no artifact uses it.
 """
 
 from __future__ import annotations
@@ -186,7 +190,8 @@ def cmd_harden_bank(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_cli(sub: Any) -> None:
-    p = sub.add_parser("harden-bank", help="append adversarial rows of the bank's own images to an artifact's bank",
+    p = sub.add_parser("harden-bank", help="append adversarial rows of the bank's own images to an artifact's bank "
+                       "(measured: easier to break under the adaptive suite; see benchmarks/results/recipes.md, r29a)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("artifact", help="artifact folder (its manifest must record the training split)")
     p.add_argument("--out", required=True, help="new artifact folder (the artifact itself: harden in place)")
