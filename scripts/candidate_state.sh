@@ -3,6 +3,10 @@
 # runs/ between sessions, and a candidate's training, gate and suite take longer than one session on them.
 #   scripts/candidate_state.sh save RUN DIR      what the chain needs to go on from where RUN stands, into DIR (to commit)
 #   scripts/candidate_state.sh restore DIR RUN   put it back where the chain looks, never over a file that is there
+#   scripts/candidate_state.sh from-git REV PATH DEST
+#                                                the files of a state committed at REV (PATH: a folder in that commit)
+#                                                into DEST, never over a file that is there: how a candidate starts
+#                                                from an earlier one's weights or artifact once those left main
 # e.g. `save runs/r28 checkpoints/r28/state` at a session's end, `restore checkpoints/r28/state runs/r28` before the
 # chain (the candidate's chain.sh does). What is saved, by where the chain stands:
 #   robust/      config.json, metrics.jsonl, pseudo_labels.npy (the cluster record the resume checks), and
@@ -15,8 +19,9 @@
 # Cache files over MAX_KB (default 2048; the transfer attack's stored images) are left out: they are recomputed.
 set -euo pipefail
 MAX_KB=${MAX_KB:-2048}
-usage() { echo "usage: $0 save RUN DIR | restore DIR RUN" >&2; exit 2; }
-[ $# -eq 3 ] || usage
+usage() { echo "usage: $0 save RUN DIR | restore DIR RUN | from-git REV PATH DEST" >&2; exit 2; }
+[ $# -ge 1 ] || usage
+case "$1" in from-git) [ $# -eq 4 ] || usage ;; *) [ $# -eq 3 ] || usage ;; esac
 
 # copy_tree SRC DEST [MAX_KB]: SRC's files into DEST (same relative paths), keeping any file DEST has; with MAX_KB,
 # only files of at most that size (the others are named on stderr)
@@ -68,6 +73,20 @@ restore)
   copy_tree "$DIR/val_gate" "$RUN/val_gate"
   copy_tree "$DIR/val1000_cache" runs/val1000_cache
   copy_tree "$DIR/suite_cache" "$RUN/suite/cache"
+  ;;
+from-git)
+  REV=$2 SRC=${3%/} DEST=${4%/}
+  git rev-parse --verify --quiet "$REV^{commit}" > /dev/null \
+    || { echo "candidate_state: $REV is not a commit of this repository" >&2; exit 1; }
+  listed=$(git ls-tree -r --name-only "$REV" -- "$SRC/")
+  [ -n "$listed" ] || { echo "candidate_state: $REV has no files under $SRC" >&2; exit 1; }
+  while IFS= read -r f; do
+    rel=${f#"$SRC"/}
+    [ -e "$DEST/$rel" ] && continue
+    mkdir -p "$(dirname "$DEST/$rel")"
+    git show "$REV:$f" > "$DEST/$rel.part"  # written whole, then named: a stopped copy is never taken for the file
+    mv "$DEST/$rel.part" "$DEST/$rel"
+  done <<< "$listed"
   ;;
 *) usage ;;
 esac

@@ -14,11 +14,7 @@ cd "$(dirname "$0")/../.."
 export OMP_WAIT_POLICY=PASSIVE
 case "${STAGE:-1}" in
 1) A=runs/r29/art/default
-   mkdir -p "$A"
-   for f in bank.safetensors calibration.safetensors card.md encoder.onnx encoder.safetensors manifest.json; do
-     [ -f "$A/$f" ] || git show "d0ffc72:checkpoints/r29/state/art/default/$f" > "$A/$f.part"
-     [ -f "$A/$f" ] || mv "$A/$f.part" "$A/$f"
-   done
+   scripts/candidate_state.sh from-git d0ffc72 checkpoints/r29/state/art/default "$A"
    [ -f runs/r29a/art/default/calibration.safetensors ] || {
      rm -rf runs/r29a/art/default
      mkdir -p runs/r29a/art

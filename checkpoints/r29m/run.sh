@@ -13,11 +13,7 @@ cd "$(dirname "$0")/../.."
 export OMP_WAIT_POLICY=PASSIVE
 case "${STAGE:-1}" in
 1) R=runs/r29m/robust
-   mkdir -p "$R"
-   for f in checkpoint.pt config.json metrics.jsonl pseudo_labels.npy; do
-     [ -f "$R/$f" ] || git show "d0ffc72:checkpoints/r29/state/robust/$f" > "$R/$f.part"
-     [ -f "$R/$f" ] || mv "$R/$f.part" "$R/$f"
-   done ;;
+   scripts/candidate_state.sh from-git d0ffc72 checkpoints/r29/state/robust "$R" ;;
 2) GATE_MIRROR=1 scripts/gate_candidate.sh runs/r29m \
      "Robust self-supervised cnn8 width 40 + k-NN (k=75), CPU-trained: the r17 SimCLR teacher (artifacts/ssl) widened, then label-free PGD-AT (N-FGSM at 8/255, EMA, AWP gamma 0.01) on the teacher's soft assignment (T=0.02) to 100 k-means clusters of its embedding, 40 ep; served embedding: the mean over the image and its mirror image, as a 48-d PCA of the bank baked into the encoder; no labels in encoder training" ;;
 *) echo "STAGE must be 1 or 2" >&2; exit 2 ;;

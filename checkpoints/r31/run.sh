@@ -12,9 +12,7 @@ cd "$(dirname "$0")/../.."
 export OMP_WAIT_POLICY=PASSIVE
 case "${STAGE:-1}" in
 1) I=runs/r31/r29_init
-   mkdir -p "$I"
-   [ -f "$I/checkpoint.pt" ] || { git show d0ffc72:checkpoints/r29/state/robust/checkpoint.pt > "$I/checkpoint.pt.part"
-                                  mv "$I/checkpoint.pt.part" "$I/checkpoint.pt"; }
+   scripts/candidate_state.sh from-git d0ffc72 checkpoints/r29/state/robust "$I"
    satml train --method pseudo_at --data data --run-dir runs/r31/robust --arch cnn8 --width 40 --proj-dim 128 \
      --init "$I/checkpoint.pt" --teacher artifacts/ssl --clusters 100 --soft-targets 0.02 --epochs 6 --lr 0.01 \
      --warmup-epochs 0 --ema-decay 0.995 --eps 0.0313725 --alpha 0.0261438 --attack-steps 3 --trades-beta 6 \

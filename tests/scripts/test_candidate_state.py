@@ -111,3 +111,60 @@ def test_refuses_what_it_cannot_do(training: Path, args: tuple[str, ...]) -> Non
     out = run(training, *args)
     assert out.returncode in (1, 2)
     assert "candidate_state" in out.stderr or "usage" in out.stderr
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
+                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"}).stdout.strip()
+
+
+@pytest.fixture
+def history(tmp_path: Path) -> tuple[Path, str]:
+    """A repository whose earlier commit held a candidate's state that a later commit removed."""
+    git(tmp_path, "init", "-q")
+    write(tmp_path / "checkpoints/r1/state/robust/checkpoint.pt", b"r1 weights")
+    write(tmp_path / "checkpoints/r1/state/robust/sub/config.json", "{}")
+    write(tmp_path / "checkpoints/r1/other.txt", "not under the path")
+    git(tmp_path, "add", "-A")
+    git(tmp_path, "commit", "-qm", "r1")
+    rev = git(tmp_path, "rev-parse", "HEAD")
+    git(tmp_path, "rm", "-rq", "checkpoints/r1/state")
+    git(tmp_path, "commit", "-qm", "r1 leaves main")
+    return tmp_path, rev
+
+
+def test_from_git_copies_a_removed_state_byte_for_byte(history: tuple[Path, str]) -> None:
+    repo, rev = history
+    out = run(repo, "from-git", rev[:7], "checkpoints/r1/state/robust/", "runs/r2/init")
+    assert out.returncode == 0, out.stderr
+    assert files(repo / "runs/r2/init") == {"checkpoint.pt", "sub/config.json"}
+    assert (repo / "runs/r2/init/checkpoint.pt").read_bytes() == b"r1 weights"
+
+
+def test_from_git_keeps_a_file_that_is_there(history: tuple[Path, str]) -> None:
+    repo, rev = history
+    write(repo / "runs/r2/init/checkpoint.pt", b"already here")
+    assert run(repo, "from-git", rev, "checkpoints/r1/state/robust", "runs/r2/init").returncode == 0
+    assert (repo / "runs/r2/init/checkpoint.pt").read_bytes() == b"already here"
+    assert (repo / "runs/r2/init/sub/config.json").read_text() == "{}"
+    assert not list((repo / "runs/r2/init").rglob("*.part"))
+
+
+@pytest.mark.parametrize(("rev", "path", "message"), [
+    ("0" * 40, "checkpoints/r1/state", "is not a commit"),
+    (None, "checkpoints/r9/state", "has no files under checkpoints/r9/state"),
+])
+def test_from_git_refuses_what_the_history_does_not_hold(history: tuple[Path, str], rev: str | None, path: str,
+                                                         message: str) -> None:
+    repo, good = history
+    out = run(repo, "from-git", rev or good, path, "runs/r2/init")
+    assert out.returncode == 1
+    assert message in out.stderr
+    assert not (repo / "runs/r2").exists()
+
+
+def test_from_git_needs_all_three_arguments(history: tuple[Path, str]) -> None:
+    repo, rev = history
+    out = run(repo, "from-git", rev, "checkpoints/r1/state")
+    assert out.returncode == 2
+    assert "from-git REV PATH DEST" in out.stderr
