@@ -126,14 +126,19 @@ def remeasured(model: KnnModel, spec: Manifest, data: str | Path, progress: bool
                                             steps, progress=progress, val=val))
 
 
+def refuse_hardened(path: Path, spec: Manifest) -> None:
+    """Attack the clean bank once: a second hardening would attack rows that are themselves adversarial."""
+    if spec.bank_adversarial is not None:
+        raise ArtifactError(f"{path}: its bank already holds {spec.bank_adversarial.rows} adversarial rows")
+
+
 def harden_artifact(path: str | Path, data: str | Path, spec: HardenSpec = HardenSpec(),
                     device: str | torch.device = "cpu", progress: bool = False) -> BankAdversarial:
     """Append `adversarial_rows` of the bank's own images to the artifact at `path` (in place), through
     `append_adversarial_rows`. Refuses an artifact already hardened (attack the clean bank only once)."""
     path = Path(path)
     art = load_artifact(path, device)
-    if art.spec.bank_adversarial is not None:
-        raise ArtifactError(f"{path}: its bank already holds {art.spec.bank_adversarial.rows} adversarial rows")
+    refuse_hardened(path, art.spec)
     n, views = art.spec.bank_images(int(art.bank.shape[0])), art.spec.bank_views or 1
     if art.bank.shape[0] != n * views:
         raise ArtifactError(f"{path}: {art.bank.shape[0]} bank rows, not the {n} x {views} the manifest describes")
@@ -154,8 +159,7 @@ def append_adversarial_rows(path: str | Path, emb: Tensor, labels: Tensor, recor
 
     path = Path(path)
     art = load_artifact(path, device)
-    if art.spec.bank_adversarial is not None:
-        raise ArtifactError(f"{path}: its bank already holds {art.spec.bank_adversarial.rows} adversarial rows")
+    refuse_hardened(path, art.spec)
     if len(emb) != record.rows or len(labels) != record.rows:
         raise ValueError(f"{len(emb)} rows and {len(labels)} labels for a record of {record.rows}")
     stored = load_file(path / BANK)
