@@ -24,7 +24,10 @@
 # assignment at this temperature; unset: the hard ids), AWP_GAMMA (pseudo_at with adversarial weight perturbation
 # of this relative size; unset: off), TRADES_BETA (pseudo_at as TRADES with this beta; unset: PGD-AT),
 # TRAIN_ATTACK (pseudo_at's adversary: pgd, the default, or nfgsm) and CO_GUARD (with nfgsm: stop when the
-# validation PGD-10 falls this far below its best, default 0.05), K (the default's k, default 75),
+# validation PGD-10 falls this far below its best, default 0.05), FINISH_TRADES_BETA (pseudo_at then a short
+# finishing stage in RUNS/finish from the robust stage's EMA weights: TRADES at this beta with PGD-3 on the KL, the same
+# targets and AWP, FINISH_EPOCHS (default 6) at FINISH_LR (default 0.01, cosine, no warm-up); the export serves it;
+# unset: no finishing stage), K (the default's k, default 75),
 # REDUCE_DIM (the default's served embedding size, default 48; empty: the full embedding), PRECISION (every stage:
 # auto, bf16 or fp32; default auto: bf16 where the CPU has AVX512-BF16 or AMX, fp32 elsewhere), DATA (default data),
 # ART (artifact root, default artifacts); and
@@ -68,6 +71,7 @@ else
     "${COMMON[@]}" "${EXTRA[@]}"
   OWN_TEACHER=1
 fi
+SERVED=$RUNS/robust  # the stage the default is exported from
 case "$RECIPE" in
   pseudo_at)
     ROBUST_EPOCHS=${ROBUST_EPOCHS:-40}  # w32: 40 epochs 66.5 / 31.4 % (r19) against 20 epochs 65.3 / 29.2 (r18)
@@ -85,13 +89,25 @@ case "$RECIPE" in
     done_ "$RUNS/robust" || satml train --method pseudo_at --run-dir "$RUNS/robust" --epochs "$ROBUST_EPOCHS" \
       --clusters "$CLUSTERS" --teacher "$TEACHER" --init "$TEACHER" --lr 0.1 "${OPTS[@]}" \
       --warmup-epochs 0.5 --alpha 0.0261438 "${ADV[@]}" "${FAST[@]}" "${ARCH[@]}" "${COMMON[@]}" "${EXTRA[@]}"
-    WHAT="label-free $TRAINING ($ADVERSARY at 8/255, EMA${AWP_GAMMA:+, AWP gamma $AWP_GAMMA}) on $CLUSTERS k-means clusters of the teacher's embedding${SOFT_TARGETS:+ (soft assignment at T=$SOFT_TARGETS)}" ;;
+    WHAT="label-free $TRAINING ($ADVERSARY at 8/255, EMA${AWP_GAMMA:+, AWP gamma $AWP_GAMMA}) on $CLUSTERS k-means clusters of the teacher's embedding${SOFT_TARGETS:+ (soft assignment at T=$SOFT_TARGETS)}, $ROBUST_EPOCHS ep"
+    if [ -n "${FINISH_TRADES_BETA:-}" ]; then  # r32 (recipes.md): beta 2 for 6 epochs kept r29's clean accuracy and
+      FINISH_EPOCHS=${FINISH_EPOCHS:-6}        # bought PGD robustness; the whole recipe then serves this stage
+      FOPTS=()
+      [ -n "${SOFT_TARGETS:-}" ] && FOPTS=(--soft-targets "$SOFT_TARGETS")
+      [ -n "${AWP_GAMMA:-}" ] && FOPTS+=(--awp-gamma "$AWP_GAMMA")
+      done_ "$RUNS/finish" || satml train --method pseudo_at --run-dir "$RUNS/finish" --epochs "$FINISH_EPOCHS" \
+        --clusters "$CLUSTERS" --teacher "$TEACHER" --init "$RUNS/robust/checkpoint.pt" --lr "${FINISH_LR:-0.01}" \
+        "${FOPTS[@]}" --trades-beta "$FINISH_TRADES_BETA" --warmup-epochs 0 --alpha 0.0261438 "${ADV[@]}" \
+        --eval-every 2 "${FAST[@]}" "${ARCH[@]}" "${COMMON[@]}" "${EXTRA[@]}"
+      SERVED=$RUNS/finish
+      WHAT="$WHAT, then $FINISH_EPOCHS ep of TRADES${AWP_GAMMA:+-AWP} (beta $FINISH_TRADES_BETA, PGD-3) on the same targets"
+    fi ;;
   distill)
     ROBUST_EPOCHS=${ROBUST_EPOCHS:-14}
     done_ "$RUNS/robust" || satml train --method distill --run-dir "$RUNS/robust" --epochs "$ROBUST_EPOCHS" \
       --teacher "$TEACHER" --init "$TEACHER" --lr 0.05 --warmup-epochs 0.5 \
       --alpha 0.0156863 --adv-weight 2.0 "${ADV[@]}" "${FAST[@]}" "${ARCH[@]}" "${COMMON[@]}" "${EXTRA[@]}"
-    WHAT="DeACL-style robust distillation (PGD-3 at 8/255, beta 2, EMA)" ;;
+    WHAT="DeACL-style robust distillation (PGD-3 at 8/255, beta 2, EMA), $ROBUST_EPOCHS ep" ;;
   *) echo "RECIPE must be pseudo_at or distill, got '$RECIPE'" >&2; exit 2 ;;
 esac
 if [ -n "${BASELINES:-}" ]; then
@@ -105,8 +121,8 @@ if [ -n "${BASELINES:-}" ]; then
 fi
 [ -n "${NO_EXPORT:-}" ] && exit 0
 EXPORT=(--data "$DATA" --trained-on "2-core CPU")
-satml export --checkpoint "$RUNS/robust/checkpoint.pt" --out "$ART/default" --name default "${EXPORT[@]}" --k "$K" \
-  --description "Robust self-supervised cnn8 width $WIDTH + k-NN (k=$K), CPU-trained: $TEACHER_DESC, then $WHAT, $ROBUST_EPOCHS ep (precision $PRECISION)${REDUCE_DIM:+; served embedding: ${REDUCE_DIM}-d PCA of the bank baked into the encoder}; no labels in encoder training" \
+satml export --checkpoint "$SERVED/checkpoint.pt" --out "$ART/default" --name default "${EXPORT[@]}" --k "$K" \
+  --description "Robust self-supervised cnn8 width $WIDTH + k-NN (k=$K), CPU-trained: $TEACHER_DESC, then $WHAT (precision $PRECISION)${REDUCE_DIM:+; served embedding: ${REDUCE_DIM}-d PCA of the bank baked into the encoder}; no labels in encoder training" \
   "${REDUCE[@]}" "${EXPORT_EXTRA[@]}"
 SUITE=("$ART/default")
 if [ -n "${OWN_TEACHER:-}" ]; then

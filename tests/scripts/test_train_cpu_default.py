@@ -64,7 +64,8 @@ def test_the_default_recipe_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     # BASELINES=1 adds the labelled references on the same encoder: PGD-AT, and cross-entropy as the transfer source
     third = run_script(tmp_path, data, TEACHER=str(ssl), WIDTH="8", REDUCE_DIM="16", RUNS=str(tmp_path / "runs2"),
                        ART=str(tmp_path / "art2"), BASELINES="1", PGD_AT_EPOCHS="1", SUPERVISED_EPOCHS="1",
-                       SOFT_TARGETS="0.1", AWP_GAMMA="0.01", TRAIN_ATTACK="nfgsm", CO_GUARD="0.9")
+                       SOFT_TARGETS="0.1", AWP_GAMMA="0.01", TRAIN_ATTACK="nfgsm", CO_GUARD="0.9",
+                       FINISH_TRADES_BETA="2", FINISH_EPOCHS="1")
     assert third.returncode == 0, third.stderr[-3000:]
     assert not (tmp_path / "runs2" / "teacher").exists() and not (tmp_path / "art2" / "ssl").exists()
     wide = verify_artifact(tmp_path / "art2" / "default")
@@ -79,6 +80,13 @@ def test_the_default_recipe_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     assert robust_cfg["train_attack"] == "nfgsm" and robust_cfg["co_guard"] == 0.9
     assert robust_cfg["precision"] == "auto"  # PRECISION unset: bf16 only where the CPU runs it natively
     assert "widened cnn8 width 4 -> 8" in third.stderr
+    # FINISH_TRADES_BETA: a TRADES-AWP stage from the robust stage's weights, on its targets; the default serves it
+    finish = load_checkpoint(tmp_path / "runs2" / "finish" / "checkpoint.pt")["config"]
+    assert finish["init"] == str(tmp_path / "runs2" / "robust" / "checkpoint.pt") and finish["epochs"] == 1
+    assert finish["trades_beta"] == 2.0 and finish["lr"] == 0.01 and finish["warmup_epochs"] == 0.0
+    assert finish["soft_targets"] == 0.1 and finish["awp_gamma"] == 0.01 and finish["train_attack"] == "pgd"
+    assert wide.training.hyperparameters is not None and wide.training.hyperparameters["trades_beta"] == 2.0
+    assert "1 ep, then 1 ep of TRADES-AWP (beta 2, PGD-3) on the same targets" in wide.description
     for name, method in (("pgd_at", "pgd_at"), ("supervised", "supervised")):
         base = verify_artifact(tmp_path / "art2" / name)
         assert base.training.method == method and base.calibration is not None
