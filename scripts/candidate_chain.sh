@@ -4,7 +4,8 @@
 #   0. the state saved beside SCRIPT (`dirname SCRIPT`/state, scripts/candidate_state.sh) is restored into RUN,
 #   1. SCRIPT trains (resumes from its checkpoint; skipped once final),
 #   2. STAGE=2 SCRIPT exports, calibrates and runs the validation gate (skipped once RUN/val_gate/robustness.json
-#      exists; GATE_BESIDE= in the environment gates the candidate alone, see scripts/gate_candidate.sh),
+#      or stopped.json exists; GATE_BESIDE= in the environment gates the candidate alone and then stops it at the
+#      first figure under GATE_RULE, GATE_STOP_BELOW= (empty) runs it whole: see scripts/gate_candidate.sh),
 #   3. the gate's rule, read from its JSON (`satml robustness-verdict`); only on a pass:
 #   4. the full test suite (first 1,000 test images, transfer from artifacts/supervised; resumes from its cache),
 #   5. the ship rules (any one passing is a pass).
@@ -24,7 +25,10 @@ export OMP_WAIT_POLICY=PASSIVE
 STATE="$(dirname "$SCRIPT")/state"
 [ -d "$STATE" ] && "$(dirname "$0")/candidate_state.sh" restore "$STATE" "$RUN"
 bash "$SCRIPT"
-[ -f "$RUN/val_gate/robustness.json" ] || STAGE=2 bash "$SCRIPT"
+# the gate fails fast on its own rule (scripts/gate_candidate.sh, GATE_STOP_BELOW): a stopped gate leaves
+# stopped.json, which the verdict reads as a fail; delete it to run that gate whole
+[ -f "$RUN/val_gate/robustness.json" ] || [ -f "$RUN/val_gate/stopped.json" ] \
+  || GATE_STOP_BELOW=${GATE_STOP_BELOW-$GATE} STAGE=2 bash "$SCRIPT"
 satml robustness-verdict "$RUN/val_gate/robustness.json" --model "$MODEL" --rule "$GATE" \
   || { echo "$MODEL: gate failed, no test suite"; exit 0; }
 satml robustness "$RUN/art/default" --data data --transfer-source artifacts/supervised --out "$RUN/suite" \

@@ -51,13 +51,15 @@ save)
   done
   final=0
   [ -f "$RUN/robust/metrics.jsonl" ] && grep -q '"final": true' "$RUN/robust/metrics.jsonl" && final=1
-  if [ "$final" = 1 ] && [ -f "$RUN/val_gate/robustness.json" ]; then
+  gated=0  # the gate's report, or its stop record (a fail-fast gate that stopped)
+  { [ -f "$RUN/val_gate/robustness.json" ] || [ -f "$RUN/val_gate/stopped.json" ]; } && gated=1
+  if [ "$final" = 1 ] && [ "$gated" = 1 ]; then
     echo "candidate_state: training final and gate finished: the weights travel in the artifact only" >&2
   elif [ -f "$RUN/robust/checkpoint.pt" ]; then
     cp -p "$RUN/robust/checkpoint.pt" "$DIR/robust/"
   fi
   [ -f "$RUN/art/default/manifest.json" ] && copy_tree "$RUN/art/default" "$DIR/art/default"
-  if [ -f "$RUN/val_gate/robustness.json" ]; then
+  if [ "$gated" = 1 ]; then
     copy_tree "$RUN/val_gate" "$DIR/val_gate"
   elif [ -f "$RUN/art/default/manifest.json" ]; then  # the gate may have begun (before the export it has not)
     copy_tree runs/val1000_cache "$DIR/val1000_cache" "$MAX_KB"

@@ -10,7 +10,7 @@
 #   scripts/gate_candidate.sh RUN DESCRIPTION     e.g. scripts/gate_candidate.sh runs/r26 "Robust self-supervised ..."
 # GATE_K=K exports the vote at k = K instead (a candidate that differs from another only in its vote);
 # GATE_MIRROR=1 exports with --mirror-average (the embedding averaged over the image and its mirror image).
-# Writes RUN/art/default and RUN/val_gate/robustness.{md,json}.
+# Writes RUN/art/default and RUN/val_gate/robustness.{md,json} (or RUN/val_gate/stopped.json, GATE_STOP_BELOW).
 set -euo pipefail
 [ $# -eq 2 ] || { echo "usage: $0 RUN DESCRIPTION" >&2; exit 2; }
 command -v satml > /dev/null || { [ -x .venv/bin/satml ] && export PATH="$PWD/.venv/bin:$PATH"; }
@@ -27,5 +27,16 @@ else
   satml calibrate "$RUN/art/default" --data data
 fi
 BESIDE=${GATE_BESIDE-artifacts/default}
+# GATE_STOP_BELOW=RULE (the gate's rule; scripts/candidate_chain.sh sets it) fails fast: the candidate alone stops at
+# the first figure under its minimum and leaves RUN/val_gate/stopped.json instead of the report (exit 3, not an
+# error here); beside the shipped default the gate runs whole
+STOP=()
+if [ -n "${GATE_STOP_BELOW:-}" ]; then
+  if [ -z "$BESIDE" ]; then STOP=(--stop-below "$GATE_STOP_BELOW")
+  else echo "gate: GATE_STOP_BELOW applies to a candidate gated alone (GATE_BESIDE=): the gate runs whole"; fi
+fi
+rc=0
 satml robustness $BESIDE "$RUN/art/default" --data data --split validation --n-robust 1000 \
-  --headline-only --transfer-source none --out "$RUN/val_gate" --cache-dir runs/val1000_cache --no-progress
+  --headline-only --transfer-source none --out "$RUN/val_gate" --cache-dir runs/val1000_cache --no-progress \
+  "${STOP[@]}" || rc=$?
+[ "$rc" = 0 ] || [ "$rc" = 3 ] || exit "$rc"

@@ -79,12 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from training.robustness.verdict import VerdictFailed
+    from training.robustness.verdict import SuiteStopped, VerdictFailed
 
     try:
         result = args.func(args)
     except VerdictFailed:
         return 1  # `satml robustness-verdict`: the rule failed (printed); 2 stays for broken inputs
+    except SuiteStopped as e:
+        logging.getLogger("satml").warning("stopped early: %s (the record: stopped.json)", e)
+        return 3  # `satml robustness --stop-below`: a figure under its minimum, the record written, no report
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         logging.getLogger("satml").error("%s", e)
         return 2

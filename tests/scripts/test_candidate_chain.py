@@ -27,13 +27,15 @@ def report(worst: float, clean: float, exact: float) -> str:
     return json.dumps({"models": rows})
 
 
-def chain(tmp_path: Path, gate: str, suite: str, *ship_rules: str) -> subprocess.CompletedProcess[str]:
-    """Run the chain in `tmp_path` with a stub run script (logs its stages; STAGE=2 writes `gate` as the gate's
-    report) and a stub `satml robustness` (writes `suite` as the suite's report, logs the call)."""
+def chain(tmp_path: Path, gate: str, suite: str, *ship_rules: str, gate_file: str = "robustness.json",
+          env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the chain in `tmp_path` with a stub run script (logs its stages, and at STAGE=2 the fail-fast rule it was
+    given; STAGE=2 writes `gate` as the gate's `gate_file`: its report, or a fail-fast gate's stopped.json) and a stub
+    `satml robustness` (writes `suite` as the suite's report, logs the call)."""
     script, bin_ = tmp_path / "run.sh", tmp_path / "bin"
     script.write_text("#!/usr/bin/env bash\nset -e\necho \"stage ${STAGE:-1}\" >> log\n"
-                      "if [ \"${STAGE:-1}\" = 2 ]; then mkdir -p runs/rx/val_gate; "
-                      f"echo '{gate}' > runs/rx/val_gate/robustness.json; fi\n")
+                      "if [ \"${STAGE:-1}\" = 2 ]; then echo \"stop-below '${GATE_STOP_BELOW-unset}'\" >> log; "
+                      f"mkdir -p runs/rx/val_gate; echo '{gate}' > runs/rx/val_gate/{gate_file}; fi\n")
     bin_.mkdir(exist_ok=True)
     (bin_ / "satml").write_text(
         "#!/usr/bin/env bash\n"
@@ -42,7 +44,7 @@ def chain(tmp_path: Path, gate: str, suite: str, *ship_rules: str) -> subprocess
         f"exec {sys.executable} -m training.cli \"$@\"\n")
     (bin_ / "satml").chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_}{os.pathsep}{os.environ.get('PATH', '')}",
-           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **(env or {})}
     return subprocess.run(["bash", str(CHAIN), str(script), "runs/rx", "worst=0.284,clean=0.678", *ship_rules],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
 
@@ -93,3 +95,24 @@ def test_a_state_saved_beside_the_run_script_is_restored_before_the_steps(tmp_pa
     assert "PASSES" in out.stdout, out.stdout
     assert "stage 2" not in (tmp_path / "log").read_text()
     assert (tmp_path / "runs/rx/robust/metrics.jsonl").read_text() == "this machine's\n"
+
+
+def test_the_gate_fails_fast_on_its_own_rule_and_a_stop_is_a_fail(tmp_path: Path) -> None:
+    """The gate's stage gets the gate's rule as GATE_STOP_BELOW (scripts/gate_candidate.sh stops there); a gate that
+    stopped leaves stopped.json, which the verdict reads as a fail, and a rerun of the chain does not gate again."""
+    model = json.loads(report(0.25, 0.70, 0.70))["models"][1]
+    stopped = json.dumps({"reason": "worst 25.00 % < 28.4 % after apgd_ce", "after": "apgd_ce", "model": model,
+                          "figures": {"clean": 0.70, "exact": 0.70, "worst": 0.25}})
+    out = chain(tmp_path, stopped, report(0.35, 0.70, 0.71), "exact=0.70", gate_file="stopped.json")
+    assert out.returncode == 0, out.stderr
+    assert "stopped early (worst 25.00 % < 28.4 % after apgd_ce)" in out.stdout and "gate failed" in out.stdout
+    log = (tmp_path / "log").read_text().splitlines()
+    assert log == ["stage 1", "stage 2", "stop-below 'worst=0.284,clean=0.678'"]  # and no suite
+    (tmp_path / "log").unlink()
+    again = chain(tmp_path, report(0.35, 0.70, 0.70), report(0.35, 0.70, 0.71), "exact=0.70")
+    assert "gate failed" in again.stdout and (tmp_path / "log").read_text().splitlines() == ["stage 1"]
+
+
+def test_an_empty_gate_stop_below_runs_the_gate_whole(tmp_path: Path) -> None:
+    chain(tmp_path, report(0.30, 0.69, 0.69), report(0.32, 0.67, 0.71), "exact=0.70", env={"GATE_STOP_BELOW": ""})
+    assert "stop-below ''" in (tmp_path / "log").read_text()

@@ -168,3 +168,16 @@ def test_from_git_needs_all_three_arguments(history: tuple[Path, str]) -> None:
     out = run(repo, "from-git", rev, "checkpoints/r1/state")
     assert out.returncode == 2
     assert "from-git REV PATH DEST" in out.stderr
+
+
+def test_a_stopped_gate_travels_as_a_finished_one(training: Path) -> None:
+    """A fail-fast gate that stopped (stopped.json, no report) is finished: its record travels, the checkpoint not."""
+    write(training / "runs/rx/robust/metrics.jsonl", '{"step": 7000, "final": true}\n')
+    write(training / "runs/rx/art/default/manifest.json", "{}")
+    write(training / "runs/rx/val_gate/stopped.json", '{"after": "clean"}')
+    write(training / "runs/val1000_cache/abc/pgd20.json", "{}")
+    out = run(training, "save", "runs/rx", "state")
+    assert out.returncode == 0, out.stderr
+    saved = files(training / "state")
+    assert "val_gate/stopped.json" in saved and "robust/checkpoint.pt" not in saved
+    assert not any(f.startswith("val1000_cache/") for f in saved)

@@ -529,3 +529,52 @@ def test_distinct_names_tell_a_candidate_from_the_shipped_model() -> None:
         "default (artifacts/default)", "default (runs/r26/art/default)"]
     assert rb.distinct_names([("m", Path("a/one")), ("m", Path("b/two")), ("x", Path("c/two"))]) == [
         "m (one)", "m (two)", "x"]
+
+
+def test_stop_below_stops_at_the_first_figure_under_its_minimum(toy_result: dict, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """--stop-below (a gate that fails fast): the fragile model stops after its first worst-case attack with the
+    running worst case, an upper bound of the full run's; a model that keeps every minimum gets the full run's
+    figures; a wrong clean vote stops before any attack; run_suite leaves the stop record, never a stale report."""
+    from training.robustness.verdict import STOPPED, SuiteStopped
+
+    train, test = toy_dataset(N_TRAIN, seed=0), toy_dataset(48, seed=1)
+    fragile = model_under_test("pattern", PatternEncoder(), "supervised", train)
+    with pytest.raises(SuiteStopped) as stop:
+        rb.Suite(toy_config(tmp_path / "a", stop_below={"worst": 0.5}), [fragile], test, train=train).run()
+    record = stop.value.record
+    first = next(r for r in by_name(toy_result)["pattern"]["attacks"] if r["worst_case"])
+    assert record["after"] == first["attack"] and list(record["model"]["attacks"]) == [first["attack"]]
+    assert record["figures"]["worst"] == pytest.approx(first["acc"]) and first["acc"] < 0.5
+    assert record["figures"]["worst"] >= by_name(toy_result)["pattern"]["worst_case"]["acc"]
+    assert record["model"]["worst_case"]["upper_bound"] and "worst" in record["reason"]
+
+    robust = model_under_test("colour", ColourEncoder(), "sat", train)
+    kept = rb.Suite(toy_config(tmp_path / "b", stop_below={"worst": 0.3, "clean": 0.5}), [robust], test,
+                    train=train).run()["models"][0]
+    full = by_name(toy_result)["colour"]  # that run also had a transfer source: compare the attacks both ran
+    assert {r["attack"]: r["acc"] for r in kept["attacks"]} == {
+        r["attack"]: r["acc"] for r in full["attacks"] if r["attack"] != "transfer"}
+    assert kept["worst_case"]["acc"] == full["worst_case"]["acc"] >= 0.3
+
+    wrong = model_under_test("wrong", ColourEncoder(), "sat", train)
+    wrong.model.bank_labels = (wrong.model.bank_labels + 1) % 4
+    with pytest.raises(SuiteStopped) as stop:
+        rb.Suite(toy_config(tmp_path / "c", stop_below={"clean": 0.5}), [wrong], test, train=train).run()
+    assert stop.value.record["after"] == "clean" and stop.value.record["model"]["attacks"] == {}
+    assert stop.value.record["figures"]["clean"] < 0.5 and stop.value.record["figures"]["worst"] is None
+
+    out = tmp_path / "gate"
+    out.mkdir()
+    (out / "robustness.json").write_text("{}")  # an earlier run's report: it would contradict the stop
+    cfg = toy_config(out, stop_below={"worst": 0.5})
+    monkeypatch.setattr(rb.Suite, "from_artifacts", classmethod(lambda cls, c, a, s=None: cls(
+        c, [model_under_test("pattern", PatternEncoder(), "supervised", train)], test, train=train)))
+    with pytest.raises(SuiteStopped):
+        rb.run_suite(cfg, ["pattern"])
+    assert not list(out.glob("robustness.*"))
+    assert json.loads((out / STOPPED).read_text())["after"] == first["attack"]
+    with pytest.raises(ValueError, match="one candidate"):
+        rb.run_suite(cfg, ["a", "b"])
+    with pytest.raises(ValueError, match="stop_below"):
+        rb.SuiteConfig(stop_below={"robust": 0.3})

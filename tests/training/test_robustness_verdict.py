@@ -57,3 +57,33 @@ def test_cli_exit_status_is_the_verdict(tmp_path: Path, capsys: pytest.CaptureFi
     assert main([*args, "--rule", "worst=0.319", "--rule", "exact=0.70,worst=0.30"]) == 0
     assert main(["robustness-verdict", str(report), "--model", "default", "--rule", "worst=0.1"]) == 2
     assert main(["robustness-verdict", str(tmp_path / "none.json"), "--model", "x", "--rule", "worst=0.1"]) == 2
+
+
+def test_a_stop_record_fails_every_rule(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`satml robustness --stop-below` leaves stopped.json instead of the report: the verdict reads it as a fail,
+    even for a rule its upper-bound worst case would meet (the attacks not run could lower it)."""
+    model = {**row("runs/r33/art/default", 0.679, 0.679, 0.31), "attacks": {"pgd20": 0.33}}
+    (tmp_path / "stopped.json").write_text(json.dumps({
+        "reason": "clean 67.90 % < 68.6 % after clean", "after": "clean", "model": model,
+        "figures": {"clean": 0.679, "exact": 0.679, "worst": None}}))
+    report = str(tmp_path / "robustness.json")
+    assert main(["robustness-verdict", report, "--model", "r33/art/default", "--rule", "worst=0.1"]) == 1
+    out = capsys.readouterr().out
+    assert "stopped early (clean 67.90 % < 68.6 % after clean)" in out and "fails (worst >= 10 %)" in out
+    assert main(["robustness-verdict", report, "--model", "r31/art/default", "--rule", "worst=0.1"]) == 2
+
+
+def test_cli_stop_below_exits_3_with_the_record(tiny_artifact: Path, tiny_cifar: Path, tmp_path: Path) -> None:
+    """The real command on a tiny (untrained) artifact: a clean minimum it cannot meet stops it before any attack;
+    the verdict then reads the record."""
+    out = tmp_path / "gate"
+    args = ["robustness", str(tiny_artifact), "--data", str(tiny_cifar), "--quick", "--out", str(out),
+            "--transfer-source", "none", "--device", "cpu", "--no-progress"]
+    assert main([*args, "--stop-below", "clean=0.99"]) == 3
+    record = json.loads((out / "stopped.json").read_text())
+    assert record["after"] == "clean" and record["figures"]["clean"] < 0.99 and record["model"]["attacks"] == {}
+    assert not (out / "robustness.json").exists()
+    assert main(["robustness-verdict", str(out / "robustness.json"), "--model", record["model"]["name"],
+                 "--rule", "clean=0.5"]) == 1
+    with pytest.raises(SystemExit):
+        main([*args, "--stop-below", "robust=0.3"])

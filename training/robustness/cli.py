@@ -8,6 +8,7 @@ from typing import Any
 
 from training.robustness.config import SPLITS, SuiteConfig
 from training.robustness.suite import run_suite
+from training.robustness.verdict import parse_rule
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,6 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--update-cards", action="store_true",
                    help="write the results into each artifact's card.md and re-hash it in manifest.json")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+    p.add_argument("--stop-below", type=parse_rule, default=None, metavar="FIGURE=MIN[,...]",
+                   help="a gate of one candidate that fails fast: stop at the first of clean / exact / worst (the "
+                        "running per-image worst case) under its minimum, write <out>/stopped.json instead of the "
+                        "report and exit 3 (the rule syntax of robustness-verdict, which reads the record as a fail)")
 
 
 def parse_eps(text: str) -> float:
@@ -62,7 +67,7 @@ def config_from_args(args: argparse.Namespace) -> SuiteConfig:
         out = f"{out}/validation"  # never over the test-set report
     common = dict(data=args.data, out=out, cache_dir=args.cache_dir, seed=args.seed, device=args.device,
                   resume=args.resume, progress=args.progress, split=args.split,
-                  headline_only=args.headline_only)
+                  headline_only=args.headline_only, stop_below=args.stop_below)
     cfg = SuiteConfig.quick_config(**common) if args.quick else SuiteConfig(**common)
     return replace(cfg, **over)
 

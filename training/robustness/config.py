@@ -70,8 +70,13 @@ class SuiteConfig:
     # beyond the main eps, paper table, masking checks or torchattacks cross-check; no cards (the main-table attacks
     # were 1,298 of the 3,222 s of the shipped default's full test-split run, results/robustness_default.json)
     headline_only: bool = False
+    # fail fast (a gate of one candidate): stop at the first figure under its minimum, clean / exact once measured,
+    # worst as the running per-image worst case after each worst-case attack (it only falls), instead of attacking on
+    stop_below: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
+        if self.stop_below is not None and (not self.stop_below or set(self.stop_below) - {"clean", "exact", "worst"}):
+            raise ValueError(f"stop_below takes minimums on clean, exact and worst, got {self.stop_below}")
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
         if self.n_robust < 1:

@@ -4,6 +4,7 @@ protocol, masking checks, abstention) and `run_suite`."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -41,6 +42,7 @@ from training.robustness.config import (
 from training.robustness.diagnostics import torchattacks_agreement, zero_gradient_share
 from training.robustness.report import finite, update_card, write_reports
 from training.robustness.rows import AttackRow, CleanResult, EpsRow, MaskingCheck, PaperRow, WorstCase, to_json
+from training.robustness.verdict import STOPPED, SuiteStopped
 
 log = logging.getLogger("training.robustness")
 
@@ -323,6 +325,33 @@ class Suite:
                 agree += int((sur(x).argmax(1) == m.model.predict(x)).sum())
         return agree / len(self.labels)
 
+    def _stop_if_below(self, m: ModelUnderTest, after: str, measured: dict[str, float],
+                       rows: Sequence[AttackRow] = (), last: tuple[str, np.ndarray] | None = None) -> None:
+        """Raise `SuiteStopped` when a figure just measured is under its `stop_below` minimum. The worst case then
+        is the running one, an upper bound of the full suite's (the attacks not run could only lower it)."""
+        rule = self.cfg.stop_below or {}
+        low = [(k, v) for k, v in measured.items() if k in rule and v < rule[k]]
+        if not low:
+            return
+        figure, value = low[0]
+        reason = f"{figure} {100 * value:.2f} % < {100 * rule[figure]:g} % after {after}"
+        attacks = {r.attack: r.acc for r in rows}
+        if last is not None:
+            attacks[last[0]] = float(last[1].mean())
+        clean = m.result["clean"]
+        record = {"stopped": True, "reason": reason, "after": after, "rule": rule,
+                  "created": datetime.now(UTC).isoformat(timespec="seconds"), "code_version": suite_code_version(),
+                  "split": self.cfg.split, "eps": self.cfg.eps, "n_robust": len(self.labels),
+                  "machine": {"loadavg": _loadavg()},
+                  "figures": {"clean": clean["acc"], "exact": clean.get("exact_acc"),
+                              "worst": measured.get("worst")},
+                  "model": {"name": m.name, "path": str(m.path), "model_sha256": m.model_sha256, "clean": clean,
+                            "worst_case": None if "worst" not in measured else
+                            {"acc": measured["worst"], "upper_bound": True, "attacks": list(attacks)},
+                            "attacks": attacks}}
+        log.warning("%s: stopped early: %s (--stop-below)", m.name, reason)
+        raise SuiteStopped(record)
+
     def evaluate(self, m: ModelUnderTest) -> dict[str, Any]:
         """Everything for one model (the temperature must already be set by `temperature_sweep`)."""
         cfg, n = self.cfg, len(self.labels)
@@ -340,6 +369,7 @@ class Suite:
             masks[spec.name] = mask
             if spec.worst_case:
                 alive &= mask
+                self._stop_if_below(m, spec.name, {"worst": float(alive.mean())}, rows=rows, last=(spec.name, mask))
             rows.append(AttackRow(
                 attack=spec.name, kind=spec.kind, eps=cfg.eps, steps=spec.steps, acc=float(mask.mean()), n=n,
                 worst_case=spec.worst_case, seconds=round(sec, 2),
@@ -572,10 +602,13 @@ class Suite:
         models = []
         for m in self.models:
             t_model = time.time()
+            clean = self.clean(m)
+            m.result["clean"] = clean.to_json()
+            self._stop_if_below(m, "clean", {"clean": clean.acc, "exact": clean.exact_acc})
             res = {"name": m.name, "path": str(m.path), "model_sha256": m.model_sha256,
                    "files": dict(m.manifest.files), "method": m.method,
                    "encoder": m.manifest.encoder.to_dict(), "knn": m.manifest.knn.to_dict(),
-                   "clean": self.clean(m).to_json(), "temperature": m.result["temperature"]}
+                   "clean": m.result["clean"], "temperature": m.result["temperature"]}
             res |= self.evaluate(m)
             res["seconds"] = round(time.time() - t_model, 1)
             m.result = res
@@ -684,7 +717,20 @@ def run_suite(cfg: SuiteConfig, artifacts: Sequence[str | Path], transfer_source
     """Evaluate, write the reports to `cfg.out`, optionally update the cards; returns a short summary."""
     if update_cards:
         check_card_worthy(cfg.split, cfg.headline_only)
-    result = Suite.from_artifacts(cfg, artifacts, transfer_source).run()
+    if cfg.stop_below is not None and len(artifacts) != 1:
+        raise ValueError(f"--stop-below stops a gate of one candidate; got {len(artifacts)} artifacts")
+    out = Path(cfg.out)
+    try:
+        result = Suite.from_artifacts(cfg, artifacts, transfer_source).run()
+    except SuiteStopped as stop:  # the folder holds the stop record, not an older report that would contradict it
+        out.mkdir(parents=True, exist_ok=True)
+        for old in out.glob("robustness.*"):
+            old.unlink()
+        tmp = out / f"{STOPPED}.part"
+        tmp.write_text(json.dumps(stop.record, indent=2) + "\n")
+        tmp.replace(out / STOPPED)
+        raise
+    (out / STOPPED).unlink(missing_ok=True)
     paths = write_reports(result, cfg.out)
     if update_cards:
         for art, m in zip(artifacts, result["models"], strict=True):

@@ -24,6 +24,16 @@ from pathlib import Path
 from typing import Any
 
 FIGURES = ("clean", "exact", "worst")
+STOPPED = "stopped.json"  # what a suite run with --stop-below writes instead of its report when it stops
+
+
+class SuiteStopped(Exception):
+    """`satml robustness --stop-below`: a figure fell under its minimum, so the suite stopped attacking (exit 3).
+    `record` is what `stopped.json` holds: the model, the figure, the minimum and the figures measured so far."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        super().__init__(record["reason"])
+        self.record = record
 
 
 def parse_rule(text: str) -> dict[str, float]:
@@ -87,6 +97,17 @@ def add_cli(sub: Any) -> None:
 
 
 def cmd_verdict(args: argparse.Namespace) -> dict[str, Any]:
+    stop = args.report.with_name(STOPPED)
+    if not args.report.exists() and stop.exists():  # a fail-fast run stopped: it fails every rule on the stopped figure
+        record = json.loads(stop.read_text())
+        try:
+            values, passed = figures({"models": [record["model"]]}, args.model), False
+        except LookupError as e:
+            raise ValueError(f"{stop}: {e}") from None
+        sys.stdout.write(f"{args.model} in {stop}: stopped early ({record['reason']}); "
+                         f"{describe(values, args.rule, passed)}\n")
+        sys.stdout.flush()
+        raise VerdictFailed
     report = json.loads(args.report.read_text())
     try:
         values = figures(report, args.model)
