@@ -24,7 +24,8 @@ export OMP_WAIT_POLICY=PASSIVE
 # back first, never over what this machine has
 STATE="$(dirname "$SCRIPT")/state"
 [ -d "$STATE" ] && "$(dirname "$0")/candidate_state.sh" restore "$STATE" "$RUN"
-bash "$SCRIPT"
+# a final training is not run again (satml train would only re-evaluate it and append a second final record)
+grep -qs '"final": true' "$RUN/robust/metrics.jsonl" || bash "$SCRIPT"
 # the gate fails fast on its own rule (scripts/gate_candidate.sh, GATE_STOP_BELOW): a stopped gate leaves
 # stopped.json, which the verdict reads as a fail; delete it to run that gate whole
 [ -f "$RUN/val_gate/robustness.json" ] || [ -f "$RUN/val_gate/stopped.json" ] \

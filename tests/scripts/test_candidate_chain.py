@@ -116,3 +116,11 @@ def test_the_gate_fails_fast_on_its_own_rule_and_a_stop_is_a_fail(tmp_path: Path
 def test_an_empty_gate_stop_below_runs_the_gate_whole(tmp_path: Path) -> None:
     chain(tmp_path, report(0.30, 0.69, 0.69), report(0.32, 0.67, 0.71), "exact=0.70", env={"GATE_STOP_BELOW": ""})
     assert "stop-below ''" in (tmp_path / "log").read_text()
+
+
+def test_a_final_training_is_not_run_again(tmp_path: Path) -> None:
+    (tmp_path / "runs/rx/robust").mkdir(parents=True)
+    (tmp_path / "runs/rx/robust/metrics.jsonl").write_text('{"step": 10}\n{"final": true, "step": 10}\n')
+    out = chain(tmp_path, report(0.30, 0.69, 0.69), report(0.32, 0.67, 0.71), "exact=0.70")
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "log").read_text().splitlines()[0] == "stage 2"
