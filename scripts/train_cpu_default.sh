@@ -76,9 +76,10 @@ case "$RECIPE" in
   pseudo_at)
     ROBUST_EPOCHS=${ROBUST_EPOCHS:-40}  # w32: 40 epochs 66.5 / 31.4 % (r19) against 20 epochs 65.3 / 29.2 (r18)
     CLUSTERS=${CLUSTERS:-100}  # k-means clusters of the teacher's embedding (the pseudo-labels)
-    OPTS=()  # SOFT_TARGETS=T: the teacher's soft cluster assignment at temperature T as targets (unset: hard ids)
-    [ -n "${SOFT_TARGETS:-}" ] && OPTS=(--soft-targets "$SOFT_TARGETS")
-    [ -n "${AWP_GAMMA:-}" ] && OPTS+=(--awp-gamma "$AWP_GAMMA")  # adversarial weight perturbation (unset: off)
+    TARGETS=()  # SOFT_TARGETS=T: the teacher's soft cluster assignment at temperature T as targets (unset: hard ids)
+    [ -n "${SOFT_TARGETS:-}" ] && TARGETS=(--soft-targets "$SOFT_TARGETS")
+    [ -n "${AWP_GAMMA:-}" ] && TARGETS+=(--awp-gamma "$AWP_GAMMA")  # adversarial weight perturbation (unset: off)
+    OPTS=("${TARGETS[@]}")  # the robust stage's; TARGETS alone carries over to the finishing stage
     TRAINING="PGD-AT"  # TRADES_BETA=B: TRADES (clean CE + B * KL to the adversarial view; PGD-3 on the KL)
     [ -n "${TRADES_BETA:-}" ] && { OPTS+=(--trades-beta "$TRADES_BETA"); TRAINING="TRADES at beta $TRADES_BETA"; }
     ADVERSARY="PGD-3"  # TRAIN_ATTACK=nfgsm: N-FGSM, one forward-backward per image instead of PGD-3's three, with the
@@ -92,12 +93,9 @@ case "$RECIPE" in
     WHAT="label-free $TRAINING ($ADVERSARY at 8/255, EMA${AWP_GAMMA:+, AWP gamma $AWP_GAMMA}) on $CLUSTERS k-means clusters of the teacher's embedding${SOFT_TARGETS:+ (soft assignment at T=$SOFT_TARGETS)}, $ROBUST_EPOCHS ep"
     if [ -n "${FINISH_TRADES_BETA:-}" ]; then  # r32 (recipes.md): beta 2 for 6 epochs kept r29's clean accuracy and
       FINISH_EPOCHS=${FINISH_EPOCHS:-6}        # bought PGD robustness; the whole recipe then serves this stage
-      FOPTS=()
-      [ -n "${SOFT_TARGETS:-}" ] && FOPTS=(--soft-targets "$SOFT_TARGETS")
-      [ -n "${AWP_GAMMA:-}" ] && FOPTS+=(--awp-gamma "$AWP_GAMMA")
       done_ "$RUNS/finish" || satml train --method pseudo_at --run-dir "$RUNS/finish" --epochs "$FINISH_EPOCHS" \
         --clusters "$CLUSTERS" --teacher "$TEACHER" --init "$RUNS/robust/checkpoint.pt" --lr "${FINISH_LR:-0.01}" \
-        "${FOPTS[@]}" --trades-beta "$FINISH_TRADES_BETA" --warmup-epochs 0 --alpha 0.0261438 "${ADV[@]}" \
+        "${TARGETS[@]}" --trades-beta "$FINISH_TRADES_BETA" --warmup-epochs 0 --alpha 0.0261438 "${ADV[@]}" \
         --eval-every 2 "${FAST[@]}" "${ARCH[@]}" "${COMMON[@]}" "${EXTRA[@]}"
       SERVED=$RUNS/finish
       WHAT="$WHAT, then $FINISH_EPOCHS ep of TRADES${AWP_GAMMA:+-AWP} (beta $FINISH_TRADES_BETA, PGD-3) on the same targets"

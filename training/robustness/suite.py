@@ -326,7 +326,7 @@ class Suite:
         return agree / len(self.labels)
 
     def _stop_if_below(self, m: ModelUnderTest, after: str, measured: dict[str, float],
-                       rows: Sequence[AttackRow] = (), last: tuple[str, np.ndarray] | None = None) -> None:
+                       rows: Sequence[AttackRow] = ()) -> None:
         """Raise `SuiteStopped` when a figure just measured is under its `stop_below` minimum. The worst case then
         is the running one, an upper bound of the full suite's (the attacks not run could only lower it)."""
         rule = self.cfg.stop_below or {}
@@ -336,8 +336,6 @@ class Suite:
         figure, value = low[0]
         reason = f"{figure} {100 * value:.2f} % < {100 * rule[figure]:g} % after {after}"
         attacks = {r.attack: r.acc for r in rows}
-        if last is not None:
-            attacks[last[0]] = float(last[1].mean())
         clean = m.result["clean"]
         record = {"stopped": True, "reason": reason, "after": after, "rule": rule,
                   "created": datetime.now(UTC).isoformat(timespec="seconds"), "code_version": suite_code_version(),
@@ -369,7 +367,6 @@ class Suite:
             masks[spec.name] = mask
             if spec.worst_case:
                 alive &= mask
-                self._stop_if_below(m, spec.name, {"worst": float(alive.mean())}, rows=rows, last=(spec.name, mask))
             rows.append(AttackRow(
                 attack=spec.name, kind=spec.kind, eps=cfg.eps, steps=spec.steps, acc=float(mask.mean()), n=n,
                 worst_case=spec.worst_case, seconds=round(sec, 2),
@@ -378,6 +375,8 @@ class Suite:
                 protocol=describe(spec.kind, spec.steps, cfg.eps, sur, cfg, n, spec.alpha, spec.track,
                                   extra="run only on the images still robust after every attack listed before it, "
                                         "so its column is a running worst case" if spec.chain else "")))
+            if spec.worst_case:
+                self._stop_if_below(m, spec.name, {"worst": float(alive.mean())}, rows=rows)
         x_tr = self.transfer_images(cfg.eps) if self.source is not None and self.source is not m else None
         if x_tr is not None:
             assert self.source is not None
