@@ -61,11 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
         calibrate,
         certify,
         export,
+        interpolate,
         robustness,
     )
     from training.robustness import verdict
 
     export.add_cli(sub)
+    interpolate.add_cli(sub)
     adversarial_bank.add_cli(sub)
     robustness.add_cli(sub)
     verdict.add_cli(sub)

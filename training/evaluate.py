@@ -86,6 +86,21 @@ def clean_accuracy(model: KnnModel, images: np.ndarray, labels: np.ndarray, batc
     return correct / len(labels)
 
 
+def validation_figures(encoder: nn.Module, bank_images: np.ndarray, bank_labels: np.ndarray, num_classes: int,
+                       query_images: np.ndarray, query_labels: np.ndarray, *, k: int, eval_robust: int = 0,
+                       device: torch.device | str = "cpu", progress: bool = False) -> dict[str, float]:
+    """k-NN accuracy of the query images against a bank of `bank_images` (`val_knn_acc`), and with `eval_robust`
+    the hard-vote accuracy of the first of them under PGD-10 at 8/255 on the soft-kNN surrogate (T = 0.1,
+    `val_pgd10_acc`): a cheap robustness signal for model selection, not the suite."""
+    bank = knn.embed(encoder, bank_images, device=device, progress=progress).to(device)
+    model = KnnModel(encoder, bank, torch.as_tensor(bank_labels, device=device), num_classes, min(k, len(bank)))
+    out = {"val_knn_acc": clean_accuracy(model, query_images, query_labels, progress=progress)}
+    if eval_robust:
+        out["val_pgd10_acc"] = pgd_accuracy(model, query_images[:eval_robust], query_labels[:eval_robust],
+                                            eps=8 / 255, steps=10)
+    return out
+
+
 def pgd_accuracy(model: KnnModel, images: np.ndarray, labels: np.ndarray, *, eps: float = 8 / 255,
                  alpha: float | None = None, steps: int = 10, temperature: float = 0.1, batch_size: int = 200,
                  seed: int = 0, progress: bool = False) -> float:

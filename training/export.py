@@ -265,6 +265,8 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     model = KnnModel(encoder, emb.to(dtype).float().to(device), labels.to(device), len(ds.classes), args.k)
     metrics = evaluate_model(model, args.data, args.n_clean, args.n_robust, args.eps, args.steps, val=val)
     hp = {k: v for k, v in ckpt["config"].items() if k not in ("data", "run_dir", "progress", "extra")}
+    if "interpolated" in ckpt:  # `satml interpolate`: the config is B's, the weights a mix (t, A, B, their hashes)
+        hp["interpolated"] = ckpt["interpolated"]
     training = {"method": cfg.method, "hyperparameters": hp, "epochs": cfg.epochs, "seed": cfg.seed,
                 "code_version": code_version(), "train_seconds": ckpt.get("elapsed_s", 0.0),
                 "steps": ckpt["step"], "device": args.trained_on}

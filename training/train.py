@@ -52,7 +52,7 @@ from training.checkpoint import (
 )
 from training.config import TrainConfig, resolve_device
 from training.data import ImageDataset, load_split
-from training.evaluate import KnnModel, clean_accuracy, pgd_accuracy
+from training.evaluate import validation_figures
 from training.files import set_aside
 from training.models import ContrastiveModel, Encoder, SupervisedModel, encoder_of
 from training.widen import widen_encoder
@@ -585,18 +585,11 @@ def all_agree_to_stop(run: Run, stop: bool) -> bool:
 
 
 def validate(run: Run, query: ImageDataset, progress: bool = False) -> dict[str, float]:
-    """k-NN accuracy of `query` against a bank of the training split (`val_knn_acc`), and with `eval_robust`
-    the hard-vote accuracy of its first images under PGD-10 at 8/255 on the soft-kNN surrogate (T = 0.1,
-    `val_pgd10_acc`): a cheap robustness signal for model selection, not the suite."""
-    encoder, bank_set, device = run.served().get_submodule("encoder"), run.data.train_set, run.device
-    bank = knn.embed(encoder, bank_set.images, device=device, progress=progress).to(device)
-    model = KnnModel(encoder, bank, torch.as_tensor(bank_set.labels, device=device), len(bank_set.classes),
-                     min(run.cfg.knn_k, len(bank)))
-    out = {"val_knn_acc": clean_accuracy(model, query.images, query.labels, progress=progress)}
-    if n := run.cfg.eval_robust:
-        out["val_pgd10_acc"] = pgd_accuracy(model, query.images[:n], query.labels[:n], eps=8 / 255,
-                                            steps=10)
-    return out
+    """`evaluate.validation_figures` of the served weights against a bank of the training split."""
+    bank_set = run.data.train_set
+    return validation_figures(run.served().get_submodule("encoder"), bank_set.images, bank_set.labels,
+                              len(bank_set.classes), query.images, query.labels, k=run.cfg.knn_k,
+                              eval_robust=run.cfg.eval_robust, device=run.device, progress=progress)
 
 
 def end_epoch(run: Run, meter: EpochMeter) -> bool:
