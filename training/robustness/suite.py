@@ -337,10 +337,10 @@ class Suite:
         reason = f"{figure} {100 * value:.2f} % < {100 * rule[figure]:g} % after {after}"
         attacks = {r.attack: r.acc for r in rows}
         clean = m.result["clean"]
-        record = {"stopped": True, "reason": reason, "after": after, "rule": rule,
-                  "created": datetime.now(UTC).isoformat(timespec="seconds"), "code_version": suite_code_version(),
+        head = self._provenance(suite_code_version())
+        record = {"stopped": True, "reason": reason, "after": after, "rule": rule, **head,
                   "split": self.cfg.split, "eps": self.cfg.eps, "n_robust": len(self.labels),
-                  "machine": {"loadavg": _loadavg()},
+                  "machine": {**head["machine"], "loadavg": _loadavg()},
                   "figures": {"clean": clean["acc"], "exact": clean.get("exact_acc"),
                               "worst": measured.get("worst")},
                   "model": {"name": m.name, "path": str(m.path), "model_sha256": m.model_sha256, "clean": clean,
@@ -349,6 +349,14 @@ class Suite:
                             "attacks": attacks}}
         log.warning("%s: stopped early: %s (--stop-below)", m.name, reason)
         raise SuiteStopped(record)
+
+    def _provenance(self, version: str) -> dict[str, Any]:
+        """What every record of the suite says about when, with which code and where it ran (the report's and a
+        stop record's); the caller adds its load averages to `machine`."""
+        return {"created": datetime.now(UTC).isoformat(timespec="seconds"), "code_version": version,
+                "device": str(self.device), "torch": torch.__version__,
+                "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}}
 
     def evaluate(self, m: ModelUnderTest) -> dict[str, Any]:
         """Everything for one model (the temperature must already be set by `temperature_sweep`)."""
@@ -621,13 +629,11 @@ class Suite:
                 validation = self.validate_torchattacks(target)
             except ImportError:
                 validation = {"skipped": "torchattacks is not installed (pip install --no-deps torchattacks)"}
+        head = self._provenance(version)
         return {
-            "suite": "robustness", "format_version": 1, "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "code_version": version, "seed": cfg.seed, "quick": cfg.quick, "device": str(self.device),
-            "torch": torch.__version__, "config": asdict(cfg), "seconds": round(time.time() - t0, 1),
-            "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                        "loadavg_start": load_start, "loadavg_end": _loadavg()},
+            "suite": "robustness", "format_version": 1, **head, "seed": cfg.seed, "quick": cfg.quick,
+            "config": asdict(cfg), "seconds": round(time.time() - t0, 1),
+            "machine": {**head["machine"], "loadavg_start": load_start, "loadavg_end": _loadavg()},
             "transfer_source": None if self.source is None else {"name": self.source.name,
                                                                  "model_sha256": self.source.model_sha256},
             "protocol": {
