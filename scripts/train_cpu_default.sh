@@ -27,7 +27,8 @@
 # validation PGD-10 falls this far below its best, default 0.05), FINISH_TRADES_BETA (pseudo_at then a short
 # finishing stage in RUNS/finish from the robust stage's EMA weights: TRADES at this beta with PGD-3 on the KL, the same
 # targets and AWP, FINISH_EPOCHS (default 6) at FINISH_LR (default 0.01, cosine, no warm-up); the export serves it;
-# unset: no finishing stage), K (the default's k, default 75),
+# unset: no finishing stage), FINISH_MIX (with FINISH_TRADES_BETA: serve (1 - t) * the finishing stage's start + t * its
+# end at t = FINISH_MIX, `satml interpolate` into RUNS/mix; unset: its end), K (the default's k, default 75),
 # REDUCE_DIM (the default's served embedding size, default 48; empty: the full embedding), PRECISION (every stage:
 # auto, bf16 or fp32; default auto: bf16 where the CPU has AVX512-BF16 or AMX, fp32 elsewhere), DATA (default data),
 # ART (artifact root, default artifacts); and
@@ -99,6 +100,12 @@ case "$RECIPE" in
         --eval-every 2 "${FAST[@]}" "${ARCH[@]}" "${COMMON[@]}" "${EXTRA[@]}"
       SERVED=$RUNS/finish
       WHAT="$WHAT, then $FINISH_EPOCHS ep of TRADES${AWP_GAMMA:+-AWP} (beta $FINISH_TRADES_BETA, PGD-3) on the same targets"
+      if [ -n "${FINISH_MIX:-}" ]; then  # r35 (recipes.md): the finishing stage's start and end mixed (WiSE-FT)
+        done_ "$RUNS/mix" || satml interpolate "$RUNS/robust/checkpoint.pt" "$RUNS/finish/checkpoint.pt" \
+          --t "$FINISH_MIX" --run-dir "$RUNS/mix" --data "$DATA" --no-progress
+        SERVED=$RUNS/mix
+        WHAT="$WHAT; served weights: the average of that last stage's start and end, (1 - t) * start + t * end at t = $FINISH_MIX (WiSE-FT style)"
+      fi
     fi ;;
   distill)
     ROBUST_EPOCHS=${ROBUST_EPOCHS:-14}

@@ -65,7 +65,7 @@ def test_the_default_recipe_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     third = run_script(tmp_path, data, TEACHER=str(ssl), WIDTH="8", REDUCE_DIM="16", RUNS=str(tmp_path / "runs2"),
                        ART=str(tmp_path / "art2"), BASELINES="1", PGD_AT_EPOCHS="1", SUPERVISED_EPOCHS="1",
                        SOFT_TARGETS="0.1", AWP_GAMMA="0.01", TRAIN_ATTACK="nfgsm", CO_GUARD="0.9",
-                       FINISH_TRADES_BETA="2", FINISH_EPOCHS="1")
+                       FINISH_TRADES_BETA="2", FINISH_EPOCHS="1", FINISH_MIX="0.5")
     assert third.returncode == 0, third.stderr[-3000:]
     assert not (tmp_path / "runs2" / "teacher").exists() and not (tmp_path / "art2" / "ssl").exists()
     wide = verify_artifact(tmp_path / "art2" / "default")
@@ -87,6 +87,12 @@ def test_the_default_recipe_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     assert finish["soft_targets"] == 0.1 and finish["awp_gamma"] == 0.01 and finish["train_attack"] == "pgd"
     assert wide.training.hyperparameters is not None and wide.training.hyperparameters["trades_beta"] == 2.0
     assert "1 ep, then 1 ep of TRADES-AWP (beta 2, PGD-3) on the same targets" in wide.description
+    # FINISH_MIX: the default serves the finishing stage's start and end mixed, and says so
+    mixed = wide.training.hyperparameters["interpolated"]
+    assert mixed["t"] == 0.5 and mixed["a"] == str(tmp_path / "runs2" / "robust" / "checkpoint.pt")
+    assert mixed["b"] == str(tmp_path / "runs2" / "finish" / "checkpoint.pt")
+    assert "; served weights: the average of that last stage's start and end, (1 - t) * start + t * end at t = 0.5" \
+        in wide.description
     for name, method in (("pgd_at", "pgd_at"), ("supervised", "supervised")):
         base = verify_artifact(tmp_path / "art2" / name)
         assert base.training.method == method and base.calibration is not None
