@@ -7,31 +7,19 @@ goes to RUN/robust, the card's description says what was mixed, and a fine-tune 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-LOGGER = '#!/usr/bin/env bash\necho "$(basename "$0") $*" >> "$LOG"\n'
+from tests.scripts.stubbed import run_stubbed
+
 WHAT = ("Robust cnn8 + k-NN: the teacher widened, 40 ep, then 6 ep of TRADES-AWP (beta 6, PGD-3); served embedding: "
         "48-d PCA of the bank baked into the encoder; no labels in encoder training")
 
 
 def run(tmp_path: Path, *args: str, **env: str) -> tuple[subprocess.CompletedProcess[str], str]:
-    scripts, bin_ = tmp_path / "scripts", tmp_path / "bin"
-    scripts.mkdir(exist_ok=True)
-    bin_.mkdir(exist_ok=True)
-    shutil.copy(ROOT / "scripts" / "mix_candidate.sh", scripts)
-    for stub in (scripts / "gate_candidate.sh", bin_ / "satml"):
-        stub.write_text(LOGGER)
-        stub.chmod(0o755)
-    log = tmp_path / "log"
-    log.write_text("")
-    out = subprocess.run(["bash", "scripts/mix_candidate.sh", *args], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=60, env={"PATH": f"{bin_}:/usr/bin:/bin", "LOG": str(log), **env})
-    return out, log.read_text()
+    return run_stubbed(tmp_path, "mix_candidate.sh", ("gate_candidate.sh", "satml"), *args, **env)
 
 
 def fine_tune(tmp_path: Path, *, final: bool = True, start: bool = True) -> None:

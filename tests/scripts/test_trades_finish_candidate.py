@@ -6,29 +6,17 @@ that BETA, EPOCHS and EVAL_ROBUST reach the training command and the card's desc
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-LOGGER = '#!/usr/bin/env bash\necho "$(basename "$0") $*" >> "$LOG"\n'
+from tests.scripts.stubbed import run_stubbed
 
 
 def run(tmp_path: Path, *args: str, **env: str) -> tuple[subprocess.CompletedProcess[str], str]:
-    scripts, bin_ = tmp_path / "scripts", tmp_path / "bin"
-    scripts.mkdir(exist_ok=True)
-    bin_.mkdir(exist_ok=True)
-    shutil.copy(ROOT / "scripts" / "trades_finish_candidate.sh", scripts)
-    for stub in (scripts / "candidate_state.sh", scripts / "gate_candidate.sh", bin_ / "satml"):
-        stub.write_text(LOGGER)
-        stub.chmod(0o755)
-    log = tmp_path / "log"
-    log.write_text("")
-    out = subprocess.run(["bash", "scripts/trades_finish_candidate.sh", *args], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=60, env={"PATH": f"{bin_}:/usr/bin:/bin", "LOG": str(log), **env})
-    return out, log.read_text()
+    return run_stubbed(tmp_path, "trades_finish_candidate.sh", ("candidate_state.sh", "gate_candidate.sh", "satml"),
+                       *args, **env)
 
 
 def test_stage_one_restores_r29_and_trains_at_the_given_beta(tmp_path: Path) -> None:
