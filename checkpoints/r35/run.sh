@@ -7,4 +7,6 @@
 #   checkpoints/r35/chain.sh          both, then the pre-set verdicts (and the test suite if the gate passes)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# the gate's description is r31's (its exported manifest, committed in r31's state): put it back on a fresh machine
+scripts/candidate_state.sh restore checkpoints/r31/state runs/r31
 exec scripts/mix_candidate.sh runs/r35 runs/r31 0.5
