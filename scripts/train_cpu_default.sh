@@ -4,11 +4,14 @@
 # (benchmarks/results/recipes.md):
 #   1. SimCLR teacher: plain 8-layer CNN (cnn8, width 16), the fastest encoder per CPU-minute here, NT-Xent
 #      temperature 0.2, 100 epochs in bf16 autocast (where the CPU runs bf16 natively) + channels_last (PRECISION);
-#   2. robust encoder (RECIPE=pseudo_at, the default): the teacher widened to width 32 (Net2WiderNet), then
-#      label-free PGD adversarial training (PGD-3 at 8/255) on 100 k-means clusters of the frozen teacher's
-#      embedding, weight average (EMA) served, 40 epochs, bf16 as the teacher (PRECISION); RECIPE=distill: an earlier
-#      default, DeACL-style distillation (beta 2). No labels anywhere in encoder training (labels only in the bank);
-#   3. bank + export with the manifest/card (the default's 256-d embedding served as its 48-d PCA, baked into the
+#   2. robust encoder (RECIPE=pseudo_at, the default): the teacher widened to width 40 (Net2WiderNet), then
+#      label-free adversarial training (N-FGSM at 8/255, with a catastrophic-overfitting guard, and adversarial weight
+#      perturbation, AWP gamma 0.01) on the frozen teacher's soft assignment (T = 0.02) to 100 k-means clusters of
+#      its embedding, weight average (EMA), 40 epochs (r29); then a finishing stage of 6 epochs of TRADES-AWP at
+#      beta 3 (PGD-3 on the KL, lr 0.01) on the same targets, whose EMA weights are served (r34); bf16 as the
+#      teacher (PRECISION); RECIPE=distill: an earlier default, DeACL-style distillation (beta 2). No labels anywhere
+#      in encoder training (labels only in the bank);
+#   3. bank + export with the manifest/card (the default's 320-d embedding served as its 48-d PCA, baked into the
 #      encoder: the artifact stays under 15 MB), calibration (credibility), then the adaptive robustness suite.
 #   BASELINES=1 also trains the labelled PGD-AT reference (artifacts/pgd_at) on the same encoder and budget:
 #   PGD_AT_EPOCHS (default 63: the robust stage's 40 epochs plus the teacher's ~40 min at ~1.75 min per w32 PGD-3
@@ -19,15 +22,15 @@
 # continues from its checkpoint). Env: RUNS, RECIPE, TEACHER_EPOCHS, ROBUST_EPOCHS, TEACHER_T, BASELINES,
 # TEACHER (an existing teacher, a checkpoint or an artifact dir such as artifacts/ssl: the teacher stage and the
 # ssl export are skipped, the robust stage starts from it, widened to WIDTH when it is narrower),
-# NO_EXPORT, TEACHER_WIDTH (cnn8 width of the teacher, default 16), WIDTH (of the robust student, default 32),
+# NO_EXPORT, TEACHER_WIDTH (cnn8 width of the teacher, default 16), WIDTH (of the robust student, default 40),
 # CLUSTERS (pseudo_at's k-means clusters, default 100), SOFT_TARGETS (pseudo_at on the teacher's soft cluster
-# assignment at this temperature; unset: the hard ids), AWP_GAMMA (pseudo_at with adversarial weight perturbation
-# of this relative size; unset: off), TRADES_BETA (pseudo_at as TRADES with this beta; unset: PGD-AT),
-# TRAIN_ATTACK (pseudo_at's adversary: pgd, the default, or nfgsm) and CO_GUARD (with nfgsm: stop when the
-# validation PGD-10 falls this far below its best, default 0.05), FINISH_TRADES_BETA (pseudo_at then a short
-# finishing stage in RUNS/finish from the robust stage's EMA weights: TRADES at this beta with PGD-3 on the KL, the same
-# targets and AWP, FINISH_EPOCHS (default 6) at FINISH_LR (default 0.01, cosine, no warm-up); the export serves it;
-# unset: no finishing stage), FINISH_MIX (with FINISH_TRADES_BETA: serve (1 - t) * the finishing stage's start + t * its
+# assignment at this temperature, default 0.02; empty: the hard ids), AWP_GAMMA (pseudo_at with adversarial weight
+# perturbation of this relative size, default 0.01; empty: off), TRADES_BETA (pseudo_at as TRADES with this beta;
+# unset: PGD-AT), TRAIN_ATTACK (pseudo_at's adversary: nfgsm, the default, or pgd; pgd when TRADES_BETA is set) and
+# CO_GUARD (with nfgsm: stop when the validation PGD-10 falls this far below its best, default 0.05),
+# FINISH_TRADES_BETA (pseudo_at then a short finishing stage in RUNS/finish from the robust stage's EMA weights:
+# TRADES at this beta with PGD-3 on the KL, the same targets and AWP, FINISH_EPOCHS (default 6) at FINISH_LR (default
+# 0.01, cosine, no warm-up); the export serves it; default 3, empty: no finishing stage), FINISH_MIX (with FINISH_TRADES_BETA: serve (1 - t) * the finishing stage's start + t * its
 # end at t = FINISH_MIX, `satml interpolate` into RUNS/mix; unset: its end), K (the default's k, default 75),
 # REDUCE_DIM (the default's served embedding size, default 48; empty: the full embedding), PRECISION (every stage:
 # auto, bf16 or fp32; default auto: bf16 where the CPU has AVX512-BF16 or AMX, fp32 elsewhere), DATA (default data),
@@ -47,7 +50,7 @@ RECIPE=${RECIPE:-pseudo_at}
 TEACHER_EPOCHS=${TEACHER_EPOCHS:-100}  # validation k-NN 60.2 % after 15, 65.5 % after 30, 69.8 % after 100 (recipes.md)
 TEACHER_T=${TEACHER_T:-0.2}  # 0.5 made the distill default; 0.2 is +3 points of validation k-NN (recipes.md)
 TEACHER_WIDTH=${TEACHER_WIDTH:-16}
-WIDTH=${WIDTH:-32}  # from the w16 teacher, w32 for 20 epochs beat w16 for 40: 29.2 % worst case against 27.7 (recipes.md)
+WIDTH=${WIDTH:-40}  # w32 for 20 epochs beat w16 for 40 (29.2 % worst case against 27.7); w40 with N-FGSM: r27-r29
 K=${K:-75}  # k of the default's vote (the ssl and pgd_at exports keep 75)
 REDUCE_DIM=${REDUCE_DIM-48}  # 48-d PCA of the w32 bank: validation k-NN 61.3 % against 61.7 % at 256-d (r16)
 ARCH=(--arch cnn8 --width "$WIDTH")
@@ -76,6 +79,9 @@ SERVED=$RUNS/robust  # the stage the default is exported from
 case "$RECIPE" in
   pseudo_at)
     ROBUST_EPOCHS=${ROBUST_EPOCHS:-40}  # w32: 40 epochs 66.5 / 31.4 % (r19) against 20 epochs 65.3 / 29.2 (r18)
+    SOFT_TARGETS=${SOFT_TARGETS-0.02} AWP_GAMMA=${AWP_GAMMA-0.01}  # r29's (recipes.md: r23, r25, r29)
+    FINISH_TRADES_BETA=${FINISH_TRADES_BETA-3}  # r34: the TRADES-AWP dose that passed the gate (beta 2 / 4 / 6 did not)
+    TRAIN_ATTACK=${TRAIN_ATTACK:-$([ -n "${TRADES_BETA:-}" ] && echo pgd || echo nfgsm)}  # TRADES: PGD-3 on the KL
     CLUSTERS=${CLUSTERS:-100}  # k-means clusters of the teacher's embedding (the pseudo-labels)
     TARGETS=()  # SOFT_TARGETS=T: the teacher's soft cluster assignment at temperature T as targets (unset: hard ids)
     [ -n "${SOFT_TARGETS:-}" ] && TARGETS=(--soft-targets "$SOFT_TARGETS")
@@ -84,7 +90,7 @@ case "$RECIPE" in
     TRAINING="PGD-AT"  # TRADES_BETA=B: TRADES (clean CE + B * KL to the adversarial view; PGD-3 on the KL)
     [ -n "${TRADES_BETA:-}" ] && { OPTS+=(--trades-beta "$TRADES_BETA"); TRAINING="TRADES at beta $TRADES_BETA"; }
     ADVERSARY="PGD-3"  # TRAIN_ATTACK=nfgsm: N-FGSM, one forward-backward per image instead of PGD-3's three, with the
-    if [ "${TRAIN_ATTACK:-pgd}" = nfgsm ]; then  # catastrophic-overfitting guard at CO_GUARD (default 0.05)
+    if [ "$TRAIN_ATTACK" = nfgsm ]; then  # catastrophic-overfitting guard at CO_GUARD (default 0.05)
       OPTS+=(--train-attack nfgsm --co-guard "${CO_GUARD:-0.05}")
       ADVERSARY="N-FGSM"
     fi
@@ -92,8 +98,8 @@ case "$RECIPE" in
       --clusters "$CLUSTERS" --teacher "$TEACHER" --init "$TEACHER" --lr 0.1 "${OPTS[@]}" \
       --warmup-epochs 0.5 --alpha 0.0261438 "${ADV[@]}" "${FAST[@]}" "${ARCH[@]}" "${COMMON[@]}" "${EXTRA[@]}"
     WHAT="label-free $TRAINING ($ADVERSARY at 8/255, EMA${AWP_GAMMA:+, AWP gamma $AWP_GAMMA}) on $CLUSTERS k-means clusters of the teacher's embedding${SOFT_TARGETS:+ (soft assignment at T=$SOFT_TARGETS)}, $ROBUST_EPOCHS ep"
-    if [ -n "${FINISH_TRADES_BETA:-}" ]; then  # r32 (recipes.md): beta 2 for 6 epochs kept r29's clean accuracy and
-      FINISH_EPOCHS=${FINISH_EPOCHS:-6}        # bought PGD robustness; the whole recipe then serves this stage
+    if [ -n "$FINISH_TRADES_BETA" ]; then  # r31-r34 (recipes.md): 6 epochs from r29's weights; the recipe then
+      FINISH_EPOCHS=${FINISH_EPOCHS:-6}     # serves this stage
       done_ "$RUNS/finish" || satml train --method pseudo_at --run-dir "$RUNS/finish" --epochs "$FINISH_EPOCHS" \
         --clusters "$CLUSTERS" --teacher "$TEACHER" --init "$RUNS/robust/checkpoint.pt" --lr "${FINISH_LR:-0.01}" \
         "${TARGETS[@]}" --trades-beta "$FINISH_TRADES_BETA" --warmup-epochs 0 --alpha 0.0261438 "${ADV[@]}" \

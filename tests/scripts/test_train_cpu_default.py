@@ -52,6 +52,17 @@ def test_the_default_recipe_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     assert "cnn8 width 4 " in verify_artifact(default).description  # WIDTH reaches the card's recipe line
     report = json.loads((tmp_path / "suite" / "robustness.json").read_text())
     assert [m["name"] for m in report["models"]] == ["default", "ssl"]  # no supervised artifact: no transfer row
+    # the defaults are r34's recipe: N-FGSM with soft targets and AWP, then 6 epochs of TRADES-AWP at beta 3 served
+    robust = load_checkpoint(tmp_path / "runs" / "robust" / "checkpoint.pt")["config"]
+    assert robust["train_attack"] == "nfgsm" and robust["co_guard"] == 0.05 and robust["trades_beta"] == 0.0
+    assert robust["soft_targets"] == 0.02 and robust["awp_gamma"] == 0.01 and robust["epochs"] == 1
+    finish = load_checkpoint(tmp_path / "runs" / "finish" / "checkpoint.pt")["config"]
+    assert finish["trades_beta"] == 3.0 and finish["epochs"] == 6 and finish["train_attack"] == "pgd"
+    assert finish["soft_targets"] == 0.02 and finish["awp_gamma"] == 0.01
+    assert verify_artifact(default).training.hyperparameters["trades_beta"] == 3.0  # the finishing stage is served
+    assert ("label-free PGD-AT (N-FGSM at 8/255, EMA, AWP gamma 0.01) on 100 k-means clusters of the teacher's "
+            "embedding (soft assignment at T=0.02), 1 ep, then 6 ep of TRADES-AWP (beta 3, PGD-3) on the same "
+            "targets") in verify_artifact(default).description
 
     weights = (tmp_path / "runs" / "robust" / "checkpoint.pt").read_bytes()
     second = run_script(tmp_path, data)
