@@ -30,8 +30,9 @@
 # CO_GUARD (with nfgsm: stop when the validation PGD-10 falls this far below its best, default 0.05),
 # FINISH_TRADES_BETA (pseudo_at then a short finishing stage in RUNS/finish from the robust stage's EMA weights:
 # TRADES at this beta with PGD-3 on the KL, the same targets and AWP, FINISH_EPOCHS (default 6) at FINISH_LR (default
-# 0.01, cosine, no warm-up); the export serves it; default 3, empty: no finishing stage), FINISH_MIX (with FINISH_TRADES_BETA: serve (1 - t) * the finishing stage's start + t * its
-# end at t = FINISH_MIX, `satml interpolate` into RUNS/mix; unset: its end), K (the default's k, default 75),
+# 0.01, cosine, no warm-up); the export serves it; default 3, empty: no finishing stage), FINISH_MIX (with
+# FINISH_TRADES_BETA: serve (1 - t) * the finishing stage's start + t * its end at t = FINISH_MIX, `satml interpolate`
+# into RUNS/mix; unset: its end), K (the default's k, default 75),
 # REDUCE_DIM (the default's served embedding size, default 48; empty: the full embedding), PRECISION (every stage:
 # auto, bf16 or fp32; default auto: bf16 where the CPU has AVX512-BF16 or AMX, fp32 elsewhere), DATA (default data),
 # ART (artifact root, default artifacts); and

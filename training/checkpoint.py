@@ -22,6 +22,7 @@ from training.config import METHODS, Method, TrainConfig
 from training.models import Encoder
 
 CHECKPOINT = "checkpoint.pt"  # inside a run_dir
+METRICS = "metrics.jsonl"  # a run_dir's records, one JSON line each (the last: `final`)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

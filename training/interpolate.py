@@ -10,7 +10,6 @@ say, so the command validates what it writes.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -19,13 +18,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from training.checkpoint import config_of, encoder_from_checkpoint, load_checkpoint, save_checkpoint, served_weights
+from training.artifact import sha256_file
+from training.checkpoint import (
+    METRICS,
+    config_of,
+    encoder_from_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    served_weights,
+)
 from training.config import resolve_device
 from training.data import SplitSpec, load_split
 from training.evaluate import validation_figures
 
 log = logging.getLogger(__name__)
-METRICS = "metrics.jsonl"
 
 
 def interpolate_state(a: dict[str, Tensor], b: dict[str, Tensor], t: float) -> dict[str, Tensor]:
@@ -43,14 +49,6 @@ def interpolate_state(a: dict[str, Tensor], b: dict[str, Tensor], t: float) -> d
             raise ValueError(f"{k}: shape {tuple(va.shape)} in A, {tuple(vb.shape)} in B")
         out[k] = torch.lerp(va.float(), vb.float(), t).to(vb.dtype) if vb.is_floating_point() else vb.clone()
     return out
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def interpolate_checkpoints(a: dict[str, Any], b: dict[str, Any], t: float,
@@ -75,7 +73,7 @@ def run_interpolation(a_path: str | Path, b_path: str | Path, t: float, run_dir:
     """Write RUN_DIR/checkpoint.pt (the mix), config.json (B's) and a final record with the mix's validation
     figures on B's validation split (`validation_figures`, as a training run's final record), and return it."""
     a_path, b_path, out = Path(a_path), Path(b_path), Path(run_dir)
-    prov = {"a": str(a_path), "b": str(b_path), "a_sha256": _sha256(a_path), "b_sha256": _sha256(b_path)}
+    prov = {"a": str(a_path), "b": str(b_path), "a_sha256": sha256_file(a_path), "b_sha256": sha256_file(b_path)}
     ckpt = interpolate_checkpoints(load_checkpoint(a_path), load_checkpoint(b_path), t, prov)
     cfg = config_of(ckpt)
     out.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from training import attacks, augment, awp, knn, losses, pseudo_labels
 from training.checkpoint import (
     CHECKPOINT,
+    METRICS,
     config_of,
     encoder_from_checkpoint,
     load_checkpoint,
@@ -58,8 +59,6 @@ from training.models import ContrastiveModel, Encoder, SupervisedModel, encoder_
 from training.widen import widen_encoder
 
 log = logging.getLogger(__name__)
-
-METRICS = "metrics.jsonl"
 
 
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
